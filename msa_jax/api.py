@@ -1,0 +1,377 @@
+"""Public API of msa_jax: argument checking, defaults, dispatch on ``implementation=``.
+
+Every function validates shapes, dtypes and static arguments before anything is traced, and
+raises ``ValueError`` naming the argument and what was expected. Block ids are range-checked
+when they are concrete (outside ``jit``); under ``jit`` out-of-range ids are ignored like -1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax import reference
+from msa_jax import schedule as sched
+
+IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+
+# Query chunk for index scoring: bounds the [B, G, chunk, S/Bk] block-score buffer.
+INDEX_QUERY_CHUNK = 2048
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(np.shape(x))
+
+
+def _check_rank(name: str, x, rank: int, layout: str):
+  if x is None or not hasattr(x, "shape") or len(_shape(x)) != rank:
+    got = None if x is None else _shape(x)
+    raise ValueError(f"{name} must be a rank-{rank} array {layout}; got shape {got}")
+
+
+def _check_float(name: str, x):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array (bfloat16/float16/float32); "
+                     f"got dtype {x.dtype}")
+
+
+def _check_int(name: str, x, layout: str):
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array {layout}; got dtype {x.dtype}")
+
+
+def _check_positive_int(name: str, value, minimum: int = 1):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+      or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_qkv(q, k, v):
+  _check_rank("q", q, 4, "[batch, q_len, q_heads, head_dim]")
+  _check_rank("k", k, 4, "[batch, kv_len, kv_heads, head_dim]")
+  _check_rank("v", v, 4, "[batch, kv_len, kv_heads, v_head_dim]")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _check_float(name, x)
+  b, t, hq, d = q.shape
+  if k.shape[0] != b or v.shape[0] != b:
+    raise ValueError(f"batch mismatch: q has batch {b}, k {k.shape[0]}, v {v.shape[0]}")
+  if k.shape[3] != d:
+    raise ValueError(f"k must have head_dim {d} (as q): expected [{b}, S, G, {d}], "
+                     f"got {k.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"v must match k in [batch, kv_len, kv_heads]: expected "
+                     f"{list(k.shape[:3])} + [Dv], got {list(v.shape)}")
+  g = k.shape[2]
+  if g < 1 or hq % g:
+    raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads = groups G ({g}); "
+                     f"q {q.shape}, k {k.shape}")
+  if q.dtype != k.dtype or k.dtype != v.dtype:
+    raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _check_index_qk(q_idx, k_idx, batch=None, q_len=None, kv_len=None, groups=None):
+  _check_rank("q_idx", q_idx, 4, "[batch, q_len, groups, index_dim]")
+  _check_rank("k_idx", k_idx, 3, "[batch, kv_len, index_dim]")
+  _check_float("q_idx", q_idx)
+  _check_float("k_idx", k_idx)
+  b, t, g, di = q_idx.shape
+  if k_idx.shape[0] != b:
+    raise ValueError(f"batch mismatch: q_idx has batch {b}, k_idx {k_idx.shape[0]}")
+  if k_idx.shape[2] != di:
+    raise ValueError(f"k_idx must have index_dim {di} (as q_idx): expected [{b}, S, {di}], "
+                     f"got {k_idx.shape}")
+  if batch is not None and b != batch:
+    raise ValueError(f"batch mismatch: q has batch {batch}, q_idx {b}")
+  if q_len is not None and t != q_len:
+    raise ValueError(f"q_idx must have q_len {q_len} (as q): expected [{batch}, {q_len}, "
+                     f"{groups}, Di], got {q_idx.shape}")
+  if kv_len is not None and k_idx.shape[1] != kv_len:
+    raise ValueError(f"k_idx must have kv_len {kv_len} (as k): expected [{batch}, {kv_len}, "
+                     f"Di], got {k_idx.shape}")
+  if groups is not None and g != groups:
+    raise ValueError(f"q_idx must have one index head per KV group: expected {groups} groups "
+                     f"(k has {groups} kv_heads), got q_idx shape {q_idx.shape}")
+
+
+def _resolve_positions(q_positions, kv_lengths, batch: int, q_len: int, kv_len: int):
+  if kv_lengths is None:
+    kv_lengths = jnp.full((batch,), kv_len, jnp.int32)
+  else:
+    _check_rank("kv_lengths", kv_lengths, 1, f"[batch={batch}]")
+    _check_int("kv_lengths", kv_lengths, f"[batch={batch}]")
+    if _shape(kv_lengths) != (batch,):
+      raise ValueError(f"kv_lengths must have shape [{batch}]; got {_shape(kv_lengths)}")
+    if _is_concrete(kv_lengths):
+      arr = np.asarray(kv_lengths)
+      if arr.min(initial=0) < 0 or arr.max(initial=0) > kv_len:
+        raise ValueError(f"kv_lengths must lie in [0, {kv_len}] (the key length); got {arr}")
+    kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+  if q_positions is None:
+    q_positions = reference.default_q_positions(q_len, kv_lengths)
+  else:
+    _check_rank("q_positions", q_positions, 2, f"[batch={batch}, q_len={q_len}]")
+    _check_int("q_positions", q_positions, f"[batch={batch}, q_len={q_len}]")
+    if _shape(q_positions) != (batch, q_len):
+      raise ValueError(f"q_positions must have shape [{batch}, {q_len}]; "
+                       f"got {_shape(q_positions)}")
+    q_positions = jnp.asarray(q_positions, jnp.int32)
+  return q_positions, kv_lengths
+
+
+def _check_block_indices(block_indices, batch, q_len, groups, num_blocks):
+  layout = f"[batch={batch}, q_len={q_len}, groups={groups}, topk]"
+  _check_rank("block_indices", block_indices, 4, layout)
+  _check_int("block_indices", block_indices, layout)
+  if _shape(block_indices)[:3] != (batch, q_len, groups):
+    raise ValueError(f"block_indices must have shape {layout}; got {_shape(block_indices)}")
+  if block_indices.shape[3] < 1:
+    raise ValueError(f"block_indices must hold at least one slot per (query, group); "
+                     f"got shape {_shape(block_indices)}")
+  if _is_concrete(block_indices):
+    arr = np.asarray(block_indices)
+    if arr.size and (arr.max() >= num_blocks or arr.min() < -1):
+      raise ValueError(f"block_indices must be -1 or a block id in [0, {num_blocks}) "
+                       f"({num_blocks} blocks of the keys); got values in "
+                       f"[{arr.min()}, {arr.max()}]")
+
+
+def _resolve_implementation(implementation, interpret) -> str:
+  if implementation is None:
+    backend = jax.default_backend()
+    if backend == "tpu":
+      return "pallas_tpu"
+    if backend == "gpu" or interpret:
+      return "pallas_gpu"
+    return "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None; "
+                     f"got {implementation!r}")
+  return implementation
+
+
+def _check_static(block_size, topk=None):
+  _check_positive_int("block_size", block_size)
+  if topk is not None:
+    _check_positive_int("topk", topk)
+
+
+def _scale(scale, head_dim):
+  if scale is None:
+    return 1.0 / math.sqrt(head_dim)
+  scale = float(scale)
+  if not math.isfinite(scale) or scale <= 0:
+    raise ValueError(f"scale must be a finite positive number; got {scale}")
+  return scale
+
+
+# ----------------------------------------------------------------------------- index_topk
+
+
+def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl, interpret):
+  if impl == "xla":
+    return reference.index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
+                                topk=topk)
+  if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import index_topk as kernel
+  else:
+    from msa_jax.kernels.tpu import index_topk as kernel
+
+  def chunk(pos, qi):
+    scores = kernel.block_scores(qi, k_idx, pos, kv_lengths, block_size=block_size,
+                                 interpret=interpret)
+    return reference.select_blocks(scores, reference.own_block(pos, kv_lengths, block_size),
+                                   topk)
+
+  return reference.map_query_chunks(chunk, INDEX_QUERY_CHUNK, q_positions, q_idx)
+
+
+def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_lengths=None,
+               implementation=None, interpret=False):
+  """Select the top-k KV blocks per (query, group) from the index branch (spec §3).
+
+  Args:
+    q_idx: [B, T, G, Di] index queries, one head per KV group.
+    k_idx: [B, S, Di] index keys (one shared head).
+    block_size: KV block size Bk in tokens.
+    topk: blocks per (query, group), the query's own block included.
+    q_positions: int [B, T] absolute query positions (default: bottom-right aligned).
+    kv_lengths: int [B] valid key length per sequence (default: S).
+    implementation: None (best for the backend), "xla", "pallas_gpu" or "pallas_tpu".
+    interpret: run a Pallas implementation in interpret mode (any backend).
+
+  Returns:
+    int32 [B, T, G, topk]: selected block ids, valid ids first, -1 padding. Order inside the
+    valid prefix is unspecified.
+  """
+  _check_index_qk(q_idx, k_idx)
+  _check_static(block_size, topk)
+  impl = _resolve_implementation(implementation, interpret)
+  b, t = q_idx.shape[:2]
+  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, k_idx.shape[1])
+  return _index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size, topk=topk,
+                     impl=impl, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------- sparse attention
+
+
+def _queries_per_item(heads_per_group: int) -> int:
+  """Query positions per work item: fill a 128-row tile (8 positions x 16 heads at M3)."""
+  return max(1, 128 // heads_per_group)
+
+
+def _kv_outer(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale, impl,
+              interpret):
+  b, t, hq, _ = q.shape
+  s_len, g = k.shape[1], k.shape[2]
+  topk = block_indices.shape[3]
+  nb = reference.cdiv(s_len, block_size)
+  valid = reference.valid_block_mask(block_indices, nb)
+  qpi = _queries_per_item(hq // g)
+  schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
+  pad = nb * block_size - s_len
+  k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import sparse_attention as kernel
+  else:
+    from msa_jax.kernels.tpu import sparse_attention as kernel
+  partial_out, partial_lse = kernel.sparse_attention_partials(
+      q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale, topk=topk,
+      queries_per_item=qpi, interpret=interpret)
+  return sched.combine(partial_out, partial_lse, valid, q.dtype)
+
+
+def _sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale,
+                      impl, interpret):
+  if impl == "xla":
+    return reference.sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
+                                      block_size=block_size, scale=scale)
+  return _kv_outer_vjp(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale,
+                       impl, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _kv_outer_vjp(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
+                  interpret):
+  """Pallas forward; the backward goes through the reference (Pallas backward: issue 5)."""
+  return _kv_outer(q, k, v, block_indices, q_positions, kv_lengths, block_size=block_size,
+                   scale=scale, impl=impl, interpret=interpret)
+
+
+def _kv_outer_fwd(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
+                  interpret):
+  out = _kv_outer_vjp(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
+                      interpret)
+  return out, (q, k, v, block_indices, q_positions, kv_lengths)
+
+
+def _kv_outer_bwd(block_size, scale, impl, interpret, residuals, cotangents):
+  del impl, interpret
+  q, k, v, block_indices, q_positions, kv_lengths = residuals
+
+  def ref(q, k, v):
+    return reference.sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
+                                      block_size=block_size, scale=scale)
+
+  _, pullback = jax.vjp(ref, q, k, v)
+  return (*pullback(cotangents), None, None, None)
+
+
+_kv_outer_vjp.defvjp(_kv_outer_fwd, _kv_outer_bwd)
+
+
+def sparse_attention(q, k, v, block_indices, *, block_size=128, scale=None, q_positions=None,
+                     kv_lengths=None, return_lse=False, implementation=None, interpret=False):
+  """Exact attention of each query over the visible keys of its selected blocks (spec §4).
+
+  Args:
+    q: [B, T, Hq, D]; k: [B, S, G, D]; v: [B, S, G, Dv]; Hq a multiple of G. Query head h
+      belongs to group h // (Hq/G).
+    block_indices: int [B, T, G, topk] selected block ids per (query, group); -1 = none.
+      Repeated ids count once.
+    block_size: KV block size in tokens.
+    scale: logit scale (default 1/sqrt(D)).
+    q_positions, kv_lengths: as in ``index_topk``.
+    return_lse: also return the float32 log-sum-exp [B, T, Hq] (natural log).
+    implementation, interpret: as in ``index_topk``.
+
+  Returns:
+    out [B, T, Hq, Dv] in q's dtype (and lse). Queries without a visible key (padding) get
+    out = 0 and lse = -inf.
+  """
+  _check_qkv(q, k, v)
+  _check_static(block_size)
+  b, t, hq, d = q.shape
+  s_len, g = k.shape[1], k.shape[2]
+  _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
+  scale = _scale(scale, d)
+  impl = _resolve_implementation(implementation, interpret)
+  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  out, lse = _sparse_attention(q, k, v, jnp.asarray(block_indices, jnp.int32), q_positions,
+                               kv_lengths, block_size=block_size, scale=scale, impl=impl,
+                               interpret=interpret)
+  return (out, lse) if return_lse else out
+
+
+def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
+                  q_positions=None, kv_lengths=None, return_indices=False,
+                  implementation=None, interpret=False):
+  """MSA: index branch selects blocks (``index_topk``), main branch attends to them.
+
+  Shapes as in ``index_topk`` and ``sparse_attention``; ``q_idx`` has one head per KV group.
+  Returns out [B, T, Hq, Dv], and the int32 [B, T, G, topk] selection when
+  ``return_indices``. Gradients flow to q, k, v (selection is not differentiable; train the
+  index branch with ``indexer_kl_loss``).
+  """
+  _check_qkv(q, k, v)
+  b, t, _, d = q.shape
+  s_len, g = k.shape[1], k.shape[2]
+  _check_index_qk(q_idx, k_idx, b, t, s_len, g)
+  _check_static(block_size, topk)
+  scale = _scale(scale, d)
+  impl = _resolve_implementation(implementation, interpret)
+  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  ids = _index_topk(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx), q_positions,
+                    kv_lengths, block_size=block_size, topk=topk, impl=impl,
+                    interpret=interpret)
+  out, _ = _sparse_attention(q, k, v, ids, q_positions, kv_lengths, block_size=block_size,
+                             scale=scale, impl=impl, interpret=interpret)
+  return (out, ids) if return_indices else out
+
+
+def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=None,
+                    q_positions=None, kv_lengths=None):
+  """KL alignment loss of the index branch (spec §5), a float32 scalar.
+
+  ``1/(N*G) * sum_{t,g} KL(P_teacher || P_idx)`` over the visible tokens of the selected blocks,
+  N = number of non-padding queries. The teacher is the mean over the group's heads of each
+  head's softmax of ``scale * q.k`` renormalised on that support, with q and k detached; the
+  student is the softmax of ``q_idx.k_idx / sqrt(Di)``. Gradients reach q_idx and k_idx only.
+  """
+  _check_qkv(q, k, k)
+  b, t, _, d = q.shape
+  s_len, g = k.shape[1], k.shape[2]
+  _check_index_qk(q_idx, k_idx, b, t, s_len, g)
+  _check_static(block_size)
+  _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
+  scale = _scale(scale, d)
+  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  return reference.indexer_kl_loss(q, k, q_idx, k_idx, jnp.asarray(block_indices, jnp.int32),
+                                   q_positions, kv_lengths, block_size=block_size, scale=scale)
+
+
+__all__: Sequence[str] = ("index_topk", "sparse_attention", "msa_attention", "indexer_kl_loss",
+                          "IMPLEMENTATIONS")

@@ -1,0 +1,98 @@
+"""KV-outer block-sparse attention forward for GPUs (Pallas, Triton lowering).
+
+One program per work item of ``schedule.build_schedule``: it loads one K/V block of one group
+once, gathers the item's queries (``queries_per_item`` positions x the group's ``Hq/G`` heads
+= one tile of rows), runs an exact softmax over the block's visible keys and scatters the
+block-local output and LSE into the preassigned slots of the partial buffers. Row gathers and
+scatters use vector indexing of whole-array refs (as ``ops/gpu/paged_attention.py`` gathers
+pages); lanes past the item's count read query row 0 and write the scratch row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from msa_jax import schedule as sched
+
+
+def _dot(a, b, contract_b):
+  """a @ b (contract_b=0) or a @ b.T (contract_b=1) with fp32 accumulation."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref, k_ref, v_ref,
+            o_ref, lse_ref, *, queries_per_item, heads, block_size, scale, scratch_row):
+  i = pl.program_id(0)
+  base = i * sched.ITEM_FIELDS
+  b = items_ref[base + sched.ITEM_BATCH]
+  g = items_ref[base + sched.ITEM_GROUP]
+  blk = items_ref[base + sched.ITEM_BLOCK]
+  start = items_ref[base + sched.ITEM_START]
+  count = items_ref[base + sched.ITEM_COUNT]
+
+  @pl.when(count > 0)
+  def _():
+    lane = lax.broadcasted_iota(jnp.int32, (queries_per_item,), 0)
+    live = lane < count
+    entries = pl.ds(start, queries_per_item)
+    q_rows = jnp.where(live, q_rows_ref[entries], 0)
+    out_rows = jnp.where(live, out_rows_ref[entries], scratch_row)
+    pos = jnp.where(live, pos_ref[entries], -1)
+    kv_len = kv_len_ref[b]
+
+    rows = queries_per_item * heads
+    q = q_ref[q_rows].reshape(rows, q_ref.shape[-1])
+    keys = pl.ds(blk * block_size, block_size)
+    k = k_ref[b, keys, g, :]
+    v = v_ref[b, keys, g, :]
+
+    s = _dot(q, k, 1) * scale  # [rows, Bk]
+    row_pos = jnp.broadcast_to(pos[:, None], (queries_per_item, heads)).reshape(rows)
+    key_pos = blk * block_size + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+    visible = (key_pos <= row_pos[:, None]) & (key_pos < kv_len)
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=1)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    p = jnp.exp(s - m[:, None])
+    l = jnp.sum(p, axis=1)
+    o = _dot(p.astype(v.dtype), v, 0)
+    has_keys = l > 0
+    o = o / jnp.where(has_keys, l, 1.0)[:, None]
+    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+    o_ref[out_rows] = o.reshape(queries_per_item, heads, o_ref.shape[-1]).astype(o_ref.dtype)
+    lse_ref[out_rows] = lse.reshape(queries_per_item, heads)
+
+
+def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
+                              scale, topk, queries_per_item, num_warps=4, num_stages=2,
+                              interpret=False):
+  """Run the KV-outer kernel. Returns partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq]."""
+  b, t, hq, d = q.shape
+  s_pad, g = k.shape[1], k.shape[2]
+  dv = v.shape[-1]
+  heads = hq // g
+  rows_out = topk * b * t * g
+  kernel = functools.partial(_kernel, queries_per_item=queries_per_item, heads=heads,
+                             block_size=block_size, scale=scale, scratch_row=rows_out)
+  partial_out, partial_lse = pl.pallas_call(
+      kernel,
+      grid=(schedule.max_items,),
+      out_shape=(jax.ShapeDtypeStruct((rows_out + 1, heads, dv), q.dtype),
+                 jax.ShapeDtypeStruct((rows_out + 1, heads), jnp.float32)),
+      compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="msa_sparse_attention_kv_outer",
+  )(schedule.items.reshape(-1), schedule.q_rows, schedule.out_rows, schedule.positions,
+    kv_lengths, q.reshape(b * t * g, heads, d), k, v)
+  del s_pad
+  partial_out = partial_out[:rows_out].reshape(topk, b, t, hq, dv)
+  partial_lse = partial_lse[:rows_out].reshape(topk, b, t, hq)
+  return partial_out, partial_lse

@@ -1,0 +1,258 @@
+"""Pure ``jax.numpy`` MSA: the executable spec (``spec/msa.md`` §2-5).
+
+This module is both the ``implementation="xla"`` path and the oracle every kernel is tested
+against. Functions here take already-validated arguments (see ``api.py``); ``q_positions`` and
+``kv_lengths`` are always explicit int32 arrays.
+
+Layouts: ``q [B,T,Hq,D]``, ``k/v [B,S,G,D]``, ``q_idx [B,T,G,Di]``, ``k_idx [B,S,Di]``,
+``q_positions [B,T]``, ``kv_lengths [B]``, ``block_indices [B,T,G,topk]`` (-1 = none).
+
+Memory is bounded by processing queries in chunks of ``chunk_size`` positions: nothing of size
+``[T, S]`` is ever built, only ``[chunk, S/Bk]`` block scores and ``[chunk, topk*Bk]`` gathers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------- positions & masks
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def default_q_positions(q_len: int, kv_lengths: jax.Array) -> jax.Array:
+  """Bottom-right aligned positions: query t of a sequence of length L sits at L - T + t."""
+  return (kv_lengths[:, None] - q_len + jnp.arange(q_len, dtype=jnp.int32)[None, :]).astype(
+      jnp.int32)
+
+
+def own_block(q_positions: jax.Array, kv_lengths: jax.Array, block_size: int) -> jax.Array:
+  """The block holding each query's last visible key; -1 for padding queries. int32 [B,T]."""
+  last_visible = jnp.minimum(q_positions, kv_lengths[:, None] - 1)
+  return jnp.where(last_visible >= 0, last_visible // block_size, -1).astype(jnp.int32)
+
+
+def key_visible(key_pos: jax.Array, q_pos: jax.Array, kv_len: jax.Array) -> jax.Array:
+  """Key j is visible to a query at p iff j <= p and j < kv_len (spec §2); broadcasts."""
+  return (key_pos <= q_pos) & (key_pos < kv_len)
+
+
+def valid_block_mask(block_indices: jax.Array, num_blocks: int) -> jax.Array:
+  """Which slots of ``block_indices`` [..., topk] name a block: in range and not a repeat.
+
+  A block listed twice counts once (the selection is a set), so later repeats are dropped.
+  """
+  ids = block_indices
+  in_range = (ids >= 0) & (ids < num_blocks)
+  k = ids.shape[-1]
+  same = ids[..., :, None] == ids[..., None, :]
+  earlier = jnp.tril(jnp.ones((k, k), dtype=bool), -1)
+  repeated = jnp.any(same & earlier, axis=-1)
+  return in_range & ~repeated
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def map_query_chunks(fn, chunk_size: int, q_positions: jax.Array, *per_query: jax.Array):
+  """Apply ``fn(q_positions_chunk, *chunks)`` over chunks of the query axis (axis 1).
+
+  Padded queries get position -1 (padding) and are sliced away afterwards. ``fn`` returns a
+  pytree of arrays with the query axis at 1.
+  """
+  t = q_positions.shape[1]
+  if t <= chunk_size:
+    return fn(q_positions, *per_query)
+  n = cdiv(t, chunk_size)
+  tp = n * chunk_size
+
+  def split(x, fill):
+    x = _pad_axis(x, 1, tp, fill)
+    x = x.reshape(x.shape[0], n, chunk_size, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  xs = (split(q_positions, -1),) + tuple(split(x, 0) for x in per_query)
+  ys = lax.map(lambda args: fn(*args), xs)
+
+  def merge(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], tp, *y.shape[3:])[:, :t]
+
+  return jax.tree.map(merge, ys)
+
+
+# ----------------------------------------------------------------------------- index branch
+
+
+def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size):
+  """Block-max index scores ``M[b,t,g,j]`` (fp32), -inf where block j has no visible key.
+
+  Causal/length masking is applied per token before the max-pool (spec §3.3).
+  """
+  s_len = k_idx.shape[1]
+  nb = cdiv(s_len, block_size)
+  k_idx = _pad_axis(k_idx, 1, nb * block_size)
+  key_pos = jnp.arange(nb * block_size, dtype=jnp.int32)
+  s = jnp.einsum("btgd,bsd->btgs", q_idx, k_idx, preferred_element_type=jnp.float32)
+  vis = key_visible(key_pos[None, None, :], q_positions[:, :, None], kv_lengths[:, None, None])
+  s = jnp.where(vis[:, :, None, :], s, -jnp.inf)
+  return s.reshape(*s.shape[:3], nb, block_size).max(axis=-1)
+
+
+def select_blocks(scores: jax.Array, own: jax.Array, topk: int) -> jax.Array:
+  """Exp-free top-k over block scores [B,T,G,nb] with the own block forced (spec §3.4-5).
+
+  The own block takes one slot (its score is raised to +inf, so it cannot appear twice);
+  the other slots take the highest-scoring visible blocks, ties to the lower block id
+  (``lax.top_k`` keeps the lower index first). Blocks scoring -inf are never chosen: the
+  slot is -1 instead. Returns int32 [B,T,G,topk], valid entries first.
+  """
+  nb = scores.shape[-1]
+  is_own = jnp.arange(nb, dtype=jnp.int32) == own[:, :, None, None]
+  ranked = jnp.where(is_own, jnp.inf, scores)
+  kk = min(topk, nb)
+  values, ids = lax.top_k(ranked, kk)
+  ids = jnp.where(values == -jnp.inf, -1, ids).astype(jnp.int32)
+  return _pad_axis(ids, 3, topk, -1)
+
+
+def index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
+               chunk_size=DEFAULT_CHUNK):
+  """Top-k KV blocks per (query, group): int32 [B,T,G,topk], -1 padded."""
+
+  def chunk(pos, qi):
+    scores = block_scores(qi, k_idx, pos, kv_lengths, block_size=block_size)
+    return select_blocks(scores, own_block(pos, kv_lengths, block_size), topk)
+
+  return map_query_chunks(chunk, chunk_size, q_positions, q_idx)
+
+
+# ----------------------------------------------------------------------------- main branch
+
+
+def _gather_blocks(x: jax.Array, ids: jax.Array, block_size: int) -> jax.Array:
+  """x [B,S,G,D] (S a multiple of block_size), ids [B,c,G,k] -> [B,c,G,k,block_size,D]."""
+  b, s, g, d = x.shape
+  xb = x.reshape(b, s // block_size, block_size, g, d).transpose(0, 3, 1, 2, 4)
+  bi = jnp.arange(b)[:, None, None, None]
+  gi = jnp.arange(g)[None, None, :, None]
+  return xb[bi, gi, ids]
+
+
+def _support(ids, valid, q_positions, kv_lengths, block_size):
+  """Visible keys of the selected blocks: bool [B,c,G,k,Bk]."""
+  key_pos = ids[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
+  vis = key_visible(key_pos, q_positions[:, :, None, None, None],
+                    kv_lengths[:, None, None, None, None])
+  return valid[..., None] & vis
+
+
+def _masked_softmax_stats(s, mask, axes):
+  """Safe max and sum of exp over ``axes`` for masked logits; fully masked rows give l = 0."""
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=axes, keepdims=True)
+  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.exp(s - m)
+  return s, m, p, jnp.sum(p, axis=axes, keepdims=True)
+
+
+def sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale,
+                     chunk_size=DEFAULT_CHUNK):
+  """Exact attention over the selected blocks. Returns (out [B,T,Hq,Dv], lse f32 [B,T,Hq])."""
+  b, t, hq, d = q.shape
+  s_len, g = k.shape[1], k.shape[2]
+  dv = v.shape[-1]
+  hpg = hq // g
+  nb = cdiv(s_len, block_size)
+  k = _pad_axis(k, 1, nb * block_size)
+  v = _pad_axis(v, 1, nb * block_size)
+  valid = valid_block_mask(block_indices, nb)
+
+  def chunk(pos, qc, ids, val):
+    c = qc.shape[1]
+    ids0 = jnp.where(val, ids, 0)
+    kg = _gather_blocks(k, ids0, block_size)  # [B,c,G,k,Bk,D]
+    vg = _gather_blocks(v, ids0, block_size)
+    mask = _support(ids0, val, pos, kv_lengths, block_size)[:, :, :, None]  # [B,c,G,1,k,Bk]
+    qg = qc.reshape(b, c, g, hpg, d)
+    s = jnp.einsum("bcghd,bcgknd->bcghkn", qg, kg, preferred_element_type=jnp.float32) * scale
+    _, m, p, l = _masked_softmax_stats(s, mask, (-2, -1))
+    o = jnp.einsum("bcghkn,bcgknd->bcghd", p, vg.astype(jnp.float32))
+    l = l[..., 0, 0]
+    o = o / jnp.where(l > 0, l, 1.0)[..., None]
+    lse = jnp.where(l > 0, m[..., 0, 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return o.reshape(b, c, hq, dv).astype(q.dtype), lse.reshape(b, c, hq)
+
+  return map_query_chunks(chunk, chunk_size, q_positions, q, block_indices, valid)
+
+
+def msa_attention(q, k, v, q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, scale):
+  """Index branch then main branch. Returns (out, lse, block_indices)."""
+  ids = index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size, topk=topk)
+  out, lse = sparse_attention(q, k, v, ids, q_positions, kv_lengths, block_size=block_size,
+                              scale=scale)
+  return out, lse, ids
+
+
+# ----------------------------------------------------------------------------- indexer KL loss
+
+
+def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, *, block_size,
+                    scale, chunk_size=DEFAULT_CHUNK):
+  """KL(teacher || index distribution) over the token support of the selected blocks (§5).
+
+  ``L = 1/(N*G) * sum_{t,g} KL(P_teacher[g,t] || P_idx[g,t])`` where N counts the
+  non-padding queries. The teacher (group mean of the main-branch softmaxes renormalised on
+  the support) uses detached ``q``/``k``; gradients flow to ``q_idx`` and ``k_idx`` only.
+  """
+  q = lax.stop_gradient(q)
+  k = lax.stop_gradient(k)
+  b, t, hq, d = q.shape
+  s_len, g = k.shape[1], k.shape[2]
+  di = q_idx.shape[-1]
+  hpg = hq // g
+  nb = cdiv(s_len, block_size)
+  k = _pad_axis(k, 1, nb * block_size)
+  k_idx = _pad_axis(k_idx, 1, nb * block_size)
+  k_idx_g = jnp.broadcast_to(k_idx[:, :, None, :], (b, nb * block_size, g, di))
+  valid = valid_block_mask(block_indices, nb)
+  index_scale = 1.0 / jnp.sqrt(jnp.float32(di))
+
+  def chunk(pos, qc, qic, ids, val):
+    c = qc.shape[1]
+    ids0 = jnp.where(val, ids, 0)
+    mask = _support(ids0, val, pos, kv_lengths, block_size)  # [B,c,G,k,Bk]
+    kg = _gather_blocks(k, ids0, block_size)
+    kig = _gather_blocks(k_idx_g, ids0, block_size)
+    qg = qc.reshape(b, c, g, hpg, d)
+    s_main = jnp.einsum("bcghd,bcgknd->bcghkn", qg, kg,
+                        preferred_element_type=jnp.float32) * scale
+    _, _, p_main, l_main = _masked_softmax_stats(s_main, mask[:, :, :, None], (-2, -1))
+    p_teacher = jnp.mean(p_main / jnp.where(l_main > 0, l_main, 1.0), axis=3)  # [B,c,G,k,Bk]
+    s_idx = jnp.einsum("bcgd,bcgknd->bcgkn", qic, kig,
+                       preferred_element_type=jnp.float32) * index_scale
+    s_idx, m_idx, _, l_idx = _masked_softmax_stats(s_idx, mask, (-2, -1))
+    log_p_idx = s_idx - m_idx - jnp.log(jnp.where(l_idx > 0, l_idx, 1.0))
+    log_p_idx = jnp.where(mask, log_p_idx, 0.0)
+    kl = jnp.sum(p_teacher * (jnp.log(jnp.where(p_teacher > 0, p_teacher, 1.0)) - log_p_idx),
+                 axis=(-2, -1))
+    rows = jnp.any(mask, axis=(-2, -1))  # [B,c,G]
+    return jnp.where(rows, kl, 0.0), rows
+
+  kl, rows = map_query_chunks(chunk, chunk_size, q_positions, q, q_idx, block_indices, valid)
+  num_queries = jnp.sum(jnp.any(rows, axis=-1))
+  return jnp.sum(kl) / (jnp.maximum(num_queries, 1) * g).astype(jnp.float32)
+
