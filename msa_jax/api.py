@@ -227,9 +227,16 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
 # ----------------------------------------------------------------------------- sparse attention
 
 
-def _queries_per_item(heads_per_group: int) -> int:
-  """Query positions per work item: fill a 128-row tile (8 positions x 16 heads at M3)."""
-  return max(1, 128 // heads_per_group)
+# Rows of one work item's tile (query positions x heads of the group): 8 x 16 at M3 shapes.
+TILE_ROWS = 128
+# Interpret mode runs the same kernels with smaller tiles: CPU cost grows with the unrolled
+# per-row gathers, and small tiles split lists into more items (more schedule edge cases).
+INTERPRET_TILE_ROWS = 32
+
+
+def _queries_per_item(heads_per_group: int, interpret) -> int:
+  rows = INTERPRET_TILE_ROWS if interpret else TILE_ROWS
+  return max(1, rows // heads_per_group)
 
 
 def _kv_outer(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale, impl,
@@ -239,7 +246,7 @@ def _kv_outer(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, sc
   topk = block_indices.shape[3]
   nb = reference.cdiv(s_len, block_size)
   valid = reference.valid_block_mask(block_indices, nb)
-  qpi = _queries_per_item(hq // g)
+  qpi = _queries_per_item(hq // g, interpret)
   schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
   pad = nb * block_size - s_len
   k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
