@@ -125,9 +125,7 @@ def test_tpu_kernels_under_tpu_interpreter():
   assert C.rel_err(out, ref_out) <= 1e-5
   np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-4)
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-  races = getattr(ipc, "races", None)
-  if races is not None:
-    assert not races.races_found
+  assert ipc.races is not None and not ipc.races.races_found
 
 
 @pytest.mark.parametrize("impl", KERNELS)

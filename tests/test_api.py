@@ -1,0 +1,150 @@
+"""Public API: defaults, dispatch, and the ValueErrors raised on bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import msa_jax
+from msa_jax import api
+from tests import cases as C
+
+B, T, S, HQ, G, D, DI, BS = 2, 8, 64, 8, 2, 16, 8, 16
+
+
+def _inputs():
+  r = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
+  return dict(q=f(B, T, HQ, D), k=f(B, S, G, D), v=f(B, S, G, D), q_idx=f(B, T, G, DI),
+              k_idx=f(B, S, DI))
+
+
+def _ids(value=0, topk=2):
+  return jnp.full((B, T, G, topk), value, jnp.int32)
+
+
+X = _inputs()
+SPARSE_CASES = {
+    "q rank": (dict(q=X["q"][0]), "q must be a rank-4"),
+    "k rank": (dict(k=X["k"][..., 0]), "k must be a rank-4"),
+    "heads": (dict(q=jnp.ones((B, T, 7, D))), r"q_heads \(7\) must be a multiple"),
+    "batch": (dict(k=X["k"][:1], v=X["v"][:1]), "batch mismatch"),
+    "head_dim": (dict(k=X["k"][..., :8], v=X["v"][..., :8]), "head_dim"),
+    "v shape": (dict(v=X["v"][:, :10]), "v must match k"),
+    "dtype mix": (dict(k=X["k"].astype(jnp.bfloat16)), "share one dtype"),
+    "int q": (dict(q=X["q"].astype(jnp.int32)), "q must be a floating-point"),
+    "ids rank": (dict(block_indices=_ids()[0]), "block_indices must be a rank-4"),
+    "ids groups": (dict(block_indices=jnp.zeros((B, T, 3, 2), jnp.int32)),
+                   "block_indices must have shape"),
+    "ids float": (dict(block_indices=_ids().astype(jnp.float32)),
+                  "block_indices must be an integer"),
+    "ids range": (dict(block_indices=_ids(S // BS)), r"block id in \[0, 4\)"),
+    "ids below -1": (dict(block_indices=_ids(-2)), "block_indices must be -1"),
+    "block_size 0": (dict(block_size=0), "block_size must be an integer >= 1"),
+    "block_size float": (dict(block_size=16.0), "block_size must be an integer"),
+    "positions shape": (dict(q_positions=jnp.zeros((B, T + 1), jnp.int32)),
+                        r"q_positions must have shape \[2, 8\]"),
+    "positions float": (dict(q_positions=jnp.zeros((B, T))), "q_positions must be an integer"),
+    "lengths shape": (dict(kv_lengths=jnp.zeros((B + 1,), jnp.int32)),
+                      r"kv_lengths must have shape \[2\]"),
+    "lengths range": (dict(kv_lengths=jnp.array([S + 1, 3], jnp.int32)),
+                      r"kv_lengths must lie in \[0, 64\]"),
+    "implementation": (dict(implementation="cuda"), "implementation must be one of"),
+    "scale": (dict(scale=-1.0), "scale must be a finite positive"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE_CASES))
+def test_sparse_attention_validation(name):
+  override, msg = SPARSE_CASES[name]
+  args = dict(q=X["q"], k=X["k"], v=X["v"], block_indices=_ids())
+  kwargs = dict(block_size=BS)
+  for key_, val in override.items():
+    (args if key_ in args else kwargs)[key_] = val
+  with pytest.raises(ValueError, match=msg):
+    msa_jax.sparse_attention(*args.values(), **kwargs)
+
+
+MSA_CASES = {
+    "q_idx groups": (dict(q_idx=jnp.ones((B, T, G + 1, DI))), "one index head per KV group"),
+    "q_idx rank": (dict(q_idx=jnp.ones((B, T, DI))), "q_idx must be a rank-4"),
+    "k_idx rank": (dict(k_idx=jnp.ones((B, S, 1, DI))), "k_idx must be a rank-3"),
+    "k_idx len": (dict(k_idx=jnp.ones((B, S - 1, DI))), "k_idx must have kv_len 64"),
+    "q_idx len": (dict(q_idx=jnp.ones((B, T + 1, G, DI))), "q_idx must have q_len 8"),
+    "q_idx batch": (dict(q_idx=jnp.ones((B + 1, T, G, DI))), "batch mismatch"),
+    "index dim": (dict(k_idx=jnp.ones((B, S, DI + 1))), "k_idx must have index_dim"),
+    "topk 0": (dict(topk=0), "topk must be an integer >= 1"),
+    "topk float": (dict(topk=2.5), "topk must be an integer"),
+    "block_size neg": (dict(block_size=-16), "block_size must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(MSA_CASES))
+def test_msa_attention_validation(name):
+  override, msg = MSA_CASES[name]
+  args = dict(q=X["q"], k=X["k"], v=X["v"], q_idx=X["q_idx"], k_idx=X["k_idx"])
+  kwargs = dict(block_size=BS, topk=2)
+  for key_, val in override.items():
+    (args if key_ in args else kwargs)[key_] = val
+  with pytest.raises(ValueError, match=msg):
+    msa_jax.msa_attention(*args.values(), **kwargs)
+
+
+def test_index_topk_validation():
+  with pytest.raises(ValueError, match="topk must be"):
+    msa_jax.index_topk(X["q_idx"], X["k_idx"], block_size=BS, topk=0)
+  with pytest.raises(ValueError, match="k_idx must be a rank-3"):
+    msa_jax.index_topk(X["q_idx"], X["k"], block_size=BS, topk=2)
+  with pytest.raises(ValueError, match="q_idx must be a floating-point"):
+    msa_jax.index_topk(X["q_idx"].astype(jnp.int32), X["k_idx"], block_size=BS, topk=2)
+
+
+def test_indexer_kl_loss_validation():
+  with pytest.raises(ValueError, match="block_indices must be -1 or a block id"):
+    msa_jax.indexer_kl_loss(X["q"], X["k"], X["q_idx"], X["k_idx"], _ids(99), block_size=BS)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_validation_happens_before_kernels(impl, monkeypatch):
+  """Bad input fails with ValueError even if the kernels would blow up when traced."""
+  from msa_jax.kernels.gpu import sparse_attention as gpu_sa
+  from msa_jax.kernels.tpu import sparse_attention as tpu_sa
+
+  def boom(*a, **k):
+    raise AssertionError("kernel traced before validation")
+
+  monkeypatch.setattr(gpu_sa, "sparse_attention_partials", boom)
+  monkeypatch.setattr(tpu_sa, "sparse_attention_partials", boom)
+  with pytest.raises(ValueError, match="block id"):
+    msa_jax.sparse_attention(X["q"], X["k"], X["v"], _ids(7), block_size=BS,
+                             implementation=impl, interpret=True)
+  with pytest.raises(AssertionError, match="kernel traced"):  # the patch is really in the path
+    msa_jax.sparse_attention(X["q"], X["k"], X["v"], _ids(1), block_size=BS,
+                             implementation=impl, interpret=True)
+
+
+def test_out_of_range_ids_under_jit_are_ignored():
+  """Under jit ids cannot be checked; out-of-range ids then count as -1."""
+  good = _ids(1).at[..., 1].set(-1)
+  bad = _ids(1).at[..., 1].set(S // BS + 3)
+  f = jax.jit(lambda ids: msa_jax.sparse_attention(X["q"], X["k"], X["v"], ids, block_size=BS))
+  np.testing.assert_allclose(np.asarray(f(bad)), np.asarray(f(good)), rtol=1e-6)
+
+
+def test_default_implementation_on_cpu():
+  assert api._resolve_implementation(None, False) == "xla"
+  assert api._resolve_implementation(None, True) == "pallas_gpu"
+  assert api._resolve_implementation("pallas_tpu", False) == "pallas_tpu"
+
+
+def test_defaults_match_explicit_arguments():
+  case = C.CASES["chunked_prefill_gqa8"]
+  x = C.make_inputs(case, jnp.float32, seed=21)
+  ids = C.random_selection(case, x, seed=21)
+  a = msa_jax.sparse_attention(x["q"], x["k"], x["v"], ids, block_size=case.block_size,
+                               kv_lengths=x["kv_lengths"])
+  b = msa_jax.sparse_attention(x["q"], x["k"], x["v"], ids, block_size=case.block_size,
+                               kv_lengths=x["kv_lengths"], scale=1 / np.sqrt(case.head_dim),
+                               q_positions=x["kv_lengths"][:, None] - case.q_len
+                               + jnp.arange(case.q_len)[None], implementation="xla")
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
