@@ -239,25 +239,37 @@ def _queries_per_item(heads_per_group: int, interpret) -> int:
   return max(1, rows // heads_per_group)
 
 
-def _kv_outer(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale, impl,
-              interpret):
+def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale,
+                    impl, interpret):
+  """Sparse attention through the Pallas kernels.
+
+  KV-outer (schedule -> kernel -> combine) in general; on GPU, few queries per sequence
+  (decode, speculative verification) go query-outer with split-K instead, since then there is
+  nothing to share across queries.
+  """
   b, t, hq, _ = q.shape
   s_len, g = k.shape[1], k.shape[2]
-  topk = block_indices.shape[3]
   nb = reference.cdiv(s_len, block_size)
   valid = reference.valid_block_mask(block_indices, nb)
-  qpi = _queries_per_item(hq // g, interpret)
-  schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
   pad = nb * block_size - s_len
   k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
   if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import sparse_decode
+    if sparse_decode.supports(t, hq // g):
+      partial_out, partial_lse = sparse_decode.sparse_decode_partials(
+          q, k, v, jnp.where(valid, block_indices, -1), q_positions, kv_lengths,
+          block_size=block_size, scale=scale, interpret=interpret)
+      written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
+      return sched.combine(partial_out, partial_lse, written, q.dtype)
     from msa_jax.kernels.gpu import sparse_attention as kernel
   else:
     from msa_jax.kernels.tpu import sparse_attention as kernel
+  qpi = _queries_per_item(hq // g, interpret)
+  schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
   partial_out, partial_lse = kernel.sparse_attention_partials(
-      q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale, topk=topk,
-      queries_per_item=qpi, interpret=interpret)
+      q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
+      topk=block_indices.shape[3], queries_per_item=qpi, interpret=interpret)
   return sched.combine(partial_out, partial_lse, valid, q.dtype)
 
 
@@ -266,26 +278,26 @@ def _sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_
   if impl == "xla":
     return reference.sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
                                       block_size=block_size, scale=scale)
-  return _kv_outer_vjp(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale,
-                       impl, interpret)
+  return _pallas_sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, block_size,
+                                  scale, impl, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _kv_outer_vjp(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
-                  interpret):
+def _pallas_sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale,
+                             impl, interpret):
   """Pallas forward; the backward goes through the reference (Pallas backward: issue 5)."""
-  return _kv_outer(q, k, v, block_indices, q_positions, kv_lengths, block_size=block_size,
-                   scale=scale, impl=impl, interpret=interpret)
+  return _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths,
+                         block_size=block_size, scale=scale, impl=impl, interpret=interpret)
 
 
-def _kv_outer_fwd(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
-                  interpret):
-  out = _kv_outer_vjp(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
-                      interpret)
+def _pallas_fwd(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
+                interpret):
+  out = _pallas_sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, block_size,
+                                 scale, impl, interpret)
   return out, (q, k, v, block_indices, q_positions, kv_lengths)
 
 
-def _kv_outer_bwd(block_size, scale, impl, interpret, residuals, cotangents):
+def _pallas_bwd(block_size, scale, impl, interpret, residuals, cotangents):
   del impl, interpret
   q, k, v, block_indices, q_positions, kv_lengths = residuals
 
@@ -297,7 +309,7 @@ def _kv_outer_bwd(block_size, scale, impl, interpret, residuals, cotangents):
   return (*pullback(cotangents), None, None, None)
 
 
-_kv_outer_vjp.defvjp(_kv_outer_fwd, _kv_outer_bwd)
+_pallas_sparse_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def sparse_attention(q, k, v, block_indices, *, block_size=128, scale=None, q_positions=None,

@@ -46,6 +46,9 @@ CASES = {c.name: c for c in [
     # Speculative decode: 8 query tokens per sequence.
     Case("decode8", batch=2, q_len=8, kv_len=128, q_heads=16, groups=2, topk=3,
          kv_lengths=(128, 40)),
+    # Speculative decode at GQA 16 (the GPU query-outer split-K path), repeated ids via holes.
+    Case("decode8_gqa16", batch=2, q_len=8, kv_len=100, q_heads=16, groups=1, topk=5,
+         kv_lengths=(100, 20)),
     # topk larger than the number of blocks.
     Case("topk_exceeds_blocks", batch=1, q_len=40, kv_len=40, q_heads=4, groups=2, topk=5),
     # Exact ties in block scores (small integer data): lower block id wins.
@@ -58,7 +61,7 @@ CASES = {c.name: c for c in [
 
 # A compact subset for the (slower) interpret-mode kernel tests.
 KERNEL_CASES = ["prefill_padding", "partial_block_gqa1", "chunked_prefill_gqa8", "decode_gqa16",
-                "decode8", "topk_exceeds_blocks", "ties", "own_block_top"]
+                "decode8", "decode8_gqa16", "topk_exceeds_blocks", "ties", "own_block_top"]
 
 
 def make_inputs(case: Case, dtype=jnp.float32, seed: int = 0):
