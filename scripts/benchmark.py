@@ -1,0 +1,436 @@
+"""Benchmark MSA against dense attention on one accelerator (protocol: shared/benchmarks.md).
+
+Times, in one process and on one card: MSA prefill (index + top-k, sparse attention with its
+schedule and combine, and the whole layer) against dense causal GQA through cuDNN at each
+context length N; MSA decode against the faster of an XLA einsum-softmax-einsum over the whole
+cache and Pallas' ``decode_attention.gqa``; and the two ceilings (an 8192^3 bf16 matmul and a
+large device-to-device copy). Writes ``<out-dir>/<tag>.json``, ``<tag>.md`` (the table) and
+``<tag>.png`` (log-log latency vs N), and prints the table last.
+
+Prefill above ``--chunk`` tokens runs chunked: queries in chunks of ``--chunk`` against the
+growing KV prefix (how long prompts are served); times are summed over the chunks.
+
+``--smoke`` runs tiny shapes through the ``xla`` path and the Pallas GPU kernels in interpret
+mode, so the script itself is tested on CPU (numbers from it mean nothing).
+
+Examples:
+  python3 scripts/benchmark.py                          # the full workload on a GPU
+  python3 scripts/benchmark.py --sizes 8192 32768 --skip-decode
+  python3 scripts/benchmark.py --smoke --out-dir /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import msa_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  q_heads: int = 64
+  groups: int = 4
+  head_dim: int = 128
+  index_dim: int = 128
+  block_size: int = 128
+  topk: int = 16
+  dtype: str = "bfloat16"
+
+
+M3 = Workload()
+SMOKE = Workload(q_heads=16, groups=1, head_dim=32, index_dim=16, block_size=16, topk=4,
+                 dtype="float32")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timed(fn, *, iters: int, budget_s: float):
+  """Median wall time (ms) of ``fn()`` (which must block), after one warm-up call.
+
+  Runs at most ``iters`` timed calls and fewer when one call is slow, so that the timed calls
+  take about ``budget_s``; always at least one.
+  """
+  fn()
+  times = []
+  while len(times) < iters:
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+    if sum(times) > budget_s:
+      break
+  return statistics.median(times) * 1e3, len(times)
+
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def _random(key, shape, dtype):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def ceilings(args, small: bool):
+  n = 512 if small else 8192
+  a = _random(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+  b = _random(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a, b: a @ b)
+  t_mm, _ = timed(lambda: block(mm(a, b)), iters=args.iters, budget_s=5)
+  size = 1 << (20 if small else 31)  # 2 GiB of bf16
+  x = _random(jax.random.PRNGKey(3), (size // 2,), jnp.bfloat16)
+  cp = jax.jit(lambda x: x * jnp.asarray(1.5, x.dtype))
+  t_cp, _ = timed(lambda: block(cp(x)), iters=args.iters, budget_s=5)
+  return {"matmul_tflops": 2 * n ** 3 / (t_mm * 1e-3) / 1e12,
+          "copy_tbps": 2 * x.size * 2 / (t_cp * 1e-3) / 1e12,
+          "matmul_n": n, "copy_bytes": 2 * x.size * 2}
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def useful_pairs(n: int, w: Workload) -> float:
+  """Visible query-key pairs per (query, group) summed over a causal prefill of length n."""
+  p = np.arange(n, dtype=np.float64)
+  return float(np.minimum(p + 1, (w.topk - 1) * w.block_size + p % w.block_size + 1).sum())
+
+
+def prefill_row(n, w: Workload, args, impl, interpret):
+  dtype = jnp.dtype(w.dtype)
+  keys = jax.random.split(jax.random.PRNGKey(n), 5)
+  q = _random(keys[0], (1, n, w.q_heads, w.head_dim), dtype)
+  k = _random(keys[1], (1, n, w.groups, w.head_dim), dtype)
+  v = _random(keys[2], (1, n, w.groups, w.head_dim), dtype)
+  q_idx = _random(keys[3], (1, n, w.groups, w.index_dim), dtype)
+  k_idx = _random(keys[4], (1, n, w.index_dim), dtype)
+  chunk = min(n, args.chunk)
+  starts = list(range(0, n, chunk))
+  common = dict(block_size=w.block_size, implementation=impl, interpret=interpret)
+
+  def positions(start):
+    return start + jnp.arange(chunk, dtype=jnp.int32)[None], jnp.array([start + chunk],
+                                                                         jnp.int32)
+
+  @jax.jit
+  def index(q_idx_c, k_idx, start):
+    pos, kvl = positions(start)
+    return msa_jax.index_topk(q_idx_c, k_idx, topk=w.topk, q_positions=pos, kv_lengths=kvl,
+                              **common)
+
+  @jax.jit
+  def sparse(q_c, k, v, ids, start):
+    pos, kvl = positions(start)
+    return msa_jax.sparse_attention(q_c, k, v, ids, q_positions=pos, kv_lengths=kvl, **common)
+
+  @jax.jit
+  def layer(q_c, k, v, q_idx_c, k_idx, start):
+    pos, kvl = positions(start)
+    return msa_jax.msa_attention(q_c, k, v, q_idx_c, k_idx, topk=w.topk, q_positions=pos,
+                                 kv_lengths=kvl, **common)
+
+  sl = lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, chunk, axis=1)
+  q_chunks = [sl(q, s) for s in starts]
+  qi_chunks = [sl(q_idx, s) for s in starts]
+  ids = [index(qi, k_idx, s) for qi, s in zip(qi_chunks, starts)]
+  row = {"N": n, "chunk": chunk, "chunks": len(starts)}
+  budget = args.budget_s
+  row["index_ms"], row["index_iters"] = timed(
+      lambda: block([index(qi, k_idx, s) for qi, s in zip(qi_chunks, starts)]),
+      iters=args.iters, budget_s=budget)
+  row["sparse_ms"], row["sparse_iters"] = timed(
+      lambda: block([sparse(qc, k, v, i, s) for qc, i, s in zip(q_chunks, ids, starts)]),
+      iters=args.iters, budget_s=budget)
+  row["msa_ms"], row["msa_iters"] = timed(
+      lambda: block([layer(qc, k, v, qi, k_idx, s)
+                     for qc, qi, s in zip(q_chunks, qi_chunks, starts)]),
+      iters=args.iters, budget_s=budget)
+  if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
+    row.update(sparse_breakdown(q_chunks[-1], k, v, ids[-1], positions(starts[-1]), w, args,
+                                interpret))
+  row["peak_bytes"] = _peak_bytes()
+  pairs = useful_pairs(n, w)
+  row["sparse_tflops"] = 4 * w.head_dim * w.q_heads * pairs / (row["sparse_ms"] * 1e-3) / 1e12
+  row["index_tflops"] = (2 * w.index_dim * w.groups * n * (n + 1) / 2
+                         / (row["index_ms"] * 1e-3) / 1e12)
+  row["flop_ratio"] = (2 * w.q_heads * w.head_dim * n * n) / (
+      w.groups * w.index_dim * n * n + 4 * w.q_heads * w.head_dim * n * w.topk * w.block_size)
+
+  dense_impl = "cudnn" if jax.default_backend() == "gpu" else None
+  dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                               implementation=dense_impl))
+  try:
+    row["dense_ms"], row["dense_iters"] = timed(lambda: block(dense(q, k, v)), iters=args.iters,
+                                                budget_s=args.dense_budget_s)
+    row["dense_tflops"] = (4 * w.head_dim * w.q_heads * n * (n + 1) / 2
+                           / (row["dense_ms"] * 1e-3) / 1e12)
+    row["speedup"] = row["dense_ms"] / row["msa_ms"]
+  except Exception as e:  # e.g. out of memory at 1M: report, keep going
+    row["dense_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  return row
+
+
+def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
+  """Times the KV-outer path's three stages on one chunk (the last: the longest prefix)."""
+  from msa_jax import api
+  from msa_jax import reference
+  from msa_jax import schedule as sched
+  from msa_jax.kernels.gpu import sparse_attention as kernel
+  pos, kvl = pos_len
+  nb = reference.cdiv(k.shape[1], w.block_size)
+  qpi = api._queries_per_item(w.q_heads // w.groups, interpret)
+  scale = 1 / math.sqrt(w.head_dim)
+
+  @jax.jit
+  def build(ids, pos):
+    valid = reference.valid_block_mask(ids, nb)
+    return valid, sched.build_schedule(ids, valid, pos, nb, qpi)
+
+  partials = jax.jit(lambda q, k, v, s, kvl: kernel.sparse_attention_partials(
+      q, k, v, s, kvl, block_size=w.block_size, scale=scale, topk=w.topk,
+      queries_per_item=qpi, interpret=interpret))
+  combine = jax.jit(lambda o, l, valid: sched.combine(o, l, valid, q_c.dtype))
+  valid, schedule = build(ids, pos)
+  p_out, p_lse = partials(q_c, k, v, schedule, kvl)
+  out = {}
+  out["last_chunk_schedule_ms"], _ = timed(lambda: block(build(ids, pos)), iters=args.iters,
+                                           budget_s=args.budget_s / 3)
+  out["last_chunk_kernel_ms"], _ = timed(lambda: block(partials(q_c, k, v, schedule, kvl)),
+                                         iters=args.iters, budget_s=args.budget_s / 3)
+  out["last_chunk_combine_ms"], _ = timed(lambda: block(combine(p_out, p_lse, valid)),
+                                          iters=args.iters, budget_s=args.budget_s / 3)
+  out["work_items_used"] = int(schedule.num_items)
+  out["work_items_max"] = schedule.max_items
+  return out
+
+
+def _peak_bytes():
+  try:
+    return int(jax.devices()[0].memory_stats().get("peak_bytes_in_use", -1))
+  except Exception:  # backends without memory stats (CPU)
+    return -1
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
+  dtype = jnp.dtype(w.dtype)
+  keys = jax.random.split(jax.random.PRNGKey(batch * 7 + ctx + q_len), 5)
+  q = _random(keys[0], (batch, q_len, w.q_heads, w.head_dim), dtype)
+  k = _random(keys[1], (batch, ctx, w.groups, w.head_dim), dtype)
+  v = _random(keys[2], (batch, ctx, w.groups, w.head_dim), dtype)
+  q_idx = _random(keys[3], (batch, q_len, w.groups, w.index_dim), dtype)
+  k_idx = _random(keys[4], (batch, ctx, w.index_dim), dtype)
+  msa = jax.jit(lambda *a: msa_jax.msa_attention(
+      *a, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret))
+  row = {"batch": batch, "context": ctx, "q_len": q_len}
+  row["msa_ms"], row["msa_iters"] = timed(lambda: block(msa(q, k, v, q_idx, k_idx)),
+                                          iters=args.iters, budget_s=args.budget_s)
+
+  @jax.jit
+  def dense_xla(q, k, v):
+    hpg = w.q_heads // w.groups
+    qg = q.reshape(batch, q_len, w.groups, hpg, w.head_dim)
+    s = jnp.einsum("btghd,bsgd->bghts", qg, k, preferred_element_type=jnp.float32)
+    s = s / math.sqrt(w.head_dim)
+    causal = jnp.arange(ctx)[None, :] <= (ctx - q_len + jnp.arange(q_len))[:, None]
+    s = jnp.where(causal, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bghts,bsgd->btghd", p.astype(v.dtype), v)
+    return o.reshape(q.shape)
+
+  baselines = {"xla": lambda: block(dense_xla(q, k, v))}
+  if q_len == 1 and jax.default_backend() == "gpu":
+    from jax.experimental.pallas.ops.gpu import decode_attention
+    gqa = jax.jit(lambda q, k, v: decode_attention.gqa(q[:, 0], k, v))
+    baselines["pallas_gqa"] = lambda: block(gqa(q, k, v))
+  for name, fn in baselines.items():
+    try:
+      row[f"dense_{name}_ms"], _ = timed(fn, iters=args.iters, budget_s=args.budget_s)
+    except Exception as e:
+      row[f"dense_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  dense = [row[f"dense_{n}_ms"] for n in baselines if f"dense_{n}_ms" in row]
+  if dense:
+    row["dense_best_ms"] = min(dense)
+    row["speedup"] = row["dense_best_ms"] / row["msa_ms"]
+  item = jnp.dtype(dtype).itemsize
+  must_move = batch * (ctx * w.index_dim * item  # every cached index key
+                       + q_len * w.groups * w.topk * w.block_size * 2 * w.head_dim * item
+                       + 2 * q_len * w.q_heads * w.head_dim * item)  # q in, o out
+  row["bytes_must_move"] = must_move
+  row["achieved_tbps"] = must_move / (row["msa_ms"] * 1e-3) / 1e12
+  return row
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _fmt(x, digits=3):
+  if isinstance(x, float):
+    return f"{x:.{digits}g}"
+  return "-" if x is None else str(x)
+
+
+def markdown(result) -> str:
+  m = result["meta"]
+  lines = [f"Card: {m['device']} · jax {m['jax']} · commit {m['commit']} · {m['date']} · "
+           f"workload {m['workload']}",
+           f"Ceilings: bf16 matmul {_fmt(result['ceilings']['matmul_tflops'])} TFLOP/s, "
+           f"copy {_fmt(result['ceilings']['copy_tbps'])} TB/s", ""]
+  if result["prefill"]:
+    lines += ["| N | chunk | index+top-k ms | sparse attn ms | MSA total ms | dense cuDNN ms | "
+              "speedup | FLOP ratio | sparse TFLOP/s | index TFLOP/s | dense TFLOP/s | "
+              "peak GB |",
+              "|" + "---|" * 12]
+    for r in result["prefill"]:
+      lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
+          "N", "chunk", "index_ms", "sparse_ms", "msa_ms", "dense_ms", "speedup", "flop_ratio",
+          "sparse_tflops", "index_tflops", "dense_tflops"]) + " | "
+          + _fmt(r["peak_bytes"] / 1e9 if r.get("peak_bytes", -1) > 0 else None) + " |")
+  if result["decode"]:
+    lines += ["", "| batch | context | q/seq | MSA ms | dense XLA ms | dense Pallas gqa ms | "
+              "speedup vs best | TB/s on bytes that must move |", "|" + "---|" * 8]
+    for r in result["decode"]:
+      lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
+          "batch", "context", "q_len", "msa_ms", "dense_xla_ms", "dense_pallas_gqa_ms",
+          "speedup", "achieved_tbps"]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = result["prefill"]
+  if not rows:
+    return
+  n = [r["N"] for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for key, label, style in [("dense_ms", "dense causal GQA (cuDNN)", "k-o"),
+                            ("msa_ms", "MSA total", "C0-s"),
+                            ("index_ms", "MSA index + top-k", "C1--^"),
+                            ("sparse_ms", "MSA sparse attention", "C2--v")]:
+    pts = [(x, r[key]) for x, r in zip(n, rows) if r.get(key)]
+    if pts:
+      ax.loglog(*zip(*pts), style, label=label, base=2)
+  ax.set_xlabel("context length N (tokens)")
+  ax.set_ylabel("prefill latency per layer (ms)")
+  m = result["meta"]
+  ax.set_title(f"MSA vs dense, {m['device']}, jax {m['jax']}, {m['commit']}, {m['date']}",
+               fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _commit():
+  if os.environ.get("MSA_COMMIT"):
+    return os.environ["MSA_COMMIT"]
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or "unknown"
+  except OSError:
+    return "unknown"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", type=int, nargs="+",
+                      default=[8192, 32768, 131072, 262144, 524288, 1048576],
+                      help="prefill context lengths N")
+  parser.add_argument("--chunk", type=int, default=65536,
+                      help="prefill query chunk for N above it (chunked prefill)")
+  parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 32])
+  parser.add_argument("--decode-contexts", type=int, nargs="+",
+                      default=[32768, 131072, 524288, 1048576])
+  parser.add_argument("--decode-queries", type=int, nargs="+", default=[1, 8],
+                      help="query tokens per sequence per decode step")
+  parser.add_argument("--max-decode-tokens", type=int, default=32 << 20,
+                      help="skip decode cases with batch x context above this")
+  parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement (max)")
+  parser.add_argument("--budget-s", type=float, default=10.0,
+                      help="time budget of the timed calls of one MSA measurement")
+  parser.add_argument("--dense-budget-s", type=float, default=60.0,
+                      help="time budget of the timed dense calls (slow ones are timed once)")
+  parser.add_argument("--skip-prefill", action="store_true")
+  parser.add_argument("--skip-decode", action="store_true")
+  parser.add_argument("--implementation", default=None, choices=msa_jax.IMPLEMENTATIONS,
+                      help="MSA implementation (default: the backend's best)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny shapes on CPU: xla + interpreted Pallas kernels (tests the "
+                           "script, not the speed)")
+  parser.add_argument("--out-dir", default="benchmarks", help="where the JSON/MD/PNG go")
+  parser.add_argument("--tag", default=None, help="file name stem (default: card name)")
+  args = parser.parse_args(argv)
+
+  workload, interpret, impl = M3, False, args.implementation
+  if args.smoke:
+    workload, interpret = SMOKE, True
+    impl = impl or "pallas_gpu"
+    args.sizes = [s for s in args.sizes if s <= 512] or [128, 256]
+    args.chunk = min(args.chunk, 128)
+    args.decode_batches, args.decode_contexts = [1, 2], [96]
+    args.decode_queries = sorted({min(q, 4) for q in args.decode_queries})
+    args.iters = min(args.iters, 2)
+  device = jax.devices()[0]
+  meta = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
+          "commit": _commit(), "date": datetime.date.today().isoformat(),
+          "backend": jax.default_backend(), "implementation": impl or "default",
+          "workload": dataclasses.asdict(workload), "smoke": args.smoke}
+  print(json.dumps(meta), flush=True)
+  result = {"meta": meta, "ceilings": ceilings(args, small=args.smoke), "prefill": [],
+            "decode": []}
+  print(json.dumps(result["ceilings"]), flush=True)
+  os.makedirs(args.out_dir, exist_ok=True)
+  tag = args.tag or ("smoke" if args.smoke else
+                     meta["device"].lower().replace(" ", "_").replace("nvidia_", ""))
+  stem = os.path.join(args.out_dir, tag)
+
+  def save():  # after every row: nothing is lost if a later size fails
+    with open(stem + ".json", "w") as f:
+      json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+      f.write(markdown(result))
+
+  if not args.skip_prefill:
+    for n in args.sizes:
+      result["prefill"].append(prefill_row(n, workload, args, impl, interpret))
+      print(json.dumps(result["prefill"][-1]), flush=True)
+      save()
+  if not args.skip_decode:
+    for batch in args.decode_batches:
+      for ctx in args.decode_contexts:
+        if batch * ctx > args.max_decode_tokens:
+          continue
+        for q_len in args.decode_queries:
+          result["decode"].append(decode_row(batch, ctx, q_len, workload, args, impl,
+                                             interpret))
+          print(json.dumps(result["decode"][-1]), flush=True)
+          save()
+  save()
+  plot(result, stem + ".png")
+  print(markdown(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,28 @@
+"""scripts/benchmark.py runs end to end (tiny shapes, CPU, interpreted kernels)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_smoke(tmp_path):
+  script = os.path.join(ROOT, "scripts", "benchmark.py")
+  help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                             check=True).stdout
+  assert "--smoke" in help_text and "--chunk" in help_text
+  proc = subprocess.run([sys.executable, script, "--smoke", "--sizes", "256",
+                         "--decode-queries", "1", "--out-dir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "smoke.json").read_text())
+  (row,) = result["prefill"]
+  assert row["N"] == 256 and row["chunks"] == 2  # chunked prefill exercised
+  for key in ("index_ms", "sparse_ms", "msa_ms", "dense_ms", "last_chunk_kernel_ms"):
+    assert row[key] > 0
+  assert len(result["decode"]) == 2 and all(r["msa_ms"] > 0 for r in result["decode"])
+  assert (tmp_path / "smoke.md").read_text().count("|") > 20
+  assert (tmp_path / "smoke.png").stat().st_size > 1000
+  assert "| N |" in proc.stdout  # the table is printed last
