@@ -298,6 +298,9 @@ def markdown(result) -> str:
               "peak GB |",
               "|" + "---|" * 12]
     for r in result["prefill"]:
+      if "error" in r:
+        lines.append(f"| {r['N']} | error: {r['error'][:120]} |")
+        continue
       lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
           "N", "chunk", "index_ms", "sparse_ms", "msa_ms", "dense_ms", "speedup", "flop_ratio",
           "sparse_tflops", "index_tflops", "dense_tflops"]) + " | "
@@ -306,6 +309,10 @@ def markdown(result) -> str:
     lines += ["", "| batch | context | q/seq | MSA ms | dense XLA ms | dense Pallas gqa ms | "
               "speedup vs best | TB/s on bytes that must move |", "|" + "---|" * 8]
     for r in result["decode"]:
+      if "error" in r:
+        lines.append(f"| {r['batch']} | {r['context']} | {r['q_len']} | error: "
+                     f"{r['error'][:120]} |")
+        continue
       lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
           "batch", "context", "q_len", "msa_ms", "dense_xla_ms", "dense_pallas_gqa_ms",
           "speedup", "achieved_tbps"]) + " |")
@@ -316,7 +323,7 @@ def plot(result, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = result["prefill"]
+  rows = [r for r in result["prefill"] if "error" not in r]
   if not rows:
     return
   n = [r["N"] for r in rows]
@@ -413,7 +420,10 @@ def main(argv=None):
 
   if not args.skip_prefill:
     for n in args.sizes:
-      result["prefill"].append(prefill_row(n, workload, args, impl, interpret))
+      try:
+        result["prefill"].append(prefill_row(n, workload, args, impl, interpret))
+      except Exception as e:  # record it and go on to the next size
+        result["prefill"].append({"N": n, "error": f"{type(e).__name__}: {str(e)[:500]}"})
       print(json.dumps(result["prefill"][-1]), flush=True)
       save()
   if not args.skip_decode:
@@ -422,8 +432,12 @@ def main(argv=None):
         if batch * ctx > args.max_decode_tokens:
           continue
         for q_len in args.decode_queries:
-          result["decode"].append(decode_row(batch, ctx, q_len, workload, args, impl,
-                                             interpret))
+          try:
+            result["decode"].append(decode_row(batch, ctx, q_len, workload, args, impl,
+                                               interpret))
+          except Exception as e:
+            result["decode"].append({"batch": batch, "context": ctx, "q_len": q_len,
+                                     "error": f"{type(e).__name__}: {str(e)[:500]}"})
           print(json.dumps(result["decode"][-1]), flush=True)
           save()
   save()
