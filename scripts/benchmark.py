@@ -119,49 +119,49 @@ def prefill_row(n, w: Workload, args, impl, interpret):
   q_idx = _random(keys[3], (1, n, w.groups, w.index_dim), dtype)
   k_idx = _random(keys[4], (1, n, w.index_dim), dtype)
   chunk = min(n, args.chunk)
-  starts = list(range(0, n, chunk))
+  starts = [jnp.int32(s) for s in range(0, n, chunk)]
   common = dict(block_size=w.block_size, implementation=impl, interpret=interpret)
 
   def positions(start):
     return start + jnp.arange(chunk, dtype=jnp.int32)[None], jnp.array([start + chunk],
                                                                          jnp.int32)
 
-  @jax.jit
-  def index(q_idx_c, k_idx, start):
-    pos, kvl = positions(start)
-    return msa_jax.index_topk(q_idx_c, k_idx, topk=w.topk, q_positions=pos, kv_lengths=kvl,
-                              **common)
+  # Chunks are sliced inside the jitted functions: one compilation, no copies of q held.
+  sl = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
 
   @jax.jit
-  def sparse(q_c, k, v, ids, start):
+  def index(q_idx, k_idx, start):
     pos, kvl = positions(start)
-    return msa_jax.sparse_attention(q_c, k, v, ids, q_positions=pos, kv_lengths=kvl, **common)
+    return msa_jax.index_topk(sl(q_idx, start), k_idx, topk=w.topk, q_positions=pos,
+                              kv_lengths=kvl, **common)
 
   @jax.jit
-  def layer(q_c, k, v, q_idx_c, k_idx, start):
+  def sparse(q, k, v, ids, start):
     pos, kvl = positions(start)
-    return msa_jax.msa_attention(q_c, k, v, q_idx_c, k_idx, topk=w.topk, q_positions=pos,
-                                 kv_lengths=kvl, **common)
+    return msa_jax.sparse_attention(sl(q, start), k, v, ids, q_positions=pos, kv_lengths=kvl,
+                                    **common)
 
-  sl = lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, chunk, axis=1)
-  q_chunks = [sl(q, s) for s in starts]
-  qi_chunks = [sl(q_idx, s) for s in starts]
-  ids = [index(qi, k_idx, s) for qi, s in zip(qi_chunks, starts)]
+  @jax.jit
+  def layer(q, k, v, q_idx, k_idx, start):
+    pos, kvl = positions(start)
+    return msa_jax.msa_attention(sl(q, start), k, v, sl(q_idx, start), k_idx, topk=w.topk,
+                                 q_positions=pos, kv_lengths=kvl, **common)
+
+  ids = [index(q_idx, k_idx, s) for s in starts]
   row = {"N": n, "chunk": chunk, "chunks": len(starts)}
   budget = args.budget_s
   row["index_ms"], row["index_iters"] = timed(
-      lambda: block([index(qi, k_idx, s) for qi, s in zip(qi_chunks, starts)]),
-      iters=args.iters, budget_s=budget)
+      lambda: block([index(q_idx, k_idx, s) for s in starts]), iters=args.iters,
+      budget_s=budget)
   row["sparse_ms"], row["sparse_iters"] = timed(
-      lambda: block([sparse(qc, k, v, i, s) for qc, i, s in zip(q_chunks, ids, starts)]),
+      lambda: block([sparse(q, k, v, i, s) for i, s in zip(ids, starts)]),
       iters=args.iters, budget_s=budget)
   row["msa_ms"], row["msa_iters"] = timed(
-      lambda: block([layer(qc, k, v, qi, k_idx, s)
-                     for qc, qi, s in zip(q_chunks, qi_chunks, starts)]),
+      lambda: block([layer(q, k, v, q_idx, k_idx, s) for s in starts]),
       iters=args.iters, budget_s=budget)
   if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
-    row.update(sparse_breakdown(q_chunks[-1], k, v, ids[-1], positions(starts[-1]), w, args,
-                                interpret))
+    row.update(sparse_breakdown(sl(q, starts[-1]), k, v, ids[-1], positions(starts[-1]), w,
+                                args, interpret))
   row["peak_bytes"] = _peak_bytes()
   pairs = useful_pairs(n, w)
   row["sparse_tflops"] = 4 * w.head_dim * w.q_heads * pairs / (row["sparse_ms"] * 1e-3) / 1e12
@@ -277,6 +277,88 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
   return row
 
 
+# ----------------------------------------------------------------------------- tuning
+
+
+def tune(w: Workload, args, interpret):
+  """Sweep the GPU kernels' launch parameters on one representative prefill chunk.
+
+  The chunk is the last ``--tune-chunk`` queries of an ``--tune-context``-token prefill. The
+  fastest configuration of each kernel goes into ``msa_jax/kernels/gpu/tuned_configs.json``
+  under this card's name (and into the output directory).
+  """
+  import itertools
+  from msa_jax import api
+  from msa_jax import reference
+  from msa_jax import schedule as sched
+  from msa_jax.kernels.gpu import index_topk as index_kernel
+  from msa_jax.kernels.gpu import sparse_attention as sparse_kernel
+  from msa_jax.kernels.gpu import tuning
+
+  dtype = jnp.dtype(w.dtype)
+  n, c = args.tune_context, min(args.tune_chunk, args.tune_context)
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  q = _random(keys[0], (1, c, w.q_heads, w.head_dim), dtype)
+  k = _random(keys[1], (1, n, w.groups, w.head_dim), dtype)
+  v = _random(keys[2], (1, n, w.groups, w.head_dim), dtype)
+  q_idx = _random(keys[3], (1, c, w.groups, w.index_dim), dtype)
+  k_idx = _random(keys[4], (1, n, w.index_dim), dtype)
+  pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
+  kvl = jnp.array([n], jnp.int32)
+  grids = {
+      "index": dict(block_rows=[64, 128], blocks_per_tile=[8, 16, 32], num_warps=[4, 8],
+                    num_stages=[2, 3, 4]),
+      "sparse": dict(items_per_program=[1, 2, 4, 8], num_warps=[4, 8], num_stages=[2, 3]),
+  }
+  if args.smoke:
+    grids = {"index": dict(block_rows=[16, 32], blocks_per_tile=[4]),
+             "sparse": dict(items_per_program=[1, 2])}
+  ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
+                           q_positions=pos, kv_lengths=kvl, implementation="pallas_gpu",
+                           interpret=interpret)
+  nb = reference.cdiv(n, w.block_size)
+  qpi = api._queries_per_item(w.q_heads // w.groups, interpret)
+  valid = reference.valid_block_mask(ids, nb)
+  schedule = jax.jit(sched.build_schedule, static_argnums=(3, 4))(ids, valid, pos, nb, qpi)
+  runners = {
+      "index": lambda cfg: jax.jit(lambda a, b: index_kernel.block_scores(
+          a, b, pos, kvl, block_size=w.block_size, interpret=interpret, **cfg))(q_idx, k_idx),
+      "sparse": lambda cfg: jax.jit(lambda q, k, v: sparse_kernel.sparse_attention_partials(
+          q, k, v, schedule, kvl, block_size=w.block_size, scale=1 / math.sqrt(w.head_dim),
+          topk=w.topk, queries_per_item=qpi, interpret=interpret, **cfg))(q, k, v),
+  }
+  report, best = {}, {}
+  for kernel, grid in grids.items():
+    trials = []
+    for values in itertools.product(*grid.values()):
+      cfg = dict(zip(grid.keys(), values))
+      try:
+        ms, _ = timed(lambda: block(runners[kernel](cfg)), iters=args.iters, budget_s=2)
+      except Exception as e:  # a config the compiler rejects (e.g. shared memory)
+        trials.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        continue
+      trials.append({"config": cfg, "ms": ms})
+      print(json.dumps({"kernel": kernel, **trials[-1]}), flush=True)
+    ok = [t for t in trials if "ms" in t]
+    if ok:
+      best[kernel] = dict(tuning.DEFAULTS[kernel], **min(ok, key=lambda t: t["ms"])["config"])
+    report[kernel] = {"trials": trials, "best": best.get(kernel)}
+  table_path = tuning.TABLE_PATH if not args.smoke else os.path.join(args.out_dir,
+                                                                     "tuned_configs.json")
+  try:
+    with open(table_path) as f:
+      table = json.load(f)
+  except FileNotFoundError:
+    table = {}
+  table.setdefault(tuning.device_kind(), {}).update(best)
+  for path in {table_path, os.path.join(args.out_dir, "tuned_configs.json")}:
+    with open(path, "w") as f:
+      json.dump(table, f, indent=1, sort_keys=True)
+  tuning._table.cache_clear()
+  report["shape"] = {"context": n, "chunk": c}
+  return report
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -378,6 +460,11 @@ def main(argv=None):
                       help="time budget of the timed calls of one MSA measurement")
   parser.add_argument("--dense-budget-s", type=float, default=60.0,
                       help="time budget of the timed dense calls (slow ones are timed once)")
+  parser.add_argument("--tune", action="store_true",
+                      help="first sweep the GPU kernels' launch parameters and store the best "
+                           "for this card in msa_jax/kernels/gpu/tuned_configs.json")
+  parser.add_argument("--tune-context", type=int, default=131072)
+  parser.add_argument("--tune-chunk", type=int, default=16384)
   parser.add_argument("--skip-prefill", action="store_true")
   parser.add_argument("--skip-decode", action="store_true")
   parser.add_argument("--implementation", default=None, choices=msa_jax.IMPLEMENTATIONS,
@@ -398,6 +485,7 @@ def main(argv=None):
     args.decode_batches, args.decode_contexts = [1, 2], [96]
     args.decode_queries = sorted({min(q, 4) for q in args.decode_queries})
     args.iters = min(args.iters, 2)
+    args.tune_context, args.tune_chunk = 256, 64
   device = jax.devices()[0]
   meta = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
           "commit": _commit(), "date": datetime.date.today().isoformat(),
@@ -408,6 +496,8 @@ def main(argv=None):
             "decode": []}
   print(json.dumps(result["ceilings"]), flush=True)
   os.makedirs(args.out_dir, exist_ok=True)
+  if args.tune:
+    result["tuning"] = tune(workload, args, interpret)
   tag = args.tag or ("smoke" if args.smoke else
                      meta["device"].lower().replace(" ", "_").replace("nvidia_", ""))
   stem = os.path.join(args.out_dir, tag)

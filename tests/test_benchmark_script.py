@@ -13,7 +13,7 @@ def test_benchmark_smoke(tmp_path):
   help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
                              check=True).stdout
   assert "--smoke" in help_text and "--chunk" in help_text
-  proc = subprocess.run([sys.executable, script, "--smoke", "--sizes", "256",
+  proc = subprocess.run([sys.executable, script, "--smoke", "--tune", "--sizes", "256",
                          "--decode-queries", "1", "--out-dir", str(tmp_path)],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,3 +26,6 @@ def test_benchmark_smoke(tmp_path):
   assert (tmp_path / "smoke.md").read_text().count("|") > 20
   assert (tmp_path / "smoke.png").stat().st_size > 1000
   assert "| N |" in proc.stdout  # the table is printed last
+  tuned = json.loads((tmp_path / "tuned_configs.json").read_text())
+  assert set(tuned["cpu"]) == {"index", "sparse"}
+  assert all(t["ms"] > 0 for t in result["tuning"]["index"]["trials"])

@@ -226,3 +226,32 @@ def test_gpu_decode_uses_query_outer_kernel(monkeypatch):
                                  kv_lengths=x["kv_lengths"], implementation="pallas_gpu",
                                  interpret=True)
   assert C.rel_err(out, C.oracle_attention(case, x, ids)[0]) <= 1e-5
+
+
+def test_gpu_kernel_several_items_per_program(monkeypatch):
+  """The KV-outer GPU kernel looping over several work items per program (padded tail)."""
+  from msa_jax.kernels.gpu import tuning
+  monkeypatch.setitem(tuning.DEFAULTS, "sparse", dict(tuning.DEFAULTS["sparse"],
+                                                      items_per_program=3))
+  case = C.CASES["prefill_padding"]
+  x = C.make_inputs(case, jnp.bfloat16, seed=24)
+  ids = C.random_selection(case, x, seed=24, holes=True)
+  out = msa_jax.sparse_attention(x["q"], x["k"], x["v"], ids, block_size=case.block_size,
+                                 kv_lengths=x["kv_lengths"], implementation="pallas_gpu",
+                                 interpret=True)
+  assert C.rel_err(out, C.oracle_attention(case, x, ids)[0]) <= 1e-2
+
+
+def test_tuning_table_lookup(monkeypatch, tmp_path):
+  import json
+  from msa_jax.kernels.gpu import tuning
+  path = tmp_path / "table.json"
+  path.write_text(json.dumps({"cpu": {"index": {"block_rows": 32}}}))
+  monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
+  tuning._table.cache_clear()
+  try:
+    assert tuning.config("index")["block_rows"] == 32  # from the table
+    assert tuning.config("index", block_rows=16)["block_rows"] == 16  # explicit wins
+    assert tuning.config("sparse") == tuning.DEFAULTS["sparse"]  # not in the table
+  finally:
+    tuning._table.cache_clear()

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import schedule as sched
+from msa_jax.kernels.gpu import tuning
 
 
 def _dot(a, b, contract_b):
@@ -29,8 +30,22 @@ def _dot(a, b, contract_b):
 
 
 def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref, k_ref, v_ref,
-            o_ref, lse_ref, *, queries_per_item, heads, block_size, scale, scratch_row):
-  i = pl.program_id(0)
+            o_ref, lse_ref, *, items_per_program, **params):
+  # Several work items per program: the loop lets Triton overlap the next item's gathers
+  # with this item's math.
+  first = pl.program_id(0) * items_per_program
+
+  def body(n, carry):
+    _attend_item(first + n, items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
+                 k_ref, v_ref, o_ref, lse_ref, **params)
+    return carry
+
+  lax.fori_loop(0, items_per_program, body, 0)
+
+
+def _attend_item(i, items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref, k_ref,
+                 v_ref, o_ref, lse_ref, *, queries_per_item, heads, block_size, scale,
+                 scratch_row):
   base = i * sched.ITEM_FIELDS
   b = items_ref[base + sched.ITEM_BATCH]
   g = items_ref[base + sched.ITEM_GROUP]
@@ -72,27 +87,36 @@ def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref, k_r
 
 
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
-                              scale, topk, queries_per_item, num_warps=4, num_stages=2,
-                              interpret=False):
-  """Run the KV-outer kernel. Returns partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq]."""
+                              scale, topk, queries_per_item, items_per_program=None,
+                              num_warps=None, num_stages=None, interpret=False):
+  """Run the KV-outer kernel. Returns partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
+
+  Launch parameters left as None come from the per-card table (``tuning.py``).
+  """
+  cfg = tuning.config("sparse", items_per_program=items_per_program, num_warps=num_warps,
+                      num_stages=num_stages)
   b, t, hq, d = q.shape
-  s_pad, g = k.shape[1], k.shape[2]
+  g = k.shape[2]
   dv = v.shape[-1]
   heads = hq // g
   rows_out = topk * b * t * g
-  kernel = functools.partial(_kernel, queries_per_item=queries_per_item, heads=heads,
-                             block_size=block_size, scale=scale, scratch_row=rows_out)
+  ipp = cfg["items_per_program"]
+  num_programs = -(-schedule.max_items // ipp)
+  items = jnp.pad(schedule.items, ((0, num_programs * ipp - schedule.max_items), (0, 0)))
+  kernel = functools.partial(_kernel, items_per_program=ipp, queries_per_item=queries_per_item,
+                             heads=heads, block_size=block_size, scale=scale,
+                             scratch_row=rows_out)
   partial_out, partial_lse = pl.pallas_call(
       kernel,
-      grid=(schedule.max_items,),
+      grid=(num_programs,),
       out_shape=(jax.ShapeDtypeStruct((rows_out + 1, heads, dv), q.dtype),
                  jax.ShapeDtypeStruct((rows_out + 1, heads), jnp.float32)),
-      compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]),
       interpret=interpret,
       name="msa_sparse_attention_kv_outer",
-  )(schedule.items.reshape(-1), schedule.q_rows, schedule.out_rows, schedule.positions,
-    kv_lengths, q.reshape(b * t * g, heads, d), k, v)
-  del s_pad
+  )(items.reshape(-1), schedule.q_rows, schedule.out_rows, schedule.positions, kv_lengths,
+    q.reshape(b * t * g, heads, d), k, v)
   partial_out = partial_out[:rows_out].reshape(topk, b, t, hq, dv)
   partial_lse = partial_lse[:rows_out].reshape(topk, b, t, hq)
   return partial_out, partial_lse

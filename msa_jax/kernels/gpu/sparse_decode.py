@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from msa_jax.kernels.gpu import tuning
+
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
 
@@ -63,12 +65,13 @@ def _kernel(ids_ref, pos_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
 
 
 def sparse_decode_partials(q, k, v, block_indices, q_positions, kv_lengths, *, block_size,
-                           scale, num_splits=None, num_warps=4, num_stages=2,
+                           scale, num_splits=None, num_warps=None, num_stages=None,
                            interpret=False):
   """Returns partial_out [splits,B,T,Hq,Dv], partial_lse [splits,B,T,Hq]; every slot written.
 
   ``block_indices`` must already hold -1 for slots to skip (invalid or repeated ids).
   """
+  cfg = tuning.config("decode", num_warps=num_warps, num_stages=num_stages)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
@@ -96,7 +99,8 @@ def sparse_decode_partials(q, k, v, block_indices, q_positions, kv_lengths, *, b
       ],
       out_shape=(jax.ShapeDtypeStruct((num_splits, b, t, g, heads, dv), q.dtype),
                  jax.ShapeDtypeStruct((num_splits, b, t, g, heads), jnp.float32)),
-      compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]),
       interpret=interpret,
       name="msa_sparse_decode",
   )(ids, q_positions, kv_lengths, q.reshape(b, t, g, heads, d), k, v)
