@@ -160,6 +160,13 @@ def prefill_row(n, w: Workload, args, impl, interpret):
       lambda: block([layer(q, k, v, q_idx, k_idx, s) for s in starts]),
       iters=args.iters, budget_s=budget)
   if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
+    from msa_jax.kernels.gpu import index_topk as index_kernel
+    scores = jax.jit(lambda q_idx, k_idx, s: index_kernel.block_scores(
+        sl(q_idx, s), k_idx, *positions(s), block_size=w.block_size, interpret=interpret))
+    row["last_chunk_index_scores_ms"], _ = timed(
+        lambda: block(scores(q_idx, k_idx, starts[-1])), iters=args.iters, budget_s=budget / 3)
+    row["last_chunk_index_total_ms"], _ = timed(
+        lambda: block(index(q_idx, k_idx, starts[-1])), iters=args.iters, budget_s=budget / 3)
     row.update(sparse_breakdown(sl(q, starts[-1]), k, v, ids[-1], positions(starts[-1]), w,
                                 args, interpret))
   row["peak_bytes"] = _peak_bytes()
