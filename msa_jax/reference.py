@@ -123,10 +123,28 @@ def select_blocks(scores: jax.Array, own: jax.Array, topk: int) -> jax.Array:
   nb = scores.shape[-1]
   is_own = jnp.arange(nb, dtype=jnp.int32) == own[:, :, None, None]
   ranked = jnp.where(is_own, jnp.inf, scores)
-  kk = min(topk, nb)
-  values, ids = lax.top_k(ranked, kk)
+  values, ids = exact_top_k(ranked, min(topk, nb))
   ids = jnp.where(values == -jnp.inf, -1, ids).astype(jnp.int32)
   return _pad_axis(ids, 3, topk, -1)
+
+
+def exact_top_k(x: jax.Array, k: int, group: int = 128):
+  """``lax.top_k`` over the last axis in two stages: the top k of each group of ``group``
+  entries, then the top k of those candidates.
+
+  Same values and ids as one ``lax.top_k`` (ties to the lower index: candidates are laid out
+  group by group, each group's in top-k order), but sorts rows of ``group`` and
+  ``(n/group)*k`` entries instead of ``n``: much cheaper when n is thousands of blocks.
+  """
+  n = x.shape[-1]
+  if n <= 4 * group or k > group:
+    return lax.top_k(x, k)
+  num_groups = cdiv(n, group)
+  x = _pad_axis(x, x.ndim - 1, num_groups * group, -jnp.inf)
+  v1, i1 = lax.top_k(x.reshape(*x.shape[:-1], num_groups, group), k)
+  i1 = i1 + (jnp.arange(num_groups, dtype=i1.dtype) * group)[:, None]
+  v2, j = lax.top_k(v1.reshape(*v1.shape[:-2], num_groups * k), k)
+  return v2, jnp.take_along_axis(i1.reshape(*i1.shape[:-2], num_groups * k), j, axis=-1)
 
 
 def index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,

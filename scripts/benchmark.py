@@ -80,7 +80,7 @@ def block(x):
 
 
 def _random(key, shape, dtype):
-  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+  return jax.random.normal(key, shape, dtype)  # in the target dtype: no float32 copy
 
 
 # ----------------------------------------------------------------------------- ceilings

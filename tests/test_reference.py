@@ -165,3 +165,30 @@ def test_query_chunking_matches_unchunked():
   sel = reference.index_topk(x["q_idx"], x["k_idx"], x["q_positions"], x["kv_lengths"],
                              block_size=case.block_size, topk=case.topk, chunk_size=40)
   assert oracle.same_sets(sel, _oracle_ids(case, x))
+
+
+@pytest.mark.parametrize("n,k", [(600, 16), (1000, 5), (2049, 16), (513, 128)])
+def test_two_stage_top_k_equals_top_k(n, k):
+  from msa_jax import reference
+  rng = np.random.default_rng(n)
+  x = rng.integers(-4, 5, (3, 7, n)).astype(np.float32)  # many exact ties
+  x[0, 0, :] = -np.inf
+  x[1, 2, 5:] = -np.inf
+  v1, i1 = reference.exact_top_k(jnp.asarray(x), k)
+  v2, i2 = jax.lax.top_k(jnp.asarray(x), k)
+  np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
+  finite = np.isfinite(np.asarray(v2))
+  np.testing.assert_array_equal(np.asarray(i1)[finite], np.asarray(i2)[finite])
+
+
+def test_index_topk_many_blocks_matches_oracle():
+  """More than 512 blocks: the two-stage top-k path of the selection."""
+  rng = np.random.default_rng(40)
+  b, t, s, g, di, bs, k = 1, 3, 1200, 2, 4, 2, 6
+  q_idx = rng.integers(-2, 3, (b, t, g, di)).astype(np.float32)
+  k_idx = rng.integers(-2, 3, (b, s, di)).astype(np.float32)
+  ids = msa_jax.index_topk(jnp.asarray(q_idx), jnp.asarray(k_idx), block_size=bs, topk=k,
+                           implementation="xla")
+  pos = (s - t + np.arange(t))[None]
+  want = oracle.index_topk(q_idx, k_idx, bs, k, pos, np.array([s]))
+  assert oracle.same_sets(ids, want)
