@@ -183,12 +183,20 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
   if impl == "xla":
     return reference.index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
                                 topk=topk)
+  tile_topk = False
   if impl == "pallas_gpu":
     from msa_jax.kernels.gpu import index_topk as kernel
+    from msa_jax.kernels.gpu import tuning
+    tile_topk = tuning.config("index")["tile_topk"]
   else:
     from msa_jax.kernels.tpu import index_topk as kernel
 
   def chunk(pos, qi):
+    if impl == "pallas_gpu" and tile_topk:
+      # Each key tile's top blocks come out of the scoring kernel; block scores never do.
+      values, ids = kernel.tile_candidates(qi, k_idx, pos, kv_lengths, block_size=block_size,
+                                           topk=topk, interpret=interpret)
+      return reference.top_candidates(values, ids, topk)
     scores = kernel.block_scores(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                  interpret=interpret)
     return reference.select_blocks(scores, reference.own_block(pos, kv_lengths, block_size),

@@ -122,10 +122,19 @@ def select_blocks(scores: jax.Array, own: jax.Array, topk: int) -> jax.Array:
   """
   nb = scores.shape[-1]
   is_own = jnp.arange(nb, dtype=jnp.int32) == own[:, :, None, None]
-  ranked = jnp.where(is_own, jnp.inf, scores)
-  values, ids = exact_top_k(ranked, min(topk, nb))
-  ids = jnp.where(values == -jnp.inf, -1, ids).astype(jnp.int32)
-  return _pad_axis(ids, 3, topk, -1)
+  return top_candidates(jnp.where(is_own, jnp.inf, scores), None, topk)
+
+
+def top_candidates(values: jax.Array, ids: jax.Array | None, topk: int) -> jax.Array:
+  """The ``topk`` highest candidates [..., n] -> block ids [..., topk], -1 for -inf/missing.
+
+  ``ids`` gives each candidate's block id (None: the position is the id). Ties go to the
+  earlier candidate, so candidates must be laid out with lower block ids first among equals.
+  """
+  values, at = exact_top_k(values, min(topk, values.shape[-1]))
+  chosen = at if ids is None else jnp.take_along_axis(ids, at, axis=-1)
+  chosen = jnp.where(values == -jnp.inf, -1, chosen).astype(jnp.int32)
+  return _pad_axis(chosen, chosen.ndim - 1, topk, -1)
 
 
 def exact_top_k(x: jax.Array, k: int, group: int = 128):

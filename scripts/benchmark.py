@@ -298,7 +298,6 @@ def tune(w: Workload, args, interpret):
   from msa_jax import api
   from msa_jax import reference
   from msa_jax import schedule as sched
-  from msa_jax.kernels.gpu import index_topk as index_kernel
   from msa_jax.kernels.gpu import sparse_attention as sparse_kernel
   from msa_jax.kernels.gpu import tuning
 
@@ -313,12 +312,12 @@ def tune(w: Workload, args, interpret):
   pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
   kvl = jnp.array([n], jnp.int32)
   grids = {
-      "index": dict(block_rows=[64, 128], blocks_per_tile=[8, 16, 32], num_warps=[4, 8],
-                    num_stages=[2, 3]),
+      "index": dict(tile_topk=[False, True], block_rows=[64, 128],
+                    blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2]),
       "sparse": dict(items_per_program=[1, 2, 4], num_warps=[4, 8], num_stages=[2, 3]),
   }
   if args.smoke:
-    grids = {"index": dict(block_rows=[16, 32], blocks_per_tile=[4]),
+    grids = {"index": dict(tile_topk=[False, True], block_rows=[16, 32], blocks_per_tile=[4]),
              "sparse": dict(items_per_program=[1, 2])}
   ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
                            q_positions=pos, kv_lengths=kvl, implementation="pallas_gpu",
@@ -327,9 +326,12 @@ def tune(w: Workload, args, interpret):
   qpi = api._queries_per_item(w.q_heads // w.groups, interpret)
   valid = reference.valid_block_mask(ids, nb)
   schedule = jax.jit(sched.build_schedule, static_argnums=(3, 4))(ids, valid, pos, nb, qpi)
-  def index_runner(cfg):  # compiled once per configuration, then timed
-    f = jax.jit(lambda a, b: index_kernel.block_scores(
-        a, b, pos, kvl, block_size=w.block_size, interpret=interpret, **cfg))
+  def index_runner(cfg):  # the whole selection, compiled once per configuration, then timed
+    f = jax.jit(lambda a, b: msa_jax.index_topk(
+        a, b, block_size=w.block_size, topk=w.topk, q_positions=pos, kv_lengths=kvl,
+        implementation="pallas_gpu", interpret=interpret))
+    with tuning.override("index", **cfg):
+      block(f(q_idx, k_idx))
     return lambda: block(f(q_idx, k_idx))
 
   def sparse_runner(cfg):

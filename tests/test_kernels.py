@@ -22,14 +22,27 @@ def _reference_ids(case, x):
                               block_size=case.block_size, topk=case.topk)
 
 
+INDEX_VARIANTS = {
+    "pallas_gpu": ("pallas_gpu", {}),
+    # Selection inside the scoring kernel, with small key tiles so candidates of several
+    # tiles are merged.
+    "pallas_gpu_tile_topk": ("pallas_gpu", {"tile_topk": True, "blocks_per_tile": 2}),
+    "pallas_tpu": ("pallas_tpu", {}),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", C.KERNEL_CASES)
-@pytest.mark.parametrize("impl", KERNELS)
-def test_index_topk_kernel(impl, name, dtype):
+@pytest.mark.parametrize("variant", list(INDEX_VARIANTS))
+def test_index_topk_kernel(variant, name, dtype):
+  from msa_jax.kernels.gpu import tuning
+  impl, params = INDEX_VARIANTS[variant]
   case = C.CASES[name]
   x = C.make_inputs(case, dtype, seed=11)
-  ids = msa_jax.index_topk(x["q_idx"], x["k_idx"], block_size=case.block_size, topk=case.topk,
-                           implementation=impl, interpret=True, **C.position_kwargs(x))
+  with tuning.override("index", **params):
+    ids = msa_jax.index_topk(x["q_idx"], x["k_idx"], block_size=case.block_size,
+                             topk=case.topk, implementation=impl, interpret=True,
+                             **C.position_kwargs(x))
   assert ids.shape == (case.batch, case.q_len, case.groups, case.topk) and ids.dtype == jnp.int32
   assert oracle.same_sets(ids, _reference_ids(case, x))
 
@@ -251,7 +264,26 @@ def test_tuning_table_lookup(monkeypatch, tmp_path):
   tuning._table.cache_clear()
   try:
     assert tuning.config("index")["block_rows"] == 32  # from the table
-    assert tuning.config("index", block_rows=16)["block_rows"] == 16  # explicit wins
+    with tuning.override("index", block_rows=8):
+      assert tuning.config("index")["block_rows"] == 8  # a scoped override beats the table
+      assert tuning.config("index", block_rows=16)["block_rows"] == 16  # explicit wins
+    assert tuning.config("index")["block_rows"] == 32
     assert tuning.config("sparse") == tuning.DEFAULTS["sparse"]  # not in the table
   finally:
     tuning._table.cache_clear()
+
+
+@pytest.mark.parametrize("blocks_per_tile", [1, 4])
+def test_tile_candidates_many_blocks(blocks_per_tile):
+  """Fused selection over many key tiles (> 512 blocks: the two-stage final top-k too)."""
+  from msa_jax.kernels.gpu import tuning
+  rng = np.random.default_rng(41)
+  b, t, s, g, di, bs, k = 1, 5, 1100, 2, 4, 2, 6
+  q_idx = jnp.asarray(rng.integers(-2, 3, (b, t, g, di)), jnp.float32)  # many ties
+  k_idx = jnp.asarray(rng.integers(-2, 3, (b, s, di)), jnp.float32)
+  with tuning.override("index", tile_topk=True, blocks_per_tile=blocks_per_tile):
+    ids = msa_jax.index_topk(q_idx, k_idx, block_size=bs, topk=k, implementation="pallas_gpu",
+                             interpret=True)
+  pos = (s - t + np.arange(t))[None]
+  want = oracle.index_topk(np.asarray(q_idx), np.asarray(k_idx), bs, k, pos, np.array([s]))
+  assert oracle.same_sets(ids, want)

@@ -22,7 +22,27 @@ from jax.experimental.pallas import triton as pltr
 from msa_jax.kernels.gpu import tuning
 
 
-def _kernel(pos_ref, kv_len_ref, q_ref, k_ref, out_ref, *, block_size, blocks_per_tile):
+def _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size, blocks_per_tile):
+  """[block_rows, blocks_per_tile] maxima of the visible token scores of each block."""
+  q = q_ref[...]  # [block_rows, Di]
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  col = lax.broadcasted_iota(jnp.int32, (1, blocks_per_tile), 1)
+  key_iota = lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+
+  def body(j, scores):
+    k = k_ref[pl.ds(pl.multiple_of(j * block_size, block_size), block_size), :]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+    key_pos = first_key + j * block_size + key_iota
+    visible = (key_pos <= pos[:, None]) & (key_pos < kv_len)
+    block_max = jnp.max(jnp.where(visible, s, -jnp.inf), axis=1)
+    return jnp.where(col == j, block_max[:, None], scores)
+
+  init = jnp.full((q.shape[0], blocks_per_tile), -jnp.inf, jnp.float32)
+  return lax.fori_loop(0, blocks_per_tile, body, init)
+
+
+def _scores_kernel(pos_ref, kv_len_ref, q_ref, k_ref, out_ref, *, block_size, blocks_per_tile):
   b = pl.program_id(0)
   tile = pl.program_id(2)
   pos = pos_ref[...]  # [block_rows]
@@ -30,24 +50,107 @@ def _kernel(pos_ref, kv_len_ref, q_ref, k_ref, out_ref, *, block_size, blocks_pe
   first_key = tile * blocks_per_tile * block_size
   out_ref[...] = jnp.full(out_ref.shape, -jnp.inf, jnp.float32)
 
+  # Key tiles past every row's last visible key (half the grid in causal prefill): no GEMMs.
   @pl.when(first_key <= jnp.minimum(jnp.max(pos), kv_len - 1))
   def _():
-    q = q_ref[...]  # [block_rows, Di]
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    out_ref[...] = _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size,
+                                      blocks_per_tile)
+
+
+def _tile_topk_kernel(pos_ref, kv_len_ref, q_ref, k_ref, val_ref, id_ref, *, block_size,
+                     blocks_per_tile):
+  """Per key tile: block maxima, own block forced to +inf, then the tile's top entries."""
+  b = pl.program_id(0)
+  tile = pl.program_id(2)
+  pos = pos_ref[...]
+  kv_len = kv_len_ref[b]
+  first_key = tile * blocks_per_tile * block_size
+  kk = val_ref.shape[-1]
+  val_ref[...] = jnp.full(val_ref.shape, -jnp.inf, jnp.float32)
+  id_ref[...] = jnp.full(id_ref.shape, -1, jnp.int32)
+
+  @pl.when(first_key <= jnp.minimum(jnp.max(pos), kv_len - 1))
+  def _():
+    scores = _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size,
+                                blocks_per_tile)
     col = lax.broadcasted_iota(jnp.int32, (1, blocks_per_tile), 1)
-    key_iota = lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+    last_visible = jnp.minimum(pos, kv_len - 1)
+    own = jnp.where(last_visible >= 0, last_visible // block_size, -1)
+    block_id = tile * blocks_per_tile + col
+    scores = jnp.where(block_id == own[:, None], jnp.inf, scores)
+    out_col = lax.broadcasted_iota(jnp.int32, (1, kk), 1)
 
-    def body(j, scores):
-      k = k_ref[pl.ds(pl.multiple_of(j * block_size, block_size), block_size), :]
-      s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
-      key_pos = first_key + j * block_size + key_iota
-      visible = (key_pos <= pos[:, None]) & (key_pos < kv_len)
-      block_max = jnp.max(jnp.where(visible, s, -jnp.inf), axis=1)
-      return jnp.where(col == j, block_max[:, None], scores)
+    def extract(step, carry):  # the next-highest entry; ties to the lower block id
+      scores, vals, ids = carry
+      best = jnp.max(scores, axis=1)
+      at = jnp.min(jnp.where(scores == best[:, None], col, blocks_per_tile), axis=1)
+      vals = jnp.where(out_col == step, best[:, None], vals)
+      ids = jnp.where(out_col == step, tile * blocks_per_tile + at[:, None], ids)
+      return jnp.where(col == at[:, None], -jnp.inf, scores), vals, ids
 
-    init = jnp.full((q.shape[0], blocks_per_tile), -jnp.inf, jnp.float32)
-    out_ref[...] = lax.fori_loop(0, blocks_per_tile, body, init)
+    init = (scores, jnp.full(val_ref.shape, -jnp.inf, jnp.float32),
+            jnp.full(id_ref.shape, -1, jnp.int32))
+    _, vals, ids = lax.fori_loop(0, kk, extract, init)
+    val_ref[...] = vals
+    id_ref[...] = ids
+
+
+def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
+                    block_rows=None, blocks_per_tile=None, num_warps=None, num_stages=None,
+                    interpret=False):
+  """Selection candidates: each key tile's top ``topk`` blocks, own block forced.
+
+  Returns (values f32, block ids int32), both ``[B,T,G,n_tiles*kk]`` laid out tile by tile,
+  each tile's entries by descending value then ascending id, -inf/-1 where empty. The
+  selection is the top ``topk`` of these (``reference.exact_top_k`` keeps the tie order), so
+  the full block-score matrix is never written.
+  """
+  cfg = tuning.config("index", block_rows=block_rows, blocks_per_tile=blocks_per_tile,
+                      num_warps=num_warps, num_stages=num_stages)
+  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
+  b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
+  kk = min(pl.next_power_of_2(topk), bpt)
+  kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
+  out_spec = pl.BlockSpec((None, block_rows, kk), lambda bi, ri, ki: (bi, ri, ki))
+  shape = (b, q_rows.shape[1], n_tiles * kk)
+  vals, ids = pl.pallas_call(
+      kernel,
+      grid=(b, q_rows.shape[1] // block_rows, n_tiles),
+      in_specs=_in_specs(block_rows, bpt * block_size, q_rows.shape[2]),
+      out_specs=[out_spec, out_spec],
+      out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32)],
+      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]),
+      interpret=interpret,
+      name="msa_index_tile_topk",
+  )(row_pos, kv_lengths, q_rows, k_idx)
+  return (vals[:, :rows].reshape(b, t, g, -1), ids[:, :rows].reshape(b, t, g, -1))
+
+
+def _geometry(q_idx, k_idx, q_positions, block_size, cfg):
+  """Rows = (query, group) pairs, padded to the row tile; keys padded to whole key tiles."""
+  b, t, g, di = q_idx.shape
+  s_len = k_idx.shape[1]
+  nb = -(-s_len // block_size)
+  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(nb))
+  n_tiles = -(-nb // bpt)
+  rows = t * g
+  block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
+  rows_pad = -(-rows // block_rows) * block_rows
+  k_idx = jnp.pad(k_idx, ((0, 0), (0, n_tiles * bpt * block_size - s_len), (0, 0)))
+  q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
+  row_pos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, rows_pad - rows)),
+                    constant_values=-1)
+  return b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx
+
+
+def _in_specs(block_rows, tile_keys, di):
+  return [
+      pl.BlockSpec((None, block_rows), lambda bi, ri, ki: (bi, ri)),
+      pl.BlockSpec(),  # kv_lengths: the whole array, read as scalars
+      pl.BlockSpec((None, block_rows, di), lambda bi, ri, ki: (bi, ri, 0)),
+      pl.BlockSpec((None, tile_keys, di), lambda bi, ri, ki: (bi, ki, 0)),
+  ]
 
 
 def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_rows=None,
@@ -58,32 +161,15 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
   """
   cfg = tuning.config("index", block_rows=block_rows, blocks_per_tile=blocks_per_tile,
                       num_warps=num_warps, num_stages=num_stages)
-  b, t, g, di = q_idx.shape
-  s_len = k_idx.shape[1]
-  nb = -(-s_len // block_size)
-  blocks_per_tile = min(cfg["blocks_per_tile"], pl.next_power_of_2(nb))
-  n_tiles = -(-nb // blocks_per_tile)
-  rows = t * g
-  block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
-  rows_pad = -(-rows // block_rows) * block_rows
-  keys = n_tiles * blocks_per_tile * block_size
-  k_idx = jnp.pad(k_idx, ((0, 0), (0, keys - s_len), (0, 0)))
-  q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
-  row_pos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, rows_pad - rows)),
-                    constant_values=-1)
-  kernel = functools.partial(_kernel, block_size=block_size, blocks_per_tile=blocks_per_tile)
+  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
+  b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
+  kernel = functools.partial(_scores_kernel, block_size=block_size, blocks_per_tile=bpt)
   scores = pl.pallas_call(
       kernel,
-      grid=(b, rows_pad // block_rows, n_tiles),
-      in_specs=[
-          pl.BlockSpec((None, block_rows), lambda bi, ri, ki: (bi, ri)),
-          pl.BlockSpec(),  # kv_lengths: the whole array, read as scalars
-          pl.BlockSpec((None, block_rows, di), lambda bi, ri, ki: (bi, ri, 0)),
-          pl.BlockSpec((None, blocks_per_tile * block_size, di), lambda bi, ri, ki: (bi, ki, 0)),
-      ],
-      out_specs=pl.BlockSpec((None, block_rows, blocks_per_tile),
-                             lambda bi, ri, ki: (bi, ri, ki)),
-      out_shape=jax.ShapeDtypeStruct((b, rows_pad, n_tiles * blocks_per_tile), jnp.float32),
+      grid=(b, q_rows.shape[1] // block_rows, n_tiles),
+      in_specs=_in_specs(block_rows, bpt * block_size, q_rows.shape[2]),
+      out_specs=pl.BlockSpec((None, block_rows, bpt), lambda bi, ri, ki: (bi, ri, ki)),
+      out_shape=jax.ShapeDtypeStruct((b, q_rows.shape[1], n_tiles * bpt), jnp.float32),
       compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
                                           num_stages=cfg["num_stages"]),
       interpret=interpret,

@@ -7,6 +7,7 @@ not code. Unknown cards (and CPU interpret runs) get the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -16,7 +17,10 @@ import jax
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
 
 DEFAULTS = {
-    "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2},
+    # tile_topk: select inside the scoring kernel (each key tile's top-k leaves it, not all
+    # block scores), then pick the final top-k among those candidates.
+    "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
+              "tile_topk": False},
     "sparse": {"items_per_program": 1, "num_warps": 4, "num_stages": 2},
     "decode": {"num_warps": 4, "num_stages": 2},
 }
@@ -36,9 +40,27 @@ def device_kind() -> str:
   return device.device_kind if device.platform == "gpu" else device.platform
 
 
-def config(kernel: str, **overrides) -> dict:
-  """Launch parameters of ``kernel`` for the current card; explicit ``overrides`` win."""
+_scoped: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def override(kernel: str, **params):
+  """Within the block, kernels traced use ``params`` for ``kernel`` (tuning sweeps, tests)."""
+  previous = _scoped.get(kernel)
+  _scoped[kernel] = dict(previous or {}, **params)
+  try:
+    yield
+  finally:
+    if previous is None:
+      _scoped.pop(kernel)
+    else:
+      _scoped[kernel] = previous
+
+
+def config(kernel: str, **explicit) -> dict:
+  """Launch parameters of ``kernel``: defaults < this card's table < ``override`` < explicit."""
   params = dict(DEFAULTS[kernel])
   params.update(_table().get(device_kind(), {}).get(kernel, {}))
-  params.update({k: v for k, v in overrides.items() if v is not None})
+  params.update(_scoped.get(kernel, {}))
+  params.update({k: v for k, v in explicit.items() if v is not None})
   return params
