@@ -1,0 +1,118 @@
+"""Logical-axis sharding: names on parameters and activations, one rule table to mesh axes.
+
+Every parameter carries ``logical_axes`` metadata (e.g. ``("embed", "q_heads")``).
+``RULES`` maps each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``, ``expert``)
+or None; changing the mesh (and, if wanted, the rules) is all it takes to run the same model
+unsharded, tensor-parallel over heads/MLP width, or expert-parallel over experts. Mesh axes
+missing from the mesh are ignored, so one table serves every mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "index_heads": "tensor",
+    "index_dim": None,
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "norm": None,
+    "embed_norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed_act": None,
+}
+
+_active: dict = {}
+
+
+def make_mesh(axes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
+  """A mesh with named axes, e.g. ``{"data": 2, "tensor": 4}`` (Auto axis types: the
+  compiler inserts the collectives the rules imply)."""
+  devices = jax.devices() if devices is None else devices
+  n = 1
+  for size in axes.values():
+    n *= size
+  if n > len(devices):
+    raise ValueError(f"mesh {dict(axes)} needs {n} devices; {len(devices)} available")
+  return jax.make_mesh(tuple(axes.values()), tuple(axes.keys()), devices=devices[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def spec(logical_axes, mesh: jax.sharding.Mesh, rules: Mapping = RULES) -> P:
+  """PartitionSpec for ``logical_axes`` on ``mesh``; a mesh axis is used at most once."""
+  used, out = set(), []
+  for name in logical_axes:
+    axes = rules.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names and a not in used
+                 and mesh.shape[a] > 1)
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*out)
+
+
+def _fits(shape, pspec, mesh) -> P:
+  """Drop mesh axes that do not divide their dimension (e.g. 2 KV heads on 4 devices)."""
+  out = []
+  for dim, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for a in names:
+      size *= mesh.shape[a]
+    out.append(axes if dim % size == 0 else None)
+  return P(*out)
+
+
+def state_shardings(state, mesh, rules: Mapping = RULES):
+  """NamedShardings for an ``nnx.State`` from its parameters' ``logical_axes``."""
+
+  def one(var):
+    axes = var.get_metadata().get("logical_axes") or (None,) * var[...].ndim
+    return NamedSharding(mesh, _fits(var[...].shape, spec(axes, mesh, rules), mesh))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh, rules: Mapping = RULES) -> nnx.Module:
+  """Place every parameter of ``model`` on ``mesh`` by the rules (in place; returns it)."""
+  graphdef, state = nnx.split(model)
+  shardings = state_shardings(state, mesh, rules)
+  state = jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s)), state, shardings,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  nnx.update(model, state)
+  return model
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: Mapping = RULES):
+  """Within the block, ``constrain`` pins activations to ``mesh`` by the rules."""
+  previous = dict(_active)
+  _active.update(mesh=mesh, rules=rules)
+  try:
+    yield
+  finally:
+    _active.clear()
+    _active.update(previous)
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """``with_sharding_constraint`` by logical names; a no-op outside ``activation_sharding``."""
+  mesh = _active.get("mesh")
+  if mesh is None:
+    return x
+  pspec = _fits(x.shape, spec(logical_axes, mesh, _active["rules"]), mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, pspec))

@@ -1,0 +1,96 @@
+"""Decoder layer and model of the MiniMax-M3 family (spec/minimax_m3.md §3.3).
+
+``x0 = embed_tokens[ids]`` (no scaling); per layer a pre-norm residual block
+``x += Attn(rms(x)); x += FFN(rms(x))`` with full attention or MSA and a dense MLP or MoE as
+the config lists; a final Gemma RMSNorm and an untied ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import cache as cache_lib
+from models import sharding
+from models.attention import Attention
+from models.layers import Linear, RMSNorm
+from models.moe import MLP, MoE
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    c = config
+    self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, axis_name="embed_norm")
+    self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps,
+                                            axis_name="embed_norm")
+    self.self_attn = Attention(c, sparse=c.sparse_layers[layer], rngs=rngs,
+                               param_dtype=param_dtype)
+    if c.moe_layers[layer]:
+      self.block_sparse_moe = MoE(c, rngs=rngs, param_dtype=param_dtype)
+      self.mlp = None
+    else:
+      self.mlp = MLP(c, c.dense_intermediate_size, rngs=rngs, param_dtype=param_dtype)
+      self.block_sparse_moe = None
+
+  def __call__(self, x, positions, kv_lengths, k_cache, v_cache, index_cache, *,
+               implementation):
+    attn, k_cache, v_cache, index_cache = self.self_attn(
+        self.input_layernorm(x), positions, kv_lengths, k_cache, v_cache, index_cache,
+        implementation=implementation)
+    x = sharding.constrain(x + attn, ("batch", "seq", "embed_act"))
+    h = self.post_attention_layernorm(x)
+    ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h)
+    return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), k_cache, v_cache, \
+        index_cache
+
+
+class MiniMaxM3(nnx.Module):
+  """The text model. ``dtype`` is the activation dtype; parameters are kept in
+  ``param_dtype`` (router weights always float32)."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               implementation: str = "xla"):
+    c = config
+    self.config = c
+    self.dtype = dtype
+    self.implementation = implementation
+    self.embed_tokens = nnx.Param(
+        (jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size)) * 0.02).astype(
+            param_dtype), logical_axes=("vocab", "embed"))
+    self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, param_dtype=param_dtype)
+                            for i in range(c.num_layers)])
+    self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, axis_name="embed_norm")
+    self.lm_head = Linear(c.hidden_size, c.vocab_size, axes=("embed", "vocab"), rngs=rngs,
+                          param_dtype=param_dtype)
+
+  def __call__(self, tokens: jax.Array, cache: cache_lib.Cache,
+               num_new: jax.Array | None = None):
+    """Run ``tokens [B, T]`` after what ``cache`` holds (prefill, a chunk or decode steps).
+
+    ``num_new [B]`` (optional) says how many of the T tokens are real per sequence (ragged
+    batches; the rest are padding and leave the cache untouched). Returns
+    ``(logits [B, T, V] float32, updated cache)``.
+    """
+    positions = cache_lib.new_positions(cache.lengths, tokens.shape[1], num_new)
+    added = tokens.shape[1] if num_new is None else num_new
+    kv_lengths = cache.lengths + added
+    x = self.embed_tokens[...][tokens].astype(self.dtype)
+    x = sharding.constrain(x, ("batch", "seq", "embed_act"))
+    ks, vs, iks = [], [], []
+    for layer, k_c, v_c, i_c in zip(self.layers, cache.k, cache.v, cache.index_k):
+      x, k_c, v_c, i_c = layer(x, positions, kv_lengths, k_c, v_c, i_c,
+                               implementation=self.implementation)
+      ks.append(k_c)
+      vs.append(v_c)
+      iks.append(i_c)
+    logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+    new_cache = cache_lib.Cache(tuple(ks), tuple(vs), tuple(iks),
+                                kv_lengths.astype(jnp.int32))
+    return logits, new_cache
+
+  def forward(self, tokens: jax.Array) -> jax.Array:
+    """Full-sequence forward of ``tokens [B, T]`` from an empty context: logits [B, T, V]."""
+    cache = cache_lib.init_cache(self.config, tokens.shape[0], tokens.shape[1], self.dtype)
+    return self(tokens, cache)[0]
