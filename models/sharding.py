@@ -34,6 +34,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "seq": None,
     "embed_act": None,
+    "cache_heads": "tensor",
 }
 
 _active: dict = {}
@@ -95,6 +96,20 @@ def shard_model(model: nnx.Module, mesh, rules: Mapping = RULES) -> nnx.Module:
                        is_leaf=lambda x: isinstance(x, nnx.Variable))
   nnx.update(model, state)
   return model
+
+
+def cache_shardings(cache, mesh, rules: Mapping = RULES):
+  """NamedShardings for a ``models.Cache``: batch over data, KV heads over tensor."""
+
+  def one(x, axes):
+    return None if x is None else NamedSharding(mesh, _fits(x.shape, spec(axes, mesh, rules),
+                                                            mesh))
+
+  kv = ("batch", "seq", "cache_heads", "head_dim")
+  return type(cache)(
+      k=tuple(one(x, kv) for x in cache.k), v=tuple(one(x, kv) for x in cache.v),
+      index_k=tuple(one(x, ("batch", "seq", "index_dim")) for x in cache.index_k),
+      lengths=one(cache.lengths, ("batch",)))
 
 
 @contextlib.contextmanager

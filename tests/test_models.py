@@ -237,3 +237,61 @@ def test_sharded_forward_equals_unsharded(axes):
   with sharding.activation_sharding(mesh):
     got = nnx.jit(lambda m, t: m.forward(t))(model, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+
+
+def test_sharded_decode_with_sharded_cache(tiny_model):
+  tokens = _tokens(2, 60, seed=8)
+  cache = models.init_cache(TINY, 2, 64)
+  want, want_cache = tiny_model(tokens[:, :59], cache)
+  want_step, _ = tiny_model(tokens[:, 59:], want_cache)
+  model = models.MiniMaxM3(TINY, rngs=nnx.Rngs(0))  # same init as tiny_model
+  mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+  sharding.shard_model(model, mesh)
+  cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
+  assert cache.k[0].sharding.spec[2] == "tensor"
+  step = nnx.jit(lambda m, t, c: m(t, c))
+  with sharding.activation_sharding(mesh):
+    got, cache = step(model, tokens[:, :59], cache)
+    got_step, _ = step(model, tokens[:, 59:], cache)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(got_step), np.asarray(want_step), atol=2e-4)
+
+
+def test_random_init_trains_and_index_branch_gets_no_lm_gradient():
+  import optax
+  model = models.MiniMaxM3(TINY, rngs=nnx.Rngs(1))
+  tokens = _tokens(2, 48, seed=9)
+
+  def loss_fn(m):
+    logits = m.forward(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  grads = nnx.grad(loss_fn)(model)
+  attn = grads.layers[1].self_attn
+  assert float(jnp.abs(attn.index_q_proj.kernel[...]).max()) == 0.0  # stop-gradient input
+  assert float(jnp.abs(attn.index_k_proj.kernel[...]).max()) == 0.0
+  assert float(jnp.abs(attn.q_proj.kernel[...]).max()) > 0.0
+  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(m, opt):
+    loss, g = nnx.value_and_grad(loss_fn)(m)
+    opt.update(m, g)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(12)]
+  assert np.isfinite(losses).all()
+  assert losses[0] > np.log(TINY.vocab_size) - 1.0  # starts near uniform
+  assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bfloat16_model_close_to_float32():
+  f32 = models.MiniMaxM3(TINY, rngs=nnx.Rngs(2))
+  bf16 = models.MiniMaxM3(TINY, rngs=nnx.Rngs(2), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  tokens = _tokens(1, 32, seed=10)  # within k*Bk: no block selection to flip on rounding
+  a, b = np.asarray(f32.forward(tokens))[0], np.asarray(bf16.forward(tokens))[0]
+  assert np.isfinite(b).all()
+  # Per token ~1% off; a token whose top-k expert choice flips on rounding may be far off.
+  per_token = np.linalg.norm(b - a, axis=-1) / np.linalg.norm(a, axis=-1)
+  assert np.median(per_token) < 3e-2 and np.mean(per_token < 5e-2) >= 0.9
+  assert bf16.layers[1].block_sparse_moe.gate[...].dtype == jnp.float32  # router stays fp32
