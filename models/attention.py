@@ -49,7 +49,7 @@ class Attention(nnx.Module):
     return rope(x, positions, rotary_dim=self.config.rotary_dim, theta=self.config.rope_theta)
 
   def __call__(self, h, positions, kv_lengths, k_cache, v_cache, index_cache, *,
-               implementation="xla"):
+               implementation="xla", interpret=False):
     """h [B,T,H]; positions [B,T] (-1 = padding); caches hold kv_lengths valid tokens after
     this step's write. Returns (out [B,T,H], k_cache, v_cache, index_cache)."""
     c = self.config
@@ -72,7 +72,7 @@ class Attention(nnx.Module):
       out = msa_jax.msa_attention(
           q, k_all, v_all, iq, index_cache.astype(q.dtype), block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, kv_lengths=kv_lengths,
-          implementation=implementation)
+          implementation=implementation, interpret=interpret)
     else:
       key_pos = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
       mask = ((key_pos[None, None, :] <= positions[:, :, None])

@@ -35,10 +35,10 @@ class DecoderLayer(nnx.Module):
       self.block_sparse_moe = None
 
   def __call__(self, x, positions, kv_lengths, k_cache, v_cache, index_cache, *,
-               implementation):
+               implementation, interpret=False):
     attn, k_cache, v_cache, index_cache = self.self_attn(
         self.input_layernorm(x), positions, kv_lengths, k_cache, v_cache, index_cache,
-        implementation=implementation)
+        implementation=implementation, interpret=interpret)
     x = sharding.constrain(x + attn, ("batch", "seq", "embed_act"))
     h = self.post_attention_layernorm(x)
     ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h)
@@ -51,11 +51,13 @@ class MiniMaxM3(nnx.Module):
   ``param_dtype`` (router weights always float32)."""
 
   def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               implementation: str = "xla"):
+               implementation: str | None = "xla", interpret=False):
     c = config
     self.config = c
     self.dtype = dtype
+    # How MSA layers run (msa_jax's implementation=/interpret=); no other model change needed.
     self.implementation = implementation
+    self.interpret = interpret
     self.embed_tokens = nnx.Param(
         (jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size)) * 0.02).astype(
             param_dtype), logical_axes=("vocab", "embed"))
@@ -81,7 +83,7 @@ class MiniMaxM3(nnx.Module):
     ks, vs, iks = [], [], []
     for layer, k_c, v_c, i_c in zip(self.layers, cache.k, cache.v, cache.index_k):
       x, k_c, v_c, i_c = layer(x, positions, kv_lengths, k_c, v_c, i_c,
-                               implementation=self.implementation)
+                               implementation=self.implementation, interpret=self.interpret)
       ks.append(k_c)
       vs.append(v_c)
       iks.append(i_c)

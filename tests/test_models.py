@@ -295,3 +295,12 @@ def test_bfloat16_model_close_to_float32():
   per_token = np.linalg.norm(b - a, axis=-1) / np.linalg.norm(a, axis=-1)
   assert np.median(per_token) < 3e-2 and np.mean(per_token < 5e-2) >= 0.9
   assert bf16.layers[1].block_sparse_moe.gate[...].dtype == jnp.float32  # router stays fp32
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_kernels_plug_in_by_implementation(impl, tiny_model):
+  """The same weights through the Pallas kernels (interpret mode) give the same logits."""
+  model = models.MiniMaxM3(TINY, rngs=nnx.Rngs(0), implementation=impl, interpret=True)
+  tokens = _tokens(1, 40, seed=11)
+  np.testing.assert_allclose(np.asarray(model.forward(tokens)),
+                             np.asarray(tiny_model.forward(tokens)), atol=2e-4)
