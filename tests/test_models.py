@@ -201,19 +201,21 @@ def test_incremental_decode_matches_full_forward(tiny_model):
 
 
 def test_ragged_batch_matches_single_sequences(tiny_model):
-  a, b = _tokens(1, 70, seed=2), _tokens(1, 45, seed=3)
-  batch = jnp.zeros((2, 70), jnp.int32).at[0].set(a[0]).at[1, :45].set(b[0])
-  cache = models.init_cache(TINY, 2, 80)
-  logits, cache = tiny_model(batch, cache, num_new=jnp.array([70, 45]))
-  assert np.asarray(cache.lengths).tolist() == [70, 45]
-  np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(tiny_model.forward(a)[0]),
+  a, b = _tokens(1, 50, seed=2), _tokens(1, 37, seed=3)  # both past k*Bk = 32 tokens
+  batch = jnp.zeros((2, 50), jnp.int32).at[0].set(a[0]).at[1, :37].set(b[0])
+  run = nnx.jit(lambda m, t, c, n: m(t, c, n))
+  forward = nnx.jit(lambda m, t: m.forward(t))
+  cache = models.init_cache(TINY, 2, 64)
+  logits, cache = run(tiny_model, batch, cache, jnp.array([50, 37]))
+  assert np.asarray(cache.lengths).tolist() == [50, 37]
+  np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(forward(tiny_model, a)[0]),
                              atol=2e-4)
-  np.testing.assert_allclose(np.asarray(logits[1, :45]), np.asarray(tiny_model.forward(b)[0]),
-                             atol=2e-4)
+  np.testing.assert_allclose(np.asarray(logits[1, :37]),
+                             np.asarray(forward(tiny_model, b)[0]), atol=2e-4)
   nxt = jnp.array([[7], [9]])  # one decode step for both
-  step, cache = tiny_model(nxt, cache)
-  ref_a = tiny_model.forward(jnp.concatenate([a, nxt[:1]], 1))[0, -1]
-  ref_b = tiny_model.forward(jnp.concatenate([b, nxt[1:]], 1))[0, -1]
+  step, cache = run(tiny_model, nxt, cache, jnp.array([1, 1]))
+  ref_a = forward(tiny_model, jnp.concatenate([a, nxt[:1]], 1))[0, -1]
+  ref_b = forward(tiny_model, jnp.concatenate([b, nxt[1:]], 1))[0, -1]
   np.testing.assert_allclose(np.asarray(step[0, 0]), np.asarray(ref_a), atol=2e-4)
   np.testing.assert_allclose(np.asarray(step[1, 0]), np.asarray(ref_b), atol=2e-4)
 
