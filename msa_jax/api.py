@@ -192,7 +192,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
     from msa_jax.kernels.tpu import index_topk as kernel
 
   def chunk(pos, qi):
-    if impl == "pallas_gpu" and tile_topk:
+    if tile_topk:
       # Each key tile's top blocks come out of the scoring kernel; block scores never do.
       values, ids = kernel.tile_candidates(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                            topk=topk, interpret=interpret)
