@@ -81,9 +81,10 @@ def _fits(shape, pspec, mesh) -> P:
 def state_shardings(state, mesh, rules: Mapping = RULES):
   """NamedShardings for an ``nnx.State`` from its parameters' ``logical_axes``."""
 
-  def one(var):
-    axes = var.get_metadata().get("logical_axes") or (None,) * var[...].ndim
-    return NamedSharding(mesh, _fits(var[...].shape, spec(axes, mesh, rules), mesh))
+  def one(var):  # works on concrete and abstract (eval_shape) states alike
+    shape = var.shape
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+    return NamedSharding(mesh, _fits(shape, spec(axes, mesh, rules), mesh))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

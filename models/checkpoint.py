@@ -1,0 +1,337 @@
+"""Hugging Face MiniMax-M3 checkpoints <-> model parameters (spec/minimax_m3.md §2, §4).
+
+Reading streams one tensor at a time through ``safetensors.safe_open`` (lazy), so host memory
+stays bounded by the largest parameter (a stacked ``[E, ...]`` expert weight), and places each
+parameter straight into its sharding on the mesh. Names: the ``language_model.`` prefix is
+stripped; Linear weights are ``[out, in]`` and transposed to ``[in, out]``; ``experts.{e}.w1 /
+w3 / w2`` (gate / up / down) are stacked into ``[E, ...]``; the router weight and bias stay
+float32; MXFP8 weights (``float8_e4m3fn`` plus a ``uint8`` E8M0 ``weight_scale_inv`` per 32
+input columns) are dequantised as ``w * 2^(scale - 127)``. Vision, projector and MTP tensors
+are skipped with one log line. Every problem raises ``CheckpointError`` naming the file and
+the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from models import config as config_lib
+from models import sharding as sharding_lib
+from models.transformer import MiniMaxM3
+
+log = logging.getLogger(__name__)
+
+# safetensors' NumPy backend looks fp8 up on numpy itself; ml_dtypes provides the type.
+if not hasattr(np, "float8_e4m3fn"):
+  np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+
+from safetensors import safe_open  # noqa: E402  (after the fp8 shim)
+from safetensors.numpy import save_file  # noqa: E402
+
+PREFIX = "language_model."
+SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.",
+                    "model.mtp.", "mtp.")
+MXFP8_BLOCK = 32
+SUPPORTED_DTYPES = {"BF16", "F16", "F32", "F8_E4M3"}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded: names the file and the tensor."""
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+
+def param_sources(config) -> dict[tuple, list[tuple[str, str]]]:
+  """For each model parameter path, its HF tensors as ``(name, how)``.
+
+  ``how``: "copy" (same layout), "linear" (transpose [out, in] -> [in, out]), or
+  "experts" (one tensor per expert, each transposed, stacked on a new axis 0).
+  """
+  out: dict[tuple, list[tuple[str, str]]] = {
+      ("embed_tokens",): [("model.embed_tokens.weight", "copy")],
+      ("norm", "weight"): [("model.norm.weight", "copy")],
+      ("lm_head", "kernel"): [("lm_head.weight", "linear")],
+  }
+  for i in range(config.num_layers):
+    p = f"model.layers.{i}."
+    layer = ("layers", i)
+    out[layer + ("input_layernorm", "weight")] = [(p + "input_layernorm.weight", "copy")]
+    out[layer + ("post_attention_layernorm", "weight")] = [
+        (p + "post_attention_layernorm.weight", "copy")]
+    attn = layer + ("self_attn",)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    norms = ["q_norm", "k_norm"]
+    if config.sparse_layers[i]:
+      projections += ["index_q_proj", "index_k_proj"]
+      norms += ["index_q_norm", "index_k_norm"]
+    for name in projections:
+      out[attn + (name, "kernel")] = [(f"{p}self_attn.{name}.weight", "linear")]
+    for name in norms:
+      out[attn + (name, "weight")] = [(f"{p}self_attn.{name}.weight", "copy")]
+    if config.moe_layers[i]:
+      moe, m = layer + ("block_sparse_moe",), p + "block_sparse_moe."
+      out[moe + ("gate",)] = [(m + "gate.weight", "linear")]
+      out[moe + ("e_score_correction_bias",)] = [(m + "e_score_correction_bias", "copy")]
+      for w in ("w1", "w2", "w3"):
+        out[moe + (w,)] = [(f"{m}experts.{e}.{w}.weight", "experts")
+                           for e in range(config.num_experts)]
+      if config.n_shared_experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+          out[moe + ("shared_experts", name, "kernel")] = [
+              (f"{m}shared_experts.{name}.weight", "linear")]
+    else:
+      for name in ("gate_proj", "up_proj", "down_proj"):
+        out[layer + ("mlp", name, "kernel")] = [(f"{p}mlp.{name}.weight", "linear")]
+  return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Tensors:
+  """Lazy access to the tensors of a HF folder (sharded with an index, or one file)."""
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    elif os.path.exists(single):
+      weight_map = {name: "model.safetensors" for name in self._keys(single)}
+    else:
+      raise CheckpointError(f"{folder}: neither model.safetensors.index.json nor "
+                            "model.safetensors found")
+    self.files = {}  # stripped name -> file
+    for name, file in weight_map.items():
+      self.files[name[len(PREFIX):] if name.startswith(PREFIX) else name] = file
+    self.raw_names = {(n[len(PREFIX):] if n.startswith(PREFIX) else n): n for n in weight_map}
+    self._open: dict[str, object] = {}
+
+  @staticmethod
+  def _keys(path):
+    try:
+      with safe_open(path, framework="numpy") as f:
+        return list(f.keys())
+    except Exception as e:
+      raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+  def _handle(self, file: str):
+    if file not in self._open:
+      path = os.path.join(self.folder, file)
+      if not os.path.exists(path):
+        raise CheckpointError(f"{path}: shard listed in the index is missing")
+      try:
+        self._open[file] = safe_open(path, framework="numpy")
+      except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or "
+                              f"corrupt?): {e}") from None
+    return self._open[file]
+
+  def __contains__(self, name):
+    return name in self.files
+
+  def where(self, name):
+    return os.path.join(self.folder, self.files[name])
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor as float32 (MXFP8 dequantised) or its stored dtype for non-floats."""
+    if name not in self.files:
+      raise CheckpointError(f"{self.folder}: tensor {self.raw_names.get(name, name)!r} is "
+                            "missing from the checkpoint")
+    handle = self._handle(self.files[name])
+    raw = self.raw_names[name]
+    try:
+      dtype = handle.get_slice(raw).get_dtype()
+      if dtype not in SUPPORTED_DTYPES and not (dtype == "U8" and name.endswith("_scale_inv")):
+        raise CheckpointError(f"{self.where(name)}: tensor {raw!r} has unsupported dtype "
+                              f"{dtype} (expected one of {sorted(SUPPORTED_DTYPES)})")
+      x = handle.get_tensor(raw)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{self.where(name)}: cannot read tensor {raw!r} (truncated or "
+                            f"corrupt?): {e}") from None
+    if dtype == "F8_E4M3":
+      scale_name = name + "_scale_inv"
+      if scale_name not in self.files:
+        raise CheckpointError(f"{self.where(name)}: fp8 tensor {raw!r} has no "
+                              f"{raw + '_scale_inv'!r} (only MXFP8 quantisation is supported)")
+      scale = self.get(scale_name)
+      return dequantize_mxfp8(x, scale, name=f"{self.where(name)}: {raw}")
+    return x.astype(np.float32) if x.dtype != np.uint8 else x
+
+  def close(self):
+    self._open.clear()
+
+
+def dequantize_mxfp8(weight: np.ndarray, scale: np.ndarray, name: str = "tensor"):
+  """``w[o, i] = fp8[o, i] * 2^(scale[o, i // 32] - 127)`` as float32."""
+  out, cols = weight.shape
+  if scale.dtype != np.uint8 or scale.shape != (out, -(-cols // MXFP8_BLOCK)):
+    raise CheckpointError(f"{name}: MXFP8 scale must be uint8 [{out}, "
+                          f"{-(-cols // MXFP8_BLOCK)}]; got {scale.dtype} {scale.shape}")
+  factor = np.exp2(scale.astype(np.float32) - 127.0)
+  return weight.astype(np.float32) * np.repeat(factor, MXFP8_BLOCK, axis=1)[:, :cols]
+
+
+def _assemble(tensors: _Tensors, sources, expected_shape, path) -> np.ndarray:
+  if sources[0][1] == "experts":
+    parts = [tensors.get(name).T for name, _ in sources]
+    shapes = {p.shape for p in parts}
+    value = np.stack(parts) if len(shapes) == 1 else None
+    if value is None:
+      raise CheckpointError(f"{tensors.where(sources[0][0])}: experts of {path} differ in "
+                            f"shape: {sorted(shapes)}")
+  else:
+    (name, how), = sources
+    value = tensors.get(name)
+    value = value.T if how == "linear" else value
+  if value.shape != tuple(expected_shape):
+    name = sources[0][0]
+    hf_shape = value.shape[::-1] if sources[0][1] == "linear" else value.shape
+    raise CheckpointError(f"{tensors.where(name)}: tensor {tensors.raw_names[name]!r} has "
+                          f"shape {list(hf_shape)}, the config implies "
+                          f"{list(expected_shape[::-1] if sources[0][1] == 'linear' else expected_shape)}")
+  return value
+
+
+def _progress(items, total, desc):
+  try:
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc=desc, unit="param", leave=False,
+                disable=not log.isEnabledFor(logging.INFO) and total < 1)
+  except ImportError:  # tqdm is optional for library use
+    return items
+
+
+def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
+            implementation: str | None = "xla", interpret=False, progress: bool = True):
+  """Build a ``MiniMaxM3`` from a HF folder (config.json + safetensors).
+
+  Parameters are placed on ``mesh`` by the sharding rules (one device when ``mesh`` is None).
+  ``param_dtype`` defaults to ``dtype``; the router stays float32.
+  """
+  folder = os.fspath(folder)
+  config = config_lib.from_hf_config(folder)
+  param_dtype = param_dtype or dtype
+  abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype,
+                                              implementation=implementation,
+                                              interpret=interpret))
+  graphdef, state = nnx.split(abstract)
+  shardings = (sharding_lib.state_shardings(state, mesh, rules or sharding_lib.RULES)
+               if mesh is not None else None)
+  flat = dict(nnx.to_flat_state(state))
+  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  sources = param_sources(config)
+  tensors = _Tensors(folder)
+  used = set()
+  items = _progress(sources.items(), len(sources), "loading") if progress else sources.items()
+  for path, srcs in items:
+    var = flat[path]
+    value = _assemble(tensors, srcs, var.shape, path)
+    used.update(name for name, _ in srcs)
+    target = var.dtype
+    host = value.astype(target)
+    sharding = flat_shardings.get(path)
+    if sharding is not None:
+      sh = sharding.sharding if isinstance(sharding, nnx.Variable) else sharding
+      array = jax.make_array_from_callback(host.shape, sh, lambda idx, h=host: h[idx])
+    else:
+      array = jnp.asarray(host)
+    flat[path] = var.replace(array)
+  used.update(n + "_scale_inv" for n in list(used))
+  skipped = [n for n in tensors.files if n.startswith(SKIPPED_PREFIXES)]
+  unexpected = sorted(n for n in tensors.files if n not in used and n not in skipped)
+  tensors.close()
+  if unexpected:
+    raise CheckpointError(f"{folder}: {len(unexpected)} unexpected tensor(s) the config does not "
+                          f"account for: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+  if skipped:
+    log.info("skipped %d vision/projector/MTP tensors (text model only)", len(skipped))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def quantize_mxfp8(w: np.ndarray):
+  """Per 32 input columns: a power-of-two scale (E8M0) so the block fits float8_e4m3fn."""
+  out, cols = w.shape
+  blocks = -(-cols // MXFP8_BLOCK)
+  padded = np.zeros((out, blocks * MXFP8_BLOCK), np.float32)
+  padded[:, :cols] = w
+  amax = np.abs(padded.reshape(out, blocks, MXFP8_BLOCK)).max(-1)
+  exponent = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 448.0)), 0)
+  exponent = np.clip(exponent, -127, 127)
+  scaled = padded / np.repeat(np.exp2(exponent), MXFP8_BLOCK, axis=1)
+  fp8 = scaled[:, :cols].astype(ml_dtypes.float8_e4m3fn)
+  return fp8, (exponent + 127).astype(np.uint8)
+
+
+def hf_tensors(model: MiniMaxM3, *, dtype=ml_dtypes.bfloat16) -> Iterator[tuple[str, np.ndarray]]:
+  """The model's parameters as (released HF name, array) pairs, one at a time."""
+  config = model.config
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for path, srcs in param_sources(config).items():
+    value = np.asarray(jnp.asarray(flat[path][...], jnp.float32))
+    router = path[-1] in ("gate", "e_score_correction_bias")
+    out_dtype = np.float32 if router else dtype
+    if srcs[0][1] == "experts":
+      for (name, _), part in zip(srcs, value):
+        yield PREFIX + name, np.ascontiguousarray(part.T).astype(out_dtype)
+    else:
+      (name, how), = srcs
+      value = value.T if how == "linear" else value
+      yield PREFIX + name, np.ascontiguousarray(value).astype(out_dtype)
+
+
+def save_hf(model: MiniMaxM3, folder: str, hf_config: dict, *, num_shards: int = 2,
+            mxfp8: bool = False, dtype=ml_dtypes.bfloat16):
+  """Write ``model`` in the released layout: config.json, sharded safetensors, index.json.
+
+  ``hf_config`` is the config.json to write (``from_hf_config`` of it must give
+  ``model.config``). With ``mxfp8`` every Linear weight except the router is stored as
+  float8_e4m3fn + uint8 ``weight_scale_inv``, like MiniMax-M3-MXFP8.
+  """
+  os.makedirs(folder, exist_ok=True)
+  if config_lib.from_hf_config(hf_config) != model.config:
+    raise ValueError("hf_config does not describe this model's config")
+  hf_config = dict(hf_config)
+  if mxfp8:
+    hf_config["quantization_config"] = {"quant_method": "mxfp8", "activation_scheme": "dynamic",
+                                        "weight_block_size": [1, MXFP8_BLOCK]}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=1)
+  tensors = []
+  for name, value in hf_tensors(model, dtype=dtype):
+    quantize = (mxfp8 and value.ndim == 2 and name.endswith("_proj.weight")
+                or mxfp8 and ".experts." in name)
+    if quantize:
+      fp8, scale = quantize_mxfp8(value.astype(np.float32))
+      tensors += [(name, fp8), (name + "_scale_inv", scale)]
+    else:
+      tensors.append((name, value))
+  per_shard = -(-len(tensors) // num_shards)
+  weight_map = {}
+  for s in range(num_shards):
+    file = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+    part = dict(tensors[s * per_shard:(s + 1) * per_shard])
+    save_file(part, os.path.join(folder, file), metadata={"format": "pt"})
+    weight_map.update({name: file for name in part})
+  total = sum(v.nbytes for _, v in tensors)
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
