@@ -335,3 +335,15 @@ def save_hf(model: MiniMaxM3, folder: str, hf_config: dict, *, num_shards: int =
   total = sum(v.nbytes for _, v in tensors)
   with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+
+
+def write_random(folder: str, *, config: str = "tiny", seed: int = 0, mxfp8: bool = False,
+                 num_shards: int = 2, dtype: str = "bfloat16") -> str:
+  """A random model of ``config`` (preset name or config.json path) in the released layout."""
+  cfg = (config_lib.preset(config) if not str(config).endswith(".json")
+         else config_lib.from_hf_config(config))
+  model = MiniMaxM3(cfg, rngs=nnx.Rngs(seed))
+  store = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
+  save_hf(model, folder, config_lib.to_hf_config(cfg), num_shards=num_shards, mxfp8=mxfp8,
+          dtype=store)
+  return folder

@@ -210,6 +210,38 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> Model
       **index)
 
 
+def to_hf_config(config: ModelConfig) -> dict:
+  """The released (nested ``text_config``) config.json for ``config``; inverse of
+  ``from_hf_config``."""
+  c = config
+  flags = lambda xs: [int(x) for x in xs]
+  text = {
+      "architectures": ["MiniMaxM3SparseForCausalLM"],
+      "num_hidden_layers": c.num_layers, "hidden_size": c.hidden_size,
+      "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim, "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps,
+      "use_gemma_norm": True, "use_qk_norm": True, "qk_norm_type": "per_head",
+      "attention_output_gate": False, "rope_theta": c.rope_theta, "rotary_dim": c.rotary_dim,
+      "hidden_act": "swigluoai", "swiglu_alpha": c.swiglu_alpha, "swiglu_limit": c.swiglu_limit,
+      "intermediate_size": c.intermediate_size,
+      "dense_intermediate_size": c.dense_intermediate_size,
+      "shared_intermediate_size": c.shared_intermediate_size,
+      "num_local_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
+      "n_shared_experts": c.n_shared_experts, "scoring_func": "sigmoid",
+      "use_routing_bias": c.use_routing_bias, "routed_scaling_factor": c.routed_scaling_factor,
+      "moe_layer_freq": flags(c.moe_layers), "tie_word_embeddings": c.tie_word_embeddings,
+      "sparse_attention_config": {
+          "use_sparse_attention": any(c.sparse_layers),
+          "sparse_attention_freq": flags(c.sparse_layers),
+          "sparse_disable_index_value": flags(c.sparse_layers),
+          "sparse_index_dim": c.index_head_dim, "sparse_num_index_heads": c.index_num_heads,
+          "sparse_block_size": c.index_block_size, "sparse_topk_blocks": c.index_topk_blocks,
+          "sparse_score_type": "max", "sparse_init_block": 0, "sparse_local_block": 1},
+  }
+  return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+          "model_type": "minimax_m3_vl", "torch_dtype": "bfloat16", "text_config": text}
+
+
 def preset(name: str) -> ModelConfig:
   """A config shipped in ``configs/``: "tiny", "msa_109b" or "minimax_m3"."""
   path = os.path.join(CONFIG_DIR, f"{name}.json")
