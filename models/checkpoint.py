@@ -347,3 +347,58 @@ def write_random(folder: str, *, config: str = "tiny", seed: int = 0, mxfp8: boo
   save_hf(model, folder, config_lib.to_hf_config(cfg), num_shards=num_shards, mxfp8=mxfp8,
           dtype=store)
   return folder
+
+
+# ----------------------------------------------------------------------------- Orbax
+
+ORBAX_STATE = "state"
+
+
+def is_hf_folder(folder: str) -> bool:
+  return any(os.path.exists(os.path.join(folder, f))
+             for f in ("model.safetensors.index.json", "model.safetensors"))
+
+
+def save_orbax(model: MiniMaxM3, folder: str):
+  """An Orbax checkpoint of the parameters (sharded as they are) plus the HF config.json."""
+  import orbax.checkpoint as ocp
+  folder = os.path.abspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config_lib.to_hf_config(model.config), f, indent=1)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(folder, ORBAX_STATE), nnx.state(model, nnx.Param))
+  checkpointer.wait_until_finished()
+
+
+def load_orbax(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
+               implementation: str | None = "xla", interpret=False):
+  """Restore a ``save_orbax`` checkpoint onto ``mesh`` (any mesh: Orbax reshards)."""
+  import orbax.checkpoint as ocp
+  folder = os.path.abspath(folder)
+  state_dir = os.path.join(folder, ORBAX_STATE)
+  if not os.path.isdir(state_dir):
+    raise CheckpointError(f"{folder}: no Orbax state folder {ORBAX_STATE!r}")
+  config = config_lib.from_hf_config(folder)
+  abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype or dtype,
+                                              implementation=implementation,
+                                              interpret=interpret))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if mesh is None:
+    mesh = sharding_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  shardings = sharding_lib.state_shardings(params, mesh, rules or sharding_lib.RULES)
+  target = jax.tree.map(
+      lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), params,
+      shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  restored = ocp.StandardCheckpointer().restore(state_dir, target)
+  return nnx.merge(graphdef, restored, rest)
+
+
+def load(folder: str, **kwargs):
+  """A model from a HF folder or an Orbax checkpoint folder (detected by its contents)."""
+  folder = os.fspath(folder)
+  if is_hf_folder(folder):
+    return load_hf(folder, **kwargs)
+  kwargs.pop("progress", None)
+  return load_orbax(folder, **kwargs)

@@ -96,7 +96,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=None,
-                      help="HF folder (default: a tiny random model made on the fly)")
+                      help="HF folder or Orbax checkpoint from scripts/convert.py (default: a "
+                           "tiny random model made on the fly)")
   parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
   parser.add_argument("--prompt-ids", action="append", default=[],
                       help="comma-separated token ids (repeatable)")
@@ -135,8 +136,8 @@ def main(argv=None):
     raise SystemExit("every prompt needs at least one token")
 
   mesh = sharding.make_mesh(parse_mesh(args.mesh))
-  model = checkpoint.load_hf(folder, mesh=mesh, dtype=dtype,
-                             implementation=args.implementation, progress=not args.quiet)
+  model = checkpoint.load(folder, mesh=mesh, dtype=dtype, implementation=args.implementation,
+                          progress=not args.quiet)
   vocab = model.config.vocab_size
   if any(i < 0 or i >= vocab for p in prompts for i in p):
     raise SystemExit(f"prompt token ids must lie in [0, {vocab})")
