@@ -7,6 +7,10 @@ applied token by token, then the max over the block's keys. Only the block maxim
 ``[block_rows, blocks_per_tile]`` leave the program: token scores never reach HBM. Key tiles
 entirely past every row's last visible key skip the GEMMs (causal prefill: half the grid).
 No exponentials anywhere (exp-free selection, spec §3.5).
+
+``block_scores`` writes the block maxima; ``tile_candidates`` instead keeps only each key
+tile's top-k (own block forced) so the full block-score matrix is never written, and the
+final top-k runs over those candidates (chosen per card by the tuning table's ``tile_topk``).
 """
 
 from __future__ import annotations
