@@ -190,10 +190,10 @@ def _assemble(tensors: _Tensors, sources, expected_shape, path) -> np.ndarray:
   if sources[0][1] == "experts":
     parts = [tensors.get(name).T for name, _ in sources]
     shapes = {p.shape for p in parts}
-    value = np.stack(parts) if len(shapes) == 1 else None
-    if value is None:
+    if len(shapes) != 1:
       raise CheckpointError(f"{tensors.where(sources[0][0])}: experts of {path} differ in "
                             f"shape: {sorted(shapes)}")
+    value = np.stack(parts)
   else:
     (name, how), = sources
     value = tensors.get(name)
@@ -210,8 +210,7 @@ def _assemble(tensors: _Tensors, sources, expected_shape, path) -> np.ndarray:
 def _progress(items, total, desc):
   try:
     from tqdm import tqdm
-    return tqdm(items, total=total, desc=desc, unit="param", leave=False,
-                disable=not log.isEnabledFor(logging.INFO) and total < 1)
+    return tqdm(items, total=total, desc=desc, unit="param", leave=False)
   except ImportError:  # tqdm is optional for library use
     return items
 
