@@ -187,7 +187,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
   if impl == "pallas_gpu":
     from msa_jax.kernels.gpu import index_topk as kernel
     from msa_jax.kernels.gpu import tuning
-    tile_topk = tuning.config("index")["tile_topk"]
+    tile_topk = tuning.config(kernel.config_key(q_idx.shape[1]))["tile_topk"]
   else:
     from msa_jax.kernels.tpu import index_topk as kernel
 
@@ -236,6 +236,7 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
 
 
 # Rows of one work item's tile (query positions x heads of the group): 8 x 16 at M3 shapes.
+# The TPU kernel's; the GPU kernel takes its tile from the per-card table (tuning.py).
 TILE_ROWS = 128
 # Interpret mode runs the same kernels with smaller tiles: CPU cost grows with the unrolled
 # per-row gathers, and small tiles split lists into more items (more schedule edge cases).
@@ -271,13 +272,20 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
       written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
       return sched.combine(partial_out, partial_lse, written, q.dtype)
     from msa_jax.kernels.gpu import sparse_attention as kernel
+    per_tile, per_item = kernel.work_item_size(
+        hq // g, tile_rows=INTERPRET_TILE_ROWS if interpret else None)
+    schedule = sched.build_schedule(block_indices, valid, q_positions, nb, per_item)
+    partial_out, partial_lse = kernel.sparse_attention_partials(
+        q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
+        topk=block_indices.shape[3], queries_per_tile=per_tile,
+        tiles_per_item=per_item // per_tile, interpret=interpret)
   else:
     from msa_jax.kernels.tpu import sparse_attention as kernel
-  qpi = _queries_per_item(hq // g, interpret)
-  schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
-  partial_out, partial_lse = kernel.sparse_attention_partials(
-      q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
-      topk=block_indices.shape[3], queries_per_item=qpi, interpret=interpret)
+    qpi = _queries_per_item(hq // g, interpret)
+    schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
+    partial_out, partial_lse = kernel.sparse_attention_partials(
+        q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
+        topk=block_indices.shape[3], queries_per_item=qpi, interpret=interpret)
   return sched.combine(partial_out, partial_lse, valid, q.dtype)
 
 

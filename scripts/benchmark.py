@@ -199,17 +199,18 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
   from msa_jax.kernels.gpu import sparse_attention as kernel
   pos, kvl = pos_len
   nb = reference.cdiv(k.shape[1], w.block_size)
-  qpi = api._queries_per_item(w.q_heads // w.groups, interpret)
+  per_tile, per_item = kernel.work_item_size(
+      w.q_heads // w.groups, tile_rows=api.INTERPRET_TILE_ROWS if interpret else None)
   scale = 1 / math.sqrt(w.head_dim)
 
   @jax.jit
   def build(ids, pos):
     valid = reference.valid_block_mask(ids, nb)
-    return valid, sched.build_schedule(ids, valid, pos, nb, qpi)
+    return valid, sched.build_schedule(ids, valid, pos, nb, per_item)
 
   partials = jax.jit(lambda q, k, v, s, kvl: kernel.sparse_attention_partials(
       q, k, v, s, kvl, block_size=w.block_size, scale=scale, topk=w.topk,
-      queries_per_item=qpi, interpret=interpret))
+      queries_per_tile=per_tile, tiles_per_item=per_item // per_tile, interpret=interpret))
   combine = jax.jit(lambda o, l, valid: sched.combine(o, l, valid, q_c.dtype))
   valid, schedule = build(ids, pos)
   p_out, p_lse = partials(q_c, k, v, schedule, kvl)
@@ -248,6 +249,16 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
   row = {"batch": batch, "context": ctx, "q_len": q_len}
   row["msa_ms"], row["msa_iters"] = timed(lambda: block(msa(q, k, v, q_idx, k_idx)),
                                           iters=args.iters, budget_s=args.budget_s)
+  # Breakdown: the selection and the attention over it, each alone.
+  index = jax.jit(lambda qi, ki: msa_jax.index_topk(
+      qi, ki, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret))
+  sparse = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
+      q, k, v, ids, block_size=w.block_size, implementation=impl, interpret=interpret))
+  ids = index(q_idx, k_idx)
+  row["index_ms"], _ = timed(lambda: block(index(q_idx, k_idx)), iters=args.iters,
+                             budget_s=args.budget_s / 3)
+  row["sparse_ms"], _ = timed(lambda: block(sparse(q, k, v, ids)), iters=args.iters,
+                              budget_s=args.budget_s / 3)
 
   @jax.jit
   def dense_xla(q, k, v):
@@ -313,19 +324,23 @@ def tune(w: Workload, args, interpret):
   kvl = jnp.array([n], jnp.int32)
   grids = {
       "index": dict(tile_topk=[False, True], block_rows=[64, 128],
-                    blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2]),
-      "sparse": dict(items_per_program=[1, 2, 4], num_warps=[4, 8], num_stages=[2, 3]),
+                    blocks_per_tile=[16, 64, 128], num_warps=[4, 8], num_stages=[2]),
+      "sparse": dict(tile_rows=[64, 128], tiles_per_item=[1, 2, 4], items_per_program=[1, 2, 4],
+                     num_warps=[4, 8], num_stages=[3]),
   }
+  grids["index_decode"] = dict(tile_topk=[False, True], blocks_per_tile=[8, 16, 32, 64],
+                               num_stages=[2, 4])
   if args.smoke:
     grids = {"index": dict(tile_topk=[False, True], block_rows=[16, 32], blocks_per_tile=[4]),
-             "sparse": dict(items_per_program=[1, 2])}
+             "sparse": dict(tiles_per_item=[1, 2], items_per_program=[1, 2]),
+             "index_decode": dict(tile_topk=[False, True])}
   ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
                            q_positions=pos, kv_lengths=kvl, implementation="pallas_gpu",
                            interpret=interpret)
   nb = reference.cdiv(n, w.block_size)
-  qpi = api._queries_per_item(w.q_heads // w.groups, interpret)
   valid = reference.valid_block_mask(ids, nb)
-  schedule = jax.jit(sched.build_schedule, static_argnums=(3, 4))(ids, valid, pos, nb, qpi)
+  build = jax.jit(sched.build_schedule, static_argnums=(3, 4))
+
   def index_runner(cfg):  # the whole selection, compiled once per configuration, then timed
     f = jax.jit(lambda a, b: msa_jax.index_topk(
         a, b, block_size=w.block_size, topk=w.topk, q_positions=pos, kv_lengths=kvl,
@@ -334,20 +349,40 @@ def tune(w: Workload, args, interpret):
       block(f(q_idx, k_idx))
     return lambda: block(f(q_idx, k_idx))
 
-  def sparse_runner(cfg):
+  # Decode: one query per sequence against a long cache (batch 1: the launch-bound case).
+  nd = args.tune_decode_context
+  q_idx_d = _random(keys[3], (1, 1, w.groups, w.index_dim), dtype)
+  k_idx_d = _random(keys[4], (1, nd, w.index_dim), dtype)
+
+  def decode_runner(cfg):
+    f = jax.jit(lambda a, b: msa_jax.index_topk(
+        a, b, block_size=w.block_size, topk=w.topk, implementation="pallas_gpu",
+        interpret=interpret))
+    with tuning.override("index_decode", **cfg):
+      block(f(q_idx_d, k_idx_d))
+    return lambda: block(f(q_idx_d, k_idx_d))
+
+  def sparse_runner(cfg):  # the kernel alone, on a schedule built for the item size
+    cfg = dict(cfg)
+    tile_rows = api.INTERPRET_TILE_ROWS if interpret else cfg.pop("tile_rows", None)
+    cfg.pop("tile_rows", None)
+    per_tile, per_item = sparse_kernel.work_item_size(
+        w.q_heads // w.groups, tile_rows=tile_rows, tiles_per_item=cfg.pop("tiles_per_item"))
+    schedule = build(ids, valid, pos, nb, per_item)
     f = jax.jit(lambda q, k, v, s: sparse_kernel.sparse_attention_partials(
         q, k, v, s, kvl, block_size=w.block_size, scale=1 / math.sqrt(w.head_dim),
-        topk=w.topk, queries_per_item=qpi, interpret=interpret, **cfg))
+        topk=w.topk, queries_per_tile=per_tile, tiles_per_item=per_item // per_tile,
+        interpret=interpret, **cfg))
     return lambda: block(f(q, k, v, schedule))
 
-  runners = {"index": index_runner, "sparse": sparse_runner}
+  runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner}
   report, best = {}, {}
   for kernel, grid in grids.items():
     trials = []
     for values in itertools.product(*grid.values()):
       cfg = dict(zip(grid.keys(), values))
       try:
-        ms, _ = timed(runners[kernel](cfg), iters=args.iters, budget_s=2)
+        ms, _ = timed(runners[kernel](cfg), iters=args.iters, budget_s=1)
       except Exception as e:  # a config the compiler rejects (e.g. shared memory)
         trials.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
         continue
@@ -369,7 +404,7 @@ def tune(w: Workload, args, interpret):
     with open(path, "w") as f:
       json.dump(table, f, indent=1, sort_keys=True)
   tuning._table.cache_clear()
-  report["shape"] = {"context": n, "chunk": c}
+  report["shape"] = {"context": n, "chunk": c, "decode_context": nd}
   return report
 
 
@@ -402,16 +437,17 @@ def markdown(result) -> str:
           "sparse_tflops", "index_tflops", "dense_tflops"]) + " | "
           + _fmt(r["peak_bytes"] / 1e9 if r.get("peak_bytes", -1) > 0 else None) + " |")
   if result["decode"]:
-    lines += ["", "| batch | context | q/seq | MSA ms | dense XLA ms | dense Pallas gqa ms | "
-              "speedup vs best | TB/s on bytes that must move |", "|" + "---|" * 8]
+    lines += ["", "| batch | context | q/seq | MSA ms | index+top-k ms | sparse attn ms | "
+              "dense XLA ms | dense Pallas gqa ms | speedup vs best | "
+              "TB/s on bytes that must move |", "|" + "---|" * 10]
     for r in result["decode"]:
       if "error" in r:
         lines.append(f"| {r['batch']} | {r['context']} | {r['q_len']} | error: "
                      f"{r['error'][:120]} |")
         continue
       lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
-          "batch", "context", "q_len", "msa_ms", "dense_xla_ms", "dense_pallas_gqa_ms",
-          "speedup", "achieved_tbps"]) + " |")
+          "batch", "context", "q_len", "msa_ms", "index_ms", "sparse_ms", "dense_xla_ms",
+          "dense_pallas_gqa_ms", "speedup", "achieved_tbps"]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -479,6 +515,8 @@ def main(argv=None):
                            "for this card in msa_jax/kernels/gpu/tuned_configs.json")
   parser.add_argument("--tune-context", type=int, default=131072)
   parser.add_argument("--tune-chunk", type=int, default=16384)
+  parser.add_argument("--tune-decode-context", type=int, default=1048576,
+                      help="cached tokens of the decode step the index_decode sweep times")
   parser.add_argument("--skip-prefill", action="store_true")
   parser.add_argument("--skip-decode", action="store_true")
   parser.add_argument("--implementation", default=None, choices=msa_jax.IMPLEMENTATIONS,
@@ -499,7 +537,7 @@ def main(argv=None):
     args.decode_batches, args.decode_contexts = [1, 2], [96]
     args.decode_queries = sorted({min(q, 4) for q in args.decode_queries})
     args.iters = min(args.iters, 2)
-    args.tune_context, args.tune_chunk = 256, 64
+    args.tune_context, args.tune_chunk, args.tune_decode_context = 256, 64, 256
   device = jax.devices()[0]
   meta = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
           "commit": _commit(), "date": datetime.date.today().isoformat(),

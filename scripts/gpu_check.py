@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -105,19 +106,52 @@ def check_size(n, args):
   return row
 
 
+def check_decode(ctx, q_len, args):
+  """Decode step(s): batch 2, ``q_len`` new queries per sequence against ``ctx`` cached keys."""
+  hq, g, d, di, bs, topk, b = 64, 4, 128, 128, 128, 16, 2
+  keys = jax.random.split(jax.random.PRNGKey(ctx + q_len), 5)
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16)
+  q, k, v = (normal(keys[0], (b, q_len, hq, d)), normal(keys[1], (b, ctx, g, d)),
+             normal(keys[2], (b, ctx, g, d)))
+  q_idx, k_idx = normal(keys[3], (b, q_len, g, di)), normal(keys[4], (b, ctx, di))
+  kv_lengths = jnp.array([ctx, ctx - 777], jnp.int32)  # ragged: the second is shorter
+  row = {"decode_context": ctx, "q_len": q_len}
+
+  def msa(impl):
+    return jax.jit(lambda *a: msa_jax.msa_attention(
+        *a, block_size=bs, topk=topk, kv_lengths=kv_lengths, return_indices=True,
+        implementation=impl))
+
+  (o_ref, ids_ref), row["msa_xla_ms"] = _time(msa("xla"), q, k, v, q_idx, k_idx,
+                                              iters=args.iters)
+  try:
+    (o_g, ids_g), row["msa_pallas_ms"] = _time(msa("pallas_gpu"), q, k, v, q_idx, k_idx,
+                                               iters=args.iters)
+    same = np.all(np.sort(np.asarray(ids_g), -1) == np.sort(np.asarray(ids_ref), -1), -1)
+    row["index_set_match"] = float(same.mean())
+    if same.all():  # same selection: the outputs must agree to bf16 tolerance
+      row["out_rel_err"] = _rel_err(o_g, o_ref)
+  except Exception:
+    row["msa_error"] = traceback.format_exc(limit=3)
+  return row
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768],
                       help="context lengths N (batch 1, causal prefill)")
   parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
+  parser.add_argument("--decode-contexts", type=int, nargs="*", default=[65536],
+                      help="cached tokens of the decode checks (batch 2, 1 and 8 queries)")
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   args = parser.parse_args(argv)
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
   except OSError:
-    commit = "unknown"
+    commit = ""
+  commit = commit or os.environ.get("MSA_COMMIT", "unknown")
   meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
           "commit": commit, "date": datetime.date.today().isoformat()}
   print(json.dumps(meta), flush=True)
@@ -125,13 +159,24 @@ def main(argv=None):
   for n in args.sizes:
     rows.append(check_size(n, args))
     print(json.dumps(rows[-1]), flush=True)
+  decode_rows = []
+  for ctx in args.decode_contexts:
+    for q_len in (1, 8):
+      decode_rows.append(check_decode(ctx, q_len, args))
+      print(json.dumps(decode_rows[-1]), flush=True)
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+      json.dump({"meta": meta, "rows": rows, "decode": decode_rows}, f, indent=1)
   cols = ["N", "index_set_match", "out_rel_err", "lse_max_abs_err", "index_pallas_ms",
           "sparse_pallas_ms", "msa_pallas_ms", "index_xla_ms", "sparse_xla_ms", "dense_cudnn_ms"]
   print("| " + " | ".join(cols) + " |")
   for r in rows:
+    cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
+    print("| " + " | ".join(cells) + " |")
+  cols = ["decode_context", "q_len", "index_set_match", "out_rel_err", "msa_pallas_ms",
+          "msa_xla_ms"]
+  print("| " + " | ".join(cols) + " |")
+  for r in decode_rows:
     cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
     print("| " + " | ".join(cells) + " |")
   return 0

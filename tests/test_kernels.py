@@ -10,6 +10,7 @@ import msa_jax
 from msa_jax import api
 from msa_jax import reference
 from msa_jax import schedule as sched
+from msa_jax.kernels.gpu import tuning
 from tests import cases as C
 from tests import oracle
 
@@ -98,16 +99,23 @@ def test_every_partial_slot_written(impl):
   nb = reference.cdiv(case.kv_len, case.block_size)
   valid = reference.valid_block_mask(ids, nb)
   qpi = api._queries_per_item(case.q_heads // case.groups, interpret=True)
-  schedule = sched.build_schedule(ids, valid, x["q_positions"], nb, qpi)
   module = __import__(f"msa_jax.kernels.{impl.split('_')[1]}.sparse_attention",
                       fromlist=["x"])
   scale = 1 / np.sqrt(case.head_dim)
   pad = nb * case.block_size - case.kv_len
   kp = jnp.pad(x["k"], ((0, 0), (0, pad), (0, 0), (0, 0)))
   vp = jnp.pad(x["v"], ((0, 0), (0, pad), (0, 0), (0, 0)))
-  p_out, p_lse = module.sparse_attention_partials(
-      x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
-      topk=case.topk, queries_per_item=qpi, interpret=True)
+  if impl == "pallas_gpu":  # items of 2 tiles sharing one K/V load, 2 items per program
+    schedule = sched.build_schedule(ids, valid, x["q_positions"], nb, 2 * qpi)
+    p_out, p_lse = module.sparse_attention_partials(
+        x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
+        topk=case.topk, queries_per_tile=qpi, tiles_per_item=2, items_per_program=2,
+        interpret=True)
+  else:
+    schedule = sched.build_schedule(ids, valid, x["q_positions"], nb, qpi)
+    p_out, p_lse = module.sparse_attention_partials(
+        x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
+        topk=case.topk, queries_per_item=qpi, interpret=True)
   hpg = case.q_heads // case.groups
   for s in range(case.topk):
     want_out, want_lse = reference.sparse_attention(
@@ -168,6 +176,25 @@ def test_full_size_tiles_gpu_kernel():
     api.INTERPRET_TILE_ROWS = old
   ref_out, _ = C.oracle_attention(case, x, ids)
   assert C.rel_err(out, ref_out) <= 1e-5
+
+
+@pytest.mark.parametrize("case_name,tiles,ipp", [("chunked_prefill_gqa8", 3, 1),
+                                                  ("prefill_padding", 2, 3)])
+def test_gpu_kernel_items_of_several_tiles(case_name, tiles, ipp):
+  """Work items of several tiles (one K/V load streamed over them), through the public API."""
+  case = C.CASES[case_name]
+  x = C.make_inputs(case, jnp.float32, seed=18)
+  ids = C.random_selection(case, x, seed=18, holes=True)
+  with tuning.override("sparse", tiles_per_item=tiles, items_per_program=ipp):
+    out, lse = msa_jax.sparse_attention(
+        x["q"], x["k"], x["v"], ids, block_size=case.block_size, q_positions=x["q_positions"],
+        kv_lengths=x["kv_lengths"], return_lse=True, implementation="pallas_gpu",
+        interpret=True)
+  ref_out, ref_lse = C.oracle_attention(case, x, ids)
+  assert C.rel_err(out, ref_out) <= 1e-5
+  fin = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+  np.testing.assert_allclose(np.asarray(lse)[fin], ref_lse[fin], atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", KERNELS)

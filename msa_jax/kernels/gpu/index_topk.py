@@ -26,6 +26,11 @@ from jax.experimental.pallas import triton as pltr
 from msa_jax.kernels.gpu import tuning
 
 
+def config_key(q_len: int) -> str:
+  """The tuning table's section for ``q_len`` queries per sequence (decode or prefill)."""
+  return "index_decode" if q_len <= tuning.DECODE_QUERIES else "index"
+
+
 def _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size, blocks_per_tile):
   """[block_rows, blocks_per_tile] maxima of the visible token scores of each block."""
   q = q_ref[...]  # [block_rows, Di]
@@ -109,8 +114,9 @@ def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
   selection is the top ``topk`` of these (``reference.exact_top_k`` keeps the tie order), so
   the full block-score matrix is never written.
   """
-  cfg = tuning.config("index", block_rows=block_rows, blocks_per_tile=blocks_per_tile,
-                      num_warps=num_warps, num_stages=num_stages)
+  cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
+                      blocks_per_tile=blocks_per_tile, num_warps=num_warps,
+                      num_stages=num_stages)
   geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
   b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
   kk = min(pl.next_power_of_2(topk), bpt)
@@ -163,8 +169,9 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
 
   Launch parameters left as None come from the per-card table (``tuning.py``).
   """
-  cfg = tuning.config("index", block_rows=block_rows, blocks_per_tile=blocks_per_tile,
-                      num_warps=num_warps, num_stages=num_stages)
+  cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
+                      blocks_per_tile=blocks_per_tile, num_warps=num_warps,
+                      num_stages=num_stages)
   geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
   b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
   kernel = functools.partial(_scores_kernel, block_size=block_size, blocks_per_tile=bpt)

@@ -14,6 +14,8 @@ import os
 
 import jax
 
+DECODE_QUERIES = 16  # queries per sequence up to which "index_decode" applies
+
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
 
 DEFAULTS = {
@@ -21,8 +23,20 @@ DEFAULTS = {
     # block scores), then pick the final top-k among those candidates.
     "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
               "tile_topk": False},
-    "sparse": {"items_per_program": 1, "num_warps": 4, "num_stages": 2},
+    # The same kernels for decode (at most DECODE_QUERIES queries per sequence): few rows, so
+    # the grid comes from the key tiles and the best tile differs from prefill's.
+    "index_decode": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
+                     "tile_topk": False},
+    # tile_rows: query rows (positions x the group's heads) per tile; tiles_per_item: tiles
+    # that share one load of a block's K/V (the schedule's item size).
+    "sparse": {"tile_rows": 128, "tiles_per_item": 1, "items_per_program": 1, "num_warps": 4,
+               "num_stages": 2},
     "decode": {"num_warps": 4, "num_stages": 2},
+    # Backward (sparse_attention_bwd.py): tile_rows = query rows (positions x heads) of a
+    # dK/dV tile; tiles_per_item = tiles one dK/dV program walks against its block (bounds
+    # per-program work on hot blocks; fewer means more programs and more float32 partials).
+    "sparse_bwd": {"tile_rows": 64, "tiles_per_item": 16, "num_warps": 8, "num_stages": 2,
+                   "dq_num_warps": 4, "dq_num_stages": 2, "reduce_num_warps": 4},
 }
 
 
