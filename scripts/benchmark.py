@@ -323,9 +323,9 @@ def tune(w: Workload, args, interpret):
   pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
   kvl = jnp.array([n], jnp.int32)
   grids = {
-      "index": dict(tile_topk=[False, True], block_rows=[64, 128],
-                    blocks_per_tile=[16, 64, 128], num_warps=[4, 8], num_stages=[2]),
-      "sparse": dict(tile_rows=[64, 128], tiles_per_item=[1, 2, 4], items_per_program=[1, 2, 4],
+      "index": dict(tile_topk=[False, True], block_rows=[128], blocks_per_tile=[16, 64, 128],
+                    num_warps=[4, 8], num_stages=[2]),
+      "sparse": dict(tile_rows=[64, 128], tiles_per_item=[1, 2, 4], items_per_program=[1, 4],
                      num_warps=[4, 8], num_stages=[3]),
   }
   grids["index_decode"] = dict(tile_topk=[False, True], blocks_per_tile=[8, 16, 32, 64],
@@ -385,13 +385,22 @@ def tune(w: Workload, args, interpret):
         ms, _ = timed(runners[kernel](cfg), iters=args.iters, budget_s=1)
       except Exception as e:  # a config the compiler rejects (e.g. shared memory)
         trials.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        print(json.dumps({"kernel": kernel, **trials[-1]}), flush=True)
         continue
       trials.append({"config": cfg, "ms": ms})
       print(json.dumps({"kernel": kernel, **trials[-1]}), flush=True)
     ok = [t for t in trials if "ms" in t]
     if ok:
       best[kernel] = dict(tuning.DEFAULTS[kernel], **min(ok, key=lambda t: t["ms"])["config"])
+      _store_tuned(best, args)  # after each kernel: a sweep cut short keeps what it found
     report[kernel] = {"trials": trials, "best": best.get(kernel)}
+  report["shape"] = {"context": n, "chunk": c, "decode_context": nd}
+  return report
+
+
+def _store_tuned(best, args):
+  """Merge ``best`` into this card's entry of the tuning table (and a copy in --out-dir)."""
+  from msa_jax.kernels.gpu import tuning
   table_path = tuning.TABLE_PATH if not args.smoke else os.path.join(args.out_dir,
                                                                      "tuned_configs.json")
   try:
@@ -404,8 +413,6 @@ def tune(w: Workload, args, interpret):
     with open(path, "w") as f:
       json.dump(table, f, indent=1, sort_keys=True)
   tuning._table.cache_clear()
-  report["shape"] = {"context": n, "chunk": c, "decode_context": nd}
-  return report
 
 
 # ----------------------------------------------------------------------------- reporting
