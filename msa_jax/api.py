@@ -183,16 +183,19 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
   if impl == "xla":
     return reference.index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
                                 topk=topk)
-  tile_topk = False
+  selection = "scores"
   if impl == "pallas_gpu":
     from msa_jax.kernels.gpu import index_topk as kernel
     from msa_jax.kernels.gpu import tuning
-    tile_topk = tuning.config(kernel.config_key(q_idx.shape[1]))["tile_topk"]
+    selection = tuning.config(kernel.config_key(q_idx.shape[1]))["selection"]
+    if selection == "fused":  # nothing per query but the ids is kept: no chunking needed
+      return kernel.fused_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
+                               topk=topk, interpret=interpret)
   else:
     from msa_jax.kernels.tpu import index_topk as kernel
 
   def chunk(pos, qi):
-    if tile_topk:
+    if selection == "tile":
       # Each key tile's top blocks come out of the scoring kernel; block scores never do.
       values, ids = kernel.tile_candidates(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                            topk=topk, interpret=interpret)

@@ -257,6 +257,14 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
   ids = index(q_idx, k_idx)
   row["index_ms"], _ = timed(lambda: block(index(q_idx, k_idx)), iters=args.iters,
                              budget_s=args.budget_s / 3)
+  if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
+    from msa_jax.kernels.gpu import index_topk as index_kernel
+    pos = jnp.broadcast_to(ctx - q_len + jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    scores = jax.jit(lambda qi, ki: index_kernel.block_scores(
+        qi, ki, pos, jnp.full((batch,), ctx, jnp.int32), block_size=w.block_size,
+        interpret=interpret))
+    row["index_scores_kernel_ms"], _ = timed(lambda: block(scores(q_idx, k_idx)),
+                                             iters=args.iters, budget_s=args.budget_s / 3)
   row["sparse_ms"], _ = timed(lambda: block(sparse(q, k, v, ids)), iters=args.iters,
                               budget_s=args.budget_s / 3)
 
@@ -323,17 +331,18 @@ def tune(w: Workload, args, interpret):
   pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
   kvl = jnp.array([n], jnp.int32)
   grids = {
-      "index": dict(tile_topk=[False, True], block_rows=[128], blocks_per_tile=[16, 64, 128],
-                    num_warps=[4, 8], num_stages=[2]),
-      "sparse": dict(tile_rows=[64, 128], tiles_per_item=[1, 2, 4], items_per_program=[1, 4],
+      "index": dict(selection=["scores", "tile", "fused"], block_rows=[64, 128],
+                    blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2]),
+      "sparse": dict(tile_rows=[32, 64, 128], tiles_per_item=[1, 2], items_per_program=[1, 4],
                      num_warps=[4, 8], num_stages=[3]),
+      "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
+                           num_stages=[2, 4]),
   }
-  grids["index_decode"] = dict(tile_topk=[False, True], blocks_per_tile=[8, 16, 32, 64],
-                               num_stages=[2, 4])
   if args.smoke:
-    grids = {"index": dict(tile_topk=[False, True], block_rows=[16, 32], blocks_per_tile=[4]),
+    grids = {"index": dict(selection=["scores", "tile", "fused"], block_rows=[16, 32],
+                           blocks_per_tile=[4]),
              "sparse": dict(tiles_per_item=[1, 2], items_per_program=[1, 2]),
-             "index_decode": dict(tile_topk=[False, True])}
+             "index_decode": dict(selection=["scores", "tile"])}
   ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
                            q_positions=pos, kv_lengths=kvl, implementation="pallas_gpu",
                            interpret=interpret)

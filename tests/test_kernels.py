@@ -1,5 +1,7 @@
 """Pallas kernels (interpret mode) against reference.py, on the edge cases of spec/msa.md §8."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +27,20 @@ def _reference_ids(case, x):
 
 INDEX_VARIANTS = {
     "pallas_gpu": ("pallas_gpu", {}),
-    # Selection inside the scoring kernel, with small key tiles so candidates of several
-    # tiles are merged.
-    "pallas_gpu_tile_topk": ("pallas_gpu", {"tile_topk": True, "blocks_per_tile": 2}),
+    # Selection inside the scoring kernel, with small key tiles so several tiles are merged:
+    # per-tile candidates, and the running top-k across all key tiles.
+    "pallas_gpu_tile": ("pallas_gpu", {"selection": "tile", "blocks_per_tile": 2}),
+    "pallas_gpu_fused": ("pallas_gpu", {"selection": "fused", "blocks_per_tile": 2}),
     "pallas_tpu": ("pallas_tpu", {}),
 }
+
+
+@contextlib.contextmanager
+def index_override(**params):
+  """Index-kernel parameters for prefill and decode shapes alike."""
+  from msa_jax.kernels.gpu import tuning
+  with tuning.override("index", **params), tuning.override("index_decode", **params):
+    yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -40,7 +51,7 @@ def test_index_topk_kernel(variant, name, dtype):
   impl, params = INDEX_VARIANTS[variant]
   case = C.CASES[name]
   x = C.make_inputs(case, dtype, seed=11)
-  with tuning.override("index", **params):
+  with index_override(**params):
     ids = msa_jax.index_topk(x["q_idx"], x["k_idx"], block_size=case.block_size,
                              topk=case.topk, implementation=impl, interpret=True,
                              **C.position_kwargs(x))
@@ -300,15 +311,15 @@ def test_tuning_table_lookup(monkeypatch, tmp_path):
     tuning._table.cache_clear()
 
 
-@pytest.mark.parametrize("blocks_per_tile", [1, 4])
-def test_tile_candidates_many_blocks(blocks_per_tile):
-  """Fused selection over many key tiles (> 512 blocks: the two-stage final top-k too)."""
-  from msa_jax.kernels.gpu import tuning
+@pytest.mark.parametrize("selection,blocks_per_tile", [("tile", 1), ("tile", 4),
+                                                       ("fused", 4), ("fused", 16)])
+def test_kernel_selection_many_blocks(selection, blocks_per_tile):
+  """In-kernel selection over many key tiles (> 512 blocks: the two-stage final top-k too)."""
   rng = np.random.default_rng(41)
   b, t, s, g, di, bs, k = 1, 5, 1100, 2, 4, 2, 6
   q_idx = jnp.asarray(rng.integers(-2, 3, (b, t, g, di)), jnp.float32)  # many ties
   k_idx = jnp.asarray(rng.integers(-2, 3, (b, s, di)), jnp.float32)
-  with tuning.override("index", tile_topk=True, blocks_per_tile=blocks_per_tile):
+  with index_override(selection=selection, blocks_per_tile=blocks_per_tile):
     ids = msa_jax.index_topk(q_idx, k_idx, block_size=bs, topk=k, implementation="pallas_gpu",
                              interpret=True)
   pos = (s - t + np.arange(t))[None]

@@ -8,9 +8,15 @@ applied token by token, then the max over the block's keys. Only the block maxim
 entirely past every row's last visible key skip the GEMMs (causal prefill: half the grid).
 No exponentials anywhere (exp-free selection, spec §3.5).
 
-``block_scores`` writes the block maxima; ``tile_candidates`` instead keeps only each key
-tile's top-k (own block forced) so the full block-score matrix is never written, and the
-final top-k runs over those candidates (chosen per card by the tuning table's ``tile_topk``).
+Three ways to select, chosen per card and per phase by the tuning table's ``selection``:
+
+* ``"scores"``: ``block_scores`` writes the block maxima; the top-k runs in XLA.
+* ``"tile"``: ``tile_candidates`` keeps only each key tile's top-k (own block forced), so the
+  full block-score matrix is never written; the final top-k runs over those candidates.
+* ``"fused"``: ``fused_topk`` gives each program a row tile and walks all of its key tiles,
+  merging every tile's block maxima into a running top-k held in registers: only the final
+  block ids leave the kernel (spec §6: the ``[G, T, S/Bk]`` matrix is never materialised, no
+  top-k outside). One program per row tile, so it needs many query rows (prefill), not decode.
 """
 
 from __future__ import annotations
@@ -31,15 +37,23 @@ def config_key(q_len: int) -> str:
   return "index_decode" if q_len <= tuning.DECODE_QUERIES else "index"
 
 
-def _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size, blocks_per_tile):
-  """[block_rows, blocks_per_tile] maxima of the visible token scores of each block."""
+def _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size, blocks_per_tile,
+                       load_keys=None):
+  """[block_rows, blocks_per_tile] maxima of the visible token scores of each block.
+
+  ``load_keys(j)`` returns the key tile's block j (default: rows of ``k_ref``, which holds
+  exactly the tile's keys).
+  """
   q = q_ref[...]  # [block_rows, Di]
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   col = lax.broadcasted_iota(jnp.int32, (1, blocks_per_tile), 1)
   key_iota = lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+  if load_keys is None:
+    load_keys = lambda j: k_ref[pl.ds(pl.multiple_of(j * block_size, block_size), block_size),
+                                :]
 
   def body(j, scores):
-    k = k_ref[pl.ds(pl.multiple_of(j * block_size, block_size), block_size), :]
+    k = load_keys(j)
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32)
     key_pos = first_key + j * block_size + key_iota
@@ -102,6 +116,97 @@ def _tile_topk_kernel(pos_ref, kv_len_ref, q_ref, k_ref, val_ref, id_ref, *, blo
     _, vals, ids = lax.fori_loop(0, kk, extract, init)
     val_ref[...] = vals
     id_ref[...] = ids
+
+
+def _merge_top(run_vals, run_ids, new_vals, new_ids, kk):
+  """Top ``kk`` of a running list and a tile's entries (descending; ties to the lower id).
+
+  ``run_*`` [rows, kk] hold earlier key tiles (lower block ids than every ``new_ids``);
+  entries equal to -inf carry no meaning and come out with id -1 at the end.
+  """
+  out_col = lax.broadcasted_iota(jnp.int32, (1, kk), 1)
+  big = jnp.int32(2**30)
+
+  def extract(step, carry):
+    run_vals, new_vals, vals, ids = carry
+    best = jnp.maximum(jnp.max(run_vals, axis=1), jnp.max(new_vals, axis=1))[:, None]
+    chosen = jnp.minimum(jnp.min(jnp.where(run_vals == best, run_ids, big), axis=1),
+                         jnp.min(jnp.where(new_vals == best, new_ids, big), axis=1))[:, None]
+    vals = jnp.where(out_col == step, best, vals)
+    ids = jnp.where(out_col == step, chosen, ids)
+    run_vals = jnp.where(run_ids == chosen, -jnp.inf, run_vals)
+    new_vals = jnp.where(new_ids == chosen, -jnp.inf, new_vals)
+    return run_vals, new_vals, vals, ids
+
+  init = (run_vals, new_vals, jnp.full(run_vals.shape, -jnp.inf, jnp.float32),
+          jnp.full(run_ids.shape, -1, jnp.int32))
+  _, _, vals, ids = lax.fori_loop(0, kk, extract, init)
+  return vals, ids
+
+
+def _fused_topk_kernel(pos_ref, kv_len_ref, q_ref, k_ref, id_ref, *, block_size,
+                       blocks_per_tile):
+  """A row tile against all its visible key tiles, keeping a running top-k of block maxima."""
+  b = pl.program_id(0)
+  pos = pos_ref[...]  # [block_rows]
+  kv_len = kv_len_ref[b]
+  kk = id_ref.shape[-1]
+  last_visible = jnp.minimum(pos, kv_len - 1)
+  own = jnp.where(last_visible >= 0, last_visible // block_size, -1)
+  tile_keys = blocks_per_tile * block_size
+  n_tiles = (jnp.max(last_visible) + tile_keys) // tile_keys  # tiles holding a visible key
+  col = lax.broadcasted_iota(jnp.int32, (1, blocks_per_tile), 1)
+
+  def tile(j, carry):
+    run_vals, run_ids = carry
+    first_key = j * tile_keys
+
+    def load_keys(jj):
+      start = pl.multiple_of(first_key + jj * block_size, block_size)
+      return k_ref[b, pl.ds(start, block_size), :]
+
+    scores = _tile_block_maxima(q_ref, None, pos, kv_len, first_key, block_size,
+                                blocks_per_tile, load_keys)
+    new_ids = j * blocks_per_tile + col
+    scores = jnp.where(new_ids == own[:, None], jnp.inf, scores)
+    return _merge_top(run_vals, run_ids, scores, new_ids, kk)
+
+  init = (jnp.full(id_ref.shape, -jnp.inf, jnp.float32), jnp.full(id_ref.shape, -1, jnp.int32))
+  vals, ids = lax.fori_loop(0, n_tiles, tile, init)
+  id_ref[...] = jnp.where(vals == -jnp.inf, -1, ids)
+
+
+def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, block_rows=None,
+               blocks_per_tile=None, num_warps=None, num_stages=None, interpret=False):
+  """The selection, int32 ``[B,T,G,topk]`` (-1 padded), from one kernel: scoring, block
+  max-pool and a running top-k per row tile (no block scores or candidates in HBM)."""
+  cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
+                      blocks_per_tile=blocks_per_tile, num_warps=num_warps,
+                      num_stages=num_stages)
+  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
+  b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
+  kk = max(2, pl.next_power_of_2(topk))
+  n_row_tiles = q_rows.shape[1] // block_rows
+  # Later rows see more keys (causal): launch them first so the longest programs start early.
+  row_tile = lambda bi, ri: (bi, n_row_tiles - 1 - ri)
+  kernel = functools.partial(_fused_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
+  ids = pl.pallas_call(
+      kernel,
+      grid=(b, n_row_tiles),
+      in_specs=[
+          pl.BlockSpec((None, block_rows), row_tile),
+          pl.BlockSpec(),  # kv_lengths: the whole array, read as scalars
+          pl.BlockSpec((None, block_rows, q_rows.shape[2]), lambda bi, ri: (*row_tile(bi, ri), 0)),
+          pl.BlockSpec(),  # index keys: the whole array, tiles sliced in the kernel
+      ],
+      out_specs=pl.BlockSpec((None, block_rows, kk), lambda bi, ri: (*row_tile(bi, ri), 0)),
+      out_shape=jax.ShapeDtypeStruct((b, q_rows.shape[1], kk), jnp.int32),
+      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]),
+      interpret=interpret,
+      name="msa_index_fused_topk",
+  )(row_pos, kv_lengths, q_rows, k_idx)
+  return ids[:, :rows].reshape(b, t, g, kk)[..., :topk]
 
 
 def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,

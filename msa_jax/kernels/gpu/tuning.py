@@ -19,14 +19,15 @@ DECODE_QUERIES = 16  # queries per sequence up to which "index_decode" applies
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
 
 DEFAULTS = {
-    # tile_topk: select inside the scoring kernel (each key tile's top-k leaves it, not all
-    # block scores), then pick the final top-k among those candidates.
+    # selection: where the top-k happens (index_topk.py): "scores" (XLA over the block-score
+    # matrix), "tile" (per key tile in the kernel, then XLA over the candidates) or "fused"
+    # (a running top-k in the kernel; prefill only).
     "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
-              "tile_topk": False},
+              "selection": "scores"},
     # The same kernels for decode (at most DECODE_QUERIES queries per sequence): few rows, so
     # the grid comes from the key tiles and the best tile differs from prefill's.
     "index_decode": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
-                     "tile_topk": False},
+                     "selection": "scores"},
     # tile_rows: query rows (positions x the group's heads) per tile; tiles_per_item: tiles
     # that share one load of a block's K/V (the schedule's item size).
     "sparse": {"tile_rows": 128, "tiles_per_item": 1, "items_per_program": 1, "num_warps": 4,
