@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# scripts/generate.py on GPUs against the CPU xla path, on a ~1B-parameter random checkpoint in
+# the released layout (configs/gen_1b.json, ~2 GB bf16) with prompts longer than k*Bk = 2048
+# tokens, so MSA selection is active. Greedy float32 tokens must agree across: 1 GPU (Pallas
+# GPU kernels), 2 GPUs tensor-parallel, 2 GPUs expert-parallel (when 2 GPUs are present), and
+# the CPU xla path. Usage: benchmarks/generate_check.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: generate_check.sh OUT_DIR}
+mkdir -p "$out"
+config=${CONFIG:-configs/gen_1b.json}
+ckpt=${CKPT:-/tmp/gen_1b}
+new=${NEW_TOKENS:-16}
+lengths=${LENGTHS:-3000 2300}
+[ -f "$ckpt/config.json" ] || python3 scripts/make_tiny_checkpoint.py --out "$ckpt" \
+    --config "$config" --shards 4 --dtype bfloat16 || exit 1
+prompts=$(python3 -c "
+import json, random, sys
+vocab = json.load(open(sys.argv[1]))['vocab_size']
+r = random.Random(0)
+for n in sys.argv[2:]:
+  print('--prompt-ids', ','.join(str(r.randrange(1, vocab)) for _ in range(int(n))))" \
+  "$config" $lengths)
+run() {  # name, then extra arguments
+  local name=$1; shift
+  python3 scripts/generate.py --checkpoint "$ckpt" $prompts \
+      --max-new-tokens "$new" --dtype float32 --warmup --quiet \
+      --output-json "$out/$name.json" "$@" > "$out/$name.log" 2> "$out/$name.err"
+  echo "$name rc=$? $(tail -1 "$out/$name.log")"
+}
+ngpu=$(python3 -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))" 2>/dev/null)
+if [ "${ngpu:-0}" -ge 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 run gpu1
+fi
+if [ "${ngpu:-0}" -ge 2 ]; then
+  CUDA_VISIBLE_DEVICES=0,1 run gpu2_tensor --mesh data=1,tensor=2,expert=1
+  CUDA_VISIBLE_DEVICES=0,1 run gpu2_expert --mesh data=1,tensor=1,expert=2
+fi
+JAX_PLATFORMS=cpu run cpu_xla --implementation xla
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(f"{out}/*.json"))
+        if not p.endswith("summary.json")}
+ref = runs.get("cpu_xla", {}).get("generated_ids")
+rows = []
+for name, r in runs.items():
+  rows.append({"run": name, "mesh": r["mesh"], "same_tokens_as_cpu_xla": r["generated_ids"] == ref,
+               "prefill_tok_s": r["prefill_tokens_per_s"], "decode_tok_s": r["decode_tokens_per_s"],
+               "peak_gib_per_device": [round(b / 2**30, 2) for b in r["peak_bytes_per_device"]]})
+json.dump(rows, open(f"{out}/summary.json", "w"), indent=1)
+print("| run | mesh | same tokens as CPU xla | prefill tok/s | decode tok/s | peak GiB per device |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+  dec = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+  print(f"| {r['run']} | {r['mesh']} | {r['same_tokens_as_cpu_xla']} | {r['prefill_tok_s']:.0f} | "
+        f"{dec} | {r['peak_gib_per_device']} |")
+PY
