@@ -35,7 +35,12 @@ if [ "${ngpu:-0}" -ge 2 ]; then
   CUDA_VISIBLE_DEVICES=0,1 run gpu2_tensor --mesh data=1,tensor=2,expert=1
   CUDA_VISIBLE_DEVICES=0,1 run gpu2_expert --mesh data=1,tensor=1,expert=2
 fi
-JAX_PLATFORMS=cpu run cpu_xla --implementation xla
+# The reference: the CPU xla path (CPU_XLA=0 skips it, e.g. to run it on another machine on
+# the same checkpoint: make_tiny_checkpoint.py is deterministic; compare checksums.md5).
+(cd "$ckpt" && md5sum *.safetensors > "$out/checksums.md5")
+if [ "${CPU_XLA:-1}" = 1 ]; then
+  JAX_PLATFORMS=cpu run cpu_xla --implementation xla
+fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
