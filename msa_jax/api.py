@@ -304,28 +304,34 @@ def _sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _pallas_sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale,
                              impl, interpret):
-  """Pallas forward; the backward goes through the reference (Pallas backward: issue 5)."""
+  """Pallas forward -> (out, lse); the backward recomputes probabilities from them."""
   return _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths,
                          block_size=block_size, scale=scale, impl=impl, interpret=interpret)
 
 
 def _pallas_fwd(q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl,
                 interpret):
-  out = _pallas_sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, block_size,
-                                 scale, impl, interpret)
-  return out, (q, k, v, block_indices, q_positions, kv_lengths)
+  out, lse = _pallas_sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
+                                      block_size, scale, impl, interpret)
+  return (out, lse), (q, k, v, block_indices, q_positions, kv_lengths, out, lse)
 
 
 def _pallas_bwd(block_size, scale, impl, interpret, residuals, cotangents):
-  del impl, interpret
-  q, k, v, block_indices, q_positions, kv_lengths = residuals
+  q, k, v, block_indices, q_positions, kv_lengths, out, lse = residuals
+  d_out, d_lse = cotangents
+  if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
+    dq, dk, dv = bwd.sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out,
+                                          lse, d_out, d_lse, block_size=block_size,
+                                          scale=scale, interpret=interpret)
+  else:  # TPU: the reference gradient
+    def ref(q, k, v):
+      return reference.sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
+                                        block_size=block_size, scale=scale)
 
-  def ref(q, k, v):
-    return reference.sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
-                                      block_size=block_size, scale=scale)
-
-  _, pullback = jax.vjp(ref, q, k, v)
-  return (*pullback(cotangents), None, None, None)
+    _, pullback = jax.vjp(ref, q, k, v)
+    dq, dk, dv = pullback((d_out, d_lse))
+  return dq, dk, dv, None, None, None
 
 
 _pallas_sparse_attention.defvjp(_pallas_fwd, _pallas_bwd)

@@ -36,8 +36,9 @@ DEFAULTS = {
     # Backward (sparse_attention_bwd.py): tile_rows = query rows (positions x heads) of a
     # dK/dV tile; tiles_per_item = tiles one dK/dV program walks against its block (bounds
     # per-program work on hot blocks; fewer means more programs and more float32 partials).
-    "sparse_bwd": {"tile_rows": 64, "tiles_per_item": 16, "num_warps": 8, "num_stages": 2,
-                   "dq_num_warps": 4, "dq_num_stages": 2, "reduce_num_warps": 4},
+    # H200, M3 shapes: 128 rows x 32 tiles, 8 warps (256 rows exceed shared memory).
+    "sparse_bwd": {"tile_rows": 128, "tiles_per_item": 32, "num_warps": 8, "num_stages": 2,
+                   "dq_num_warps": 2, "dq_num_stages": 2, "reduce_num_warps": 4},
 }
 
 
