@@ -1,0 +1,112 @@
+"""Profile one MSA decode step and one prefill chunk: time per GPU kernel, from a jax trace.
+
+Runs ``msa_attention`` at MiniMax-M3 shapes (bf16) under ``jax.profiler.trace`` and sums the
+device time of every kernel by name (from the Perfetto trace the profiler writes), so the
+launches of a step and their share of its time can be read without TensorBoard. Use it to see
+where a step's time goes before optimising; numbers for claims come from scripts/benchmark.py.
+
+Example:  python3 scripts/profile_step.py --decode-context 1048576 --prefill-context 131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import msa_jax
+
+
+def _inputs(key, b, t, s, hq=64, g=4, d=128, di=128, dtype=jnp.bfloat16):
+  ks = jax.random.split(key, 5)
+  return (jax.random.normal(ks[0], (b, t, hq, d), dtype), jax.random.normal(ks[1], (b, s, g, d), dtype),
+          jax.random.normal(ks[2], (b, s, g, d), dtype), jax.random.normal(ks[3], (b, t, g, di), dtype),
+          jax.random.normal(ks[4], (b, s, di), dtype))
+
+
+def kernel_table(trace_dir: str, calls: int, top: int = 30, device: str = "GPU") -> list[dict]:
+  """Kernel name -> total device microseconds per call, from the profiler's Perfetto trace.
+
+  Only events of processes whose name contains ``device`` count ("GPU": the device streams).
+  """
+  paths = (glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+           or glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  if not paths:
+    return []
+  with gzip.open(sorted(paths)[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  totals, counts = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    if device not in names.get(e.get("pid"), ""):
+      continue
+    totals[e["name"]] += float(e.get("dur", 0))
+    counts[e["name"]] += 1
+  rows = [{"kernel": n[:90], "us_per_call": totals[n] / calls, "launches_per_call": counts[n] / calls}
+          for n, _ in totals.most_common(top)]
+  return rows
+
+
+def profile(name, fn, args, calls, out_dir):
+  jax.block_until_ready(fn(*args))  # compile
+  trace_dir = os.path.join(out_dir, name)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+  rows = kernel_table(trace_dir, calls)
+  total = sum(r["us_per_call"] for r in rows)
+  print(f"\n## {name}: {total:.1f} us of device time per call in the top kernels")
+  print("| kernel | us per call | launches per call |\n|---|---|---|")
+  for r in rows:
+    print(f"| {r['kernel']} | {r['us_per_call']:.1f} | {r['launches_per_call']:.1f} |")
+  return {"name": name, "kernels": rows}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--decode-context", type=int, default=1048576)
+  parser.add_argument("--decode-batch", type=int, default=1)
+  parser.add_argument("--prefill-context", type=int, default=131072)
+  parser.add_argument("--prefill-chunk", type=int, default=65536)
+  parser.add_argument("--calls", type=int, default=10)
+  parser.add_argument("--implementation", default=None, choices=msa_jax.IMPLEMENTATIONS)
+  parser.add_argument("--interpret", action="store_true", help="interpret mode (CPU smoke)")
+  parser.add_argument("--out-dir", default=None, help="traces and profile.json (default: temp)")
+  args = parser.parse_args(argv)
+  out_dir = args.out_dir or tempfile.mkdtemp()
+  common = dict(implementation=args.implementation, interpret=args.interpret)
+  results = []
+  if args.decode_context:
+    q, k, v, qi, ki = _inputs(jax.random.PRNGKey(0), args.decode_batch, 1, args.decode_context)
+    step = jax.jit(lambda *a: msa_jax.msa_attention(*a, **common))
+    results.append(profile("decode", step, (q, k, v, qi, ki), args.calls, out_dir))
+  if args.prefill_context:
+    n, c = args.prefill_context, min(args.prefill_chunk, args.prefill_context)
+    q, k, v, qi, ki = _inputs(jax.random.PRNGKey(1), 1, c, n)
+    pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
+    chunk = jax.jit(lambda *a: msa_jax.msa_attention(*a, q_positions=pos, **common))
+    results.append(profile("prefill_last_chunk", chunk, (q, k, v, qi, ki),
+                           max(1, args.calls // 5), out_dir))
+  with open(os.path.join(out_dir, "profile.json"), "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "commit": os.environ.get("MSA_COMMIT", "unknown"), "results": results}, f,
+              indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
