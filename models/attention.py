@@ -8,6 +8,9 @@ index norms and the same RoPE, on a stop-gradient input (the index branch never 
 gradient into the backbone; it trains through ``msa_jax.indexer_kl_loss``). Selection and
 sparse attention go through ``msa_jax.msa_attention``. Full-attention layers use
 ``jax.nn.dot_product_attention`` with the same visibility rule (j <= p and j < kv_len).
+
+``train_forward`` is the cache-free full-sequence path of training and evaluation: attention
+dense or MSA per call, and the per-layer indexer KL loss (selected or whole-causal support).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flax import nnx
 
 import msa_jax
 from models import cache as cache_lib
+from models import losses
 from models.layers import Linear, RMSNorm, rope
 
 
@@ -48,26 +52,39 @@ class Attention(nnx.Module):
   def _rope(self, x, positions):
     return rope(x, positions, rotary_dim=self.config.rotary_dim, theta=self.config.rope_theta)
 
+  def project(self, h, positions):
+    """Main branch: q [B,T,Hq,D], k and v [B,T,G,D] (per-head norm and RoPE applied)."""
+    c = self.config
+    b, t, _ = h.shape
+    q = self.q_proj(h).reshape(b, t, c.num_heads, c.head_dim)
+    k = self.k_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
+    return self._rope(self.q_norm(q), positions), self._rope(self.k_norm(k), positions), v
+
+  def project_index(self, h, positions):
+    """Index branch on stop_gradient(h) (spec §3.1, paper Eq. 11): q_idx [B,T,G,Di] and
+    k_idx [B,T,Di]. Only the index projections and norms see gradient here (from the KL)."""
+    c = self.config
+    b, t, _ = h.shape
+    hi = jax.lax.stop_gradient(h)
+    iq = self.index_q_proj(hi).reshape(b, t, c.num_kv_heads, c.index_head_dim)
+    ik = self.index_k_proj(hi).reshape(b, t, 1, c.index_head_dim)
+    iq = self._rope(self.index_q_norm(iq), positions)
+    ik = self._rope(self.index_k_norm(ik), positions)[:, :, 0]
+    return iq, ik
+
   def __call__(self, h, positions, kv_lengths, k_cache, v_cache, index_cache, *,
                implementation="xla", interpret=False):
     """h [B,T,H]; positions [B,T] (-1 = padding); caches hold kv_lengths valid tokens after
     this step's write. Returns (out [B,T,H], k_cache, v_cache, index_cache)."""
     c = self.config
     b, t, _ = h.shape
-    q = self.q_proj(h).reshape(b, t, c.num_heads, c.head_dim)
-    k = self.k_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
-    q = self._rope(self.q_norm(q), positions)
-    k = self._rope(self.k_norm(k), positions)
+    q, k, v = self.project(h, positions)
     k_cache = cache_lib.write(k_cache, k, positions)
     v_cache = cache_lib.write(v_cache, v, positions)
     k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     if self.sparse:
-      hi = jax.lax.stop_gradient(h)
-      iq = self.index_q_proj(hi).reshape(b, t, c.num_kv_heads, c.index_head_dim)
-      ik = self.index_k_proj(hi).reshape(b, t, 1, c.index_head_dim)
-      iq = self._rope(self.index_q_norm(iq), positions)
-      ik = self._rope(self.index_k_norm(ik), positions)[:, :, 0]
+      iq, ik = self.project_index(h, positions)
       index_cache = cache_lib.write(index_cache, ik, positions)
       out = msa_jax.msa_attention(
           q, k_all, v_all, iq, index_cache.astype(q.dtype), block_size=c.index_block_size,
@@ -80,3 +97,63 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask[:, None])
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, k_cache, v_cache, index_cache
+
+  def train_forward(self, h, *, attention="msa", indexer_loss=None, capture=False,
+                    implementation="xla", interpret=False, dense_implementation=None):
+    """Full-sequence forward from an empty context, no cache (training and evaluation).
+
+    Args:
+      h: [B, T, H] normed layer input; query t sits at position t.
+      attention: "msa" (an MSA layer selects blocks and attends to them) or "dense" (dense
+        causal attention in every layer: the warm-up and dense-training mode).
+      indexer_loss: None (no KL), "selected" (KL over the visible tokens of the index
+        branch's own top-k blocks, spec §5; in dense mode the selection comes from
+        ``msa_jax.index_topk`` while attention stays dense) or "causal" (KL over the whole
+        causal context: the paper's warm-up stage 1, research/paper.md §7.3 / App. B.4).
+      capture: also return q, k, q_idx, k_idx and the selection (evaluation metrics).
+      dense_implementation: ``implementation=`` of ``jax.nn.dot_product_attention``
+        (None = XLA; "cudnn" for flash attention on GPU with bf16).
+
+    Returns:
+      (out [B, T, H], aux) with ``aux["kl"]`` a float32 scalar (0 for a full-attention layer
+      or without ``indexer_loss``) and, with ``capture``, the tensors above (None where a
+      full-attention layer has none).
+    """
+    c = self.config
+    b, t, _ = h.shape
+    if attention not in ("msa", "dense"):
+      raise ValueError(f"attention must be 'msa' or 'dense'; got {attention!r}")
+    if indexer_loss not in (None, "selected", "causal"):
+      raise ValueError(f"indexer_loss must be None, 'selected' or 'causal'; got "
+                       f"{indexer_loss!r}")
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_lengths = jnp.full((b,), t, jnp.int32)
+    q, k, v = self.project(h, positions)
+    kl = jnp.zeros((), jnp.float32)
+    iq = ik = ids = None
+    index_kw = dict(block_size=c.index_block_size, q_positions=positions,
+                    kv_lengths=kv_lengths)
+    if self.sparse and (attention == "msa" or indexer_loss is not None or capture):
+      iq, ik = self.project_index(h, positions)
+    if self.sparse and attention == "msa":
+      out, ids = msa_jax.msa_attention(
+          q, k, v, iq, ik.astype(q.dtype), topk=c.index_topk_blocks, return_indices=True,
+          implementation=implementation, interpret=interpret, **index_kw)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=dense_implementation)
+      if iq is not None and (indexer_loss == "selected" or capture):
+        ids = msa_jax.index_topk(jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik),
+                                 topk=c.index_topk_blocks, implementation=implementation,
+                                 interpret=interpret, **index_kw)
+    if self.sparse and indexer_loss == "selected":
+      kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, **index_kw)
+    elif self.sparse and indexer_loss == "causal":
+      # Paper warm-up (research/paper.md §7.3, App. B.4): KL against the full causal
+      # main-branch distribution, not only the selected blocks, while attention is dense.
+      kl = losses.causal_indexer_kl_loss(q, k, iq, ik, q_positions=positions)
+    out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
+    aux = {"kl": kl.astype(jnp.float32)}
+    if capture:
+      aux.update(q=q, k=k, q_idx=iq, k_idx=ik, block_indices=ids)
+    return out, aux

@@ -45,6 +45,14 @@ class DecoderLayer(nnx.Module):
     return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), k_cache, v_cache, \
         index_cache
 
+  def train_forward(self, x, **attention_kw):
+    """Cache-free full-sequence layer (``Attention.train_forward``): (x, aux)."""
+    attn, aux = self.self_attn.train_forward(self.input_layernorm(x), **attention_kw)
+    x = sharding.constrain(x + attn, ("batch", "seq", "embed_act"))
+    h = self.post_attention_layernorm(x)
+    ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h)
+    return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), aux
+
 
 class MiniMaxM3(nnx.Module):
   """The text model. ``dtype`` is the activation dtype; parameters are kept in
@@ -96,3 +104,32 @@ class MiniMaxM3(nnx.Module):
     """Full-sequence forward of ``tokens [B, T]`` from an empty context: logits [B, T, V]."""
     cache = cache_lib.init_cache(self.config, tokens.shape[0], tokens.shape[1], self.dtype)
     return self(tokens, cache)[0]
+
+  def train_forward(self, tokens: jax.Array, *, attention: str = "msa",
+                    indexer_loss: str | None = None, capture: bool = False,
+                    remat: bool = False, dense_implementation: str | None = None):
+    """Training/evaluation forward of ``tokens [B, T]`` from position 0, without a cache.
+
+    ``attention`` ("msa" or "dense") and ``indexer_loss`` (None, "selected", "causal") are as
+    in ``Attention.train_forward``; ``remat`` recomputes each layer in the backward pass
+    (activation memory of one layer instead of all). Returns ``(logits [B, T, V] float32,
+    aux)`` with ``aux["kl"]`` float32 [num_layers] (0 for full-attention layers) and, with
+    ``capture``, ``aux["layers"]``: per layer a dict of q, k, q_idx, k_idx, block_indices.
+    """
+    kw = dict(attention=attention, indexer_loss=indexer_loss, capture=capture,
+              implementation=self.implementation, interpret=self.interpret,
+              dense_implementation=dense_implementation)
+    x = self.embed_tokens[...][tokens].astype(self.dtype)
+    x = sharding.constrain(x, ("batch", "seq", "embed_act"))
+    run = lambda layer, x: layer.train_forward(x, **kw)
+    if remat:
+      run = nnx.remat(run)
+    auxes = []
+    for layer in self.layers:
+      x, aux = run(layer, x)
+      auxes.append(aux)
+    logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+    out = {"kl": jnp.stack([a["kl"] for a in auxes])}
+    if capture:
+      out["layers"] = [{k: v for k, v in a.items() if k != "kl"} for a in auxes]
+    return logits, out

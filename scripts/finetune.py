@@ -54,12 +54,16 @@ Examples:
   # 1. dense from scratch on the retrieval task at 8K context
   python3 scripts/finetune.py --output-dir runs/dense --attention dense --kl-weight 0 \\
       --num-layers 6 --hidden-size 384 --num-heads 6 --num-kv-heads 2 --head-dim 64 \\
-      --vocab-size 512 --sparse-layers all --moe-layers none --mlp-dim 1536 \\
-      --seq-len 8192 --batch-size 8 --steps 4000 --lr 1e-3 --lr-warmup-steps 200 \\
-      --param-dtype bfloat16 --dtype bfloat16 --time-limit 25 --resume
-  # 2. convert: KL warm-up (dense), then MSA with a budget of k*Bk = 1024 = 1/8 of 8K
-  python3 scripts/finetune.py --output-dir runs/msa --init-from runs/dense --steps 1000 \\
-      --dense-warmup-steps 300 --block-size 128 --topk 8 --seq-len 8192 --resume
+      --rotary-dim 32 --vocab-size 512 --sparse-layers none --moe-layers none \\
+      --mlp-dim 1536 --seq-len 8192 --batch-size 8 --steps 4000 --lr 1e-3 \\
+      --lr-warmup-steps 200 --param-dtype bfloat16 --dtype bfloat16 --remat \\
+      --time-limit 25 --resume            # rerun the same line until it finishes
+  # 2. convert: add index projections, KL warm-up with dense attention, then MSA with a
+  #    budget of k*Bk = 8*128 = 1/8 of the context
+  python3 scripts/finetune.py --output-dir runs/msa --init-from runs/dense \\
+      --sparse-layers all --block-size 128 --topk 8 --dense-warmup-steps 300 \\
+      --steps 1000 --lr 3e-4 --seq-len 8192 --batch-size 8 --param-dtype bfloat16 \\
+      --dtype bfloat16 --remat --time-limit 25 --resume
   # 3. compare on the same held-out examples
   python3 scripts/evaluate.py --checkpoint runs/msa --seq-len 8192 \\
       --attention dense,msa,msa-random-indexer
@@ -110,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--stop-at", type=int, default=None,
                    help="stop with a checkpoint after this step (run in pieces)")
   run.add_argument("--time-limit", type=float, default=None,
-                   help="minutes: stop with a checkpoint before this wall time is exceeded")
+                   help="minutes of wall time for this invocation: stop with a checkpoint "
+                        "when the next step would exceed it (leave a margin for start-up "
+                        "outside Python)")
   run.add_argument("--eval-every", type=int, default=0,
                    help="evaluate on held-out examples every N steps and at the end (0 = "
                         "never): accuracy, loss, block/score recall")
@@ -172,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KL support while attention is dense: the whole causal context "
                           "(the paper's warm-up) or the indexer's top-k blocks")
   train.add_argument("--kl-weight", type=float, default=1.0,
-                     help="λ of L_LM + λ·Σ L_KL (0 = no KL; default 1)")
+                     help="λ of L_LM + λ·Σ L_KL (default 1; 0 = no KL, and the index "
+                          "projections stay as they are, e.g. for dense pre-training)")
   train.add_argument("--batch-size", type=int, default=8,
                      help="global batch (examples per step), divisible by data x fsdp")
   train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
@@ -226,6 +233,21 @@ def truncate_log(path: str, step: int):
       f.write(json.dumps(r) + "\n")
 
 
+# Flags that control one invocation, not what is computed.
+RUN_CONTROL = {"resume", "stop_at", "time_limit", "quiet", "eval_every", "eval_examples",
+               "save_every", "keep", "output_dir", "init_from", "mesh"}
+
+
+def changed_flags(path: str, now: dict) -> dict:
+  """{flag: (before, now)} for flags that differ from the args.json at ``path``."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    before = json.load(f)
+  return {k: (before.get(k), v) for k, v in now.items()
+          if k not in RUN_CONTROL and before.get(k) != v}
+
+
 def plot_curves(log_path: str, png_path: str, dense_warmup_steps: int = 0):
   """curves.png: LM loss and total loss, KL, gradient norm, tokens/s (and eval accuracy)."""
   import matplotlib
@@ -277,20 +299,27 @@ def fmt_record(r: dict, total: int) -> str:
 
 def main(argv=None, *, on_step=None):
   """Run the CLI. ``on_step(step, record)`` (tests) is called after each logged step."""
+  t_begin = time.perf_counter()
   args = build_parser().parse_args(argv)
   if args.steps < 0 or args.batch_size < 1 or args.save_every < 1:
     raise SystemExit("--steps must be >= 0, --batch-size and --save-every >= 1")
   out_dir = os.path.abspath(args.output_dir)
   os.makedirs(out_dir, exist_ok=True)
   ckpt_dir = os.path.join(out_dir, "checkpoints")
-  log_path = os.path.join(out_dir, "metrics.jsonl")
-  dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype]
   mesh = sharding.make_mesh(eval_cli.parse_mesh(args.mesh))
 
   ckpts = training.Checkpoints(ckpt_dir, keep=args.keep)
+  try:
+    return _train(args, ckpts, mesh, out_dir, on_step, t_begin)
+  finally:
+    ckpts.close()
+
+
+def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
+  log_path = os.path.join(out_dir, "metrics.jsonl")
+  dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype]
   resume_step = ckpts.latest_step()
   if resume_step is not None and not args.resume:
-    ckpts.close()
     raise SystemExit(f"{out_dir} already holds checkpoints (step {resume_step}): pass --resume "
                      "to continue, or choose a new --output-dir")
   tokenizer_dirs = [out_dir]
@@ -306,7 +335,6 @@ def main(argv=None, *, on_step=None):
       config = training.override_config(base_config(args.config), **model_overrides(args))
       init_params = None
   except (ValueError, OSError) as e:
-    ckpts.close()
     raise SystemExit(f"model: {e}")
   model, report = training.build_model(config, seed=args.seed, dtype=dtype,
                                        param_dtype=param_dtype,
@@ -336,11 +364,9 @@ def main(argv=None, *, on_step=None):
         dense_implementation=args.dense_implementation)
     trainer = training.Trainer(model, train_config, mesh)
   except ValueError as e:
-    ckpts.close()
     raise SystemExit(str(e))
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
   if args.batch_size % shards:
-    ckpts.close()
     raise SystemExit(f"--batch-size {args.batch_size} must be divisible by data x fsdp = "
                      f"{shards}")
 
@@ -348,17 +374,21 @@ def main(argv=None, *, on_step=None):
   if resume_step is not None:
     state, meta = ckpts.restore(resume_step, trainer.abstract_state())
     if meta.get("data_settings") != data_settings:
-      ckpts.close()
-      raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
+        raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
                        f"({meta.get('data_settings')} vs {data_settings}); resuming would "
                        "not continue the same run")
     truncate_log(log_path, resume_step)
     print(f"resumed from step {resume_step} ({meta['examples_seen']} examples seen)")
+    changed = changed_flags(os.path.join(out_dir, "args.json"), vars(args))
+    if changed:
+      print(f"note: flags differ from the previous invocation (the model config is the run's "
+            f"own; a changed schedule or optimizer flag changes the run): {changed}")
   else:
     state = trainer.init_state()
     if os.path.exists(log_path):
       os.remove(log_path)
   start = int(state["step"])
+  trainer.parts.release()  # the state holds the parameters now
   del model
   training.save_json(os.path.join(out_dir, "args.json"), vars(args))
 
@@ -379,26 +409,26 @@ def main(argv=None, *, on_step=None):
       extra = (f" block_recall {result['block_recall']:.3f} score_recall "
                f"{result['score_recall']:.3f}" if result.get("block_recall") is not None
                else "")
-      print(f"eval @ {step} [{attention}]: accuracy {result['accuracy']:.4f} loss "
-            f"{result['loss']:.4f} ppl {result['perplexity']:.3f}{extra}", flush=True)
+      say(f"eval @ {step} [{attention}]: accuracy {result['accuracy']:.4f} loss "
+          f"{result['loss']:.4f} ppl {result['perplexity']:.3f}{extra}")
 
   tokens_per_step = args.batch_size * source.seq_len
-  t_start = time.perf_counter()
   stop = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
   step, last_saved, step_times = start, start if resume_step is not None else None, []
   compiled = set()  # phases whose step function this process has compiled
-  progress = None
+  progress, say = None, print
   if not args.quiet:
     from tqdm import tqdm
     progress = tqdm(total=args.steps, initial=start, desc="train", unit="step",
                     dynamic_ncols=True)
+    say = progress.write  # lines above the progress bar
   try:
     with open(log_path, "a") as log:
       while step < stop:
         attention, indexer_loss = train_config.phase(step)
         t0 = time.perf_counter()
         batch = source.batch(step * args.batch_size, args.batch_size, "train")
-        state, met = trainer.step(state, batch)
+        state, met = trainer.step(state, batch, step)
         met = jax.device_get(met)
         dt = time.perf_counter() - t0
         step += 1
@@ -425,10 +455,10 @@ def main(argv=None, *, on_step=None):
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
           run_eval(step, attention)
         if args.time_limit is not None:
-          elapsed = time.perf_counter() - t_start
+          elapsed = time.perf_counter() - t_begin
           typical = float(np.median(step_times[-20:])) if step_times else 0.0
-          if elapsed + 2 * typical > args.time_limit * 60:
-            print(f"time limit: stopping after step {step}")
+          if elapsed + 2 * typical > args.time_limit * 60:  # margin: a step and the save
+            say(f"time limit: stopping after step {step}")
             break
     if last_saved != step:
       ckpts.save(step, state, meta(step))
@@ -436,7 +466,6 @@ def main(argv=None, *, on_step=None):
   finally:
     if progress is not None:
       progress.close()
-    ckpts.close()
 
   finished = step >= args.steps
   if finished:
@@ -447,9 +476,10 @@ def main(argv=None, *, on_step=None):
     checkpoint_lib.save_orbax(model, model_dir)
   plot_curves(log_path, os.path.join(out_dir, "curves.png"), args.dense_warmup_steps)
   records = [r for r in read_jsonl(log_path) if "loss" in r]
-  summary = {"step": step, "finished": finished, "output_dir": out_dir,
-             "last": records[-1] if records else None}
-  print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+  summary = {"step": step, "finished": finished, "output_dir": out_dir}
+  if records:
+    summary.update({k: records[-1][k] for k in ("loss", "lm_loss", "kl")})
+  print(json.dumps(summary))
   if not finished:
     print(f"stopped at step {step} of {args.steps}: rerun with --resume to continue")
   return 0

@@ -1,0 +1,234 @@
+"""Training and evaluation data: a synthetic long-context retrieval task and packed text.
+
+Every source is *stateless*: ``batch(start, size, split)`` returns examples
+``start .. start+size-1`` of a split as a pure function of the source's settings and seed, so
+a training run's data position is just the number of examples it has consumed (resuming from
+a checkpoint at step s reads examples ``s*batch ..`` and continues exactly).
+
+A batch is a dict of NumPy arrays: ``inputs`` int32 [B, T], ``targets`` int32 [B, T]
+(``inputs`` shifted left by one) and ``loss_mask`` float32 [B, T] (1 = a token the loss and
+the metrics count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+SPLITS = {"train": 0, "eval": 1}
+
+
+def _split_id(split: str) -> int:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {sorted(SPLITS)}; got {split!r}")
+  return SPLITS[split]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class ByteTokenizer:
+  """Fallback when there is no tokenizer.json: one token per UTF-8 byte (vocab 256)."""
+
+  vocab_size = 256
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` library."""
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer
+    self.tok = Tokenizer.from_file(path)
+    self.vocab_size = self.tok.get_vocab_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text).ids
+
+  def decode(self, ids) -> str:
+    return self.tok.decode(list(ids))
+
+
+def load_tokenizer(path: str | None):
+  """``path``: a tokenizer.json, a folder holding one, or None; bytes when there is none."""
+  if path and os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.json")
+  return HFTokenizer(path) if path and os.path.exists(path) else ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------- retrieval task
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalTask:
+  """Key -> value pairs hidden in random filler; the model must recall queried values.
+
+  An example is ``seq_len + 1`` tokens: filler tokens with ``num_pairs`` triples
+  ``[PAIR, key, value]`` at random non-overlapping places, then ``num_queries`` triples
+  ``[QUERY, key, value]`` for distinct stored keys at the very end. The loss mask selects the
+  targets that are queried values (the model sees ``QUERY key`` and must output the value
+  stored with that key, possibly thousands of tokens earlier). Keys are distinct within an
+  example. Vocabulary: 0 unused, 1 PAIR, 2 QUERY, 3 reserved, then keys, values, filler
+  (keys and values get a quarter of the rest each).
+  """
+
+  vocab_size: int
+  seq_len: int
+  num_pairs: int = 8
+  num_queries: int = 1
+  seed: int = 0
+
+  PAIR = 1
+  QUERY = 2
+  FIRST = 4
+
+  def __post_init__(self):
+    if self.num_pairs < 1 or not 1 <= self.num_queries <= self.num_pairs:
+      raise ValueError(f"need num_pairs >= 1 and 1 <= num_queries <= num_pairs; got "
+                       f"{self.num_pairs}, {self.num_queries}")
+    if self.num_keys < self.num_pairs or self.filler_size < 1:
+      raise ValueError(f"vocab_size {self.vocab_size} is too small for {self.num_pairs} "
+                       f"distinct keys (has {self.num_keys}) plus values and filler")
+    if self.context_len // 3 < self.num_pairs:
+      raise ValueError(f"seq_len {self.seq_len} is too short for {self.num_pairs} pairs and "
+                       f"{self.num_queries} queries (3 tokens each)")
+
+  @property
+  def num_keys(self) -> int:
+    return (self.vocab_size - self.FIRST) // 4
+
+  @property
+  def num_values(self) -> int:
+    return self.num_keys
+
+  @property
+  def filler_size(self) -> int:
+    return self.vocab_size - self.FIRST - self.num_keys - self.num_values
+
+  @property
+  def context_len(self) -> int:
+    """Tokens before the query tail (where the pairs hide)."""
+    return self.seq_len + 1 - 3 * self.num_queries
+
+  def example(self, index: int, split: str = "train"):
+    """One example: (tokens int32 [seq_len+1], answer positions in targets, values)."""
+    rng = np.random.default_rng([self.seed, _split_id(split), int(index)])
+    key0, value0 = self.FIRST, self.FIRST + self.num_keys
+    filler0 = value0 + self.num_values
+    tokens = rng.integers(filler0, self.vocab_size, size=self.seq_len + 1, dtype=np.int64)
+    slots = rng.choice(self.context_len // 3, self.num_pairs, replace=False)
+    keys = key0 + rng.choice(self.num_keys, self.num_pairs, replace=False)
+    values = value0 + rng.integers(0, self.num_values, size=self.num_pairs)
+    for s, k, v in zip(slots, keys, values):
+      tokens[3 * s:3 * s + 3] = (self.PAIR, k, v)
+    asked = rng.choice(self.num_pairs, self.num_queries, replace=False)
+    tail = np.stack([np.full(self.num_queries, self.QUERY), keys[asked], values[asked]], 1)
+    tokens[self.context_len:] = tail.reshape(-1)
+    # The value of query j sits at context_len + 3j + 2; its target index is one less.
+    answer_pos = self.context_len + 3 * np.arange(self.num_queries) + 1
+    return tokens.astype(np.int32), answer_pos, values[asked].astype(np.int32)
+
+  def batch(self, start: int, size: int, split: str = "train") -> dict:
+    inputs = np.zeros((size, self.seq_len), np.int32)
+    targets = np.zeros((size, self.seq_len), np.int32)
+    mask = np.zeros((size, self.seq_len), np.float32)
+    for i in range(size):
+      tokens, answer_pos, _ = self.example(start + i, split)
+      inputs[i], targets[i] = tokens[:-1], tokens[1:]
+      mask[i, answer_pos] = 1.0
+    return {"inputs": inputs, "targets": targets, "loss_mask": mask}
+
+  def describe(self) -> dict:
+    return {"kind": "retrieval", **dataclasses.asdict(self)}
+
+
+# ----------------------------------------------------------------------------- packed text
+
+
+def read_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
+  """Documents from .txt files (one per file) and .jsonl files (``text_field`` per line)."""
+  docs = []
+  for path in paths:
+    if path.endswith(".jsonl"):
+      with open(path) as f:
+        for n, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          record = json.loads(line)
+          if text_field not in record:
+            raise ValueError(f"{path}:{n}: no field {text_field!r} (use --text-field)")
+          docs.append(str(record[text_field]))
+    elif path.endswith(".txt"):
+      with open(path, encoding="utf-8") as f:
+        docs.append(f.read())
+    else:
+      raise ValueError(f"{path}: expected a .txt or .jsonl file")
+  return docs
+
+
+class TextDataset:
+  """Tokenised documents packed into one stream and cut into ``seq_len + 1``-token windows.
+
+  Window i is ``stream[i*T : i*T + T + 1]`` (T = seq_len; neighbours share one token). The last
+  ``eval_fraction`` of the windows is the held-out eval split. Training visits the train
+  windows in a fresh permutation per epoch (seeded by (seed, epoch)); eval reads in order.
+  ``eos_id`` (optional) is appended after every document.
+  """
+
+  def __init__(self, paths: Sequence[str], tokenizer, seq_len: int, *, text_field="text",
+               eos_id: int | None = None, eval_fraction: float = 0.05, seed: int = 0,
+               vocab_size: int | None = None):
+    ids = []
+    for doc in read_documents(paths, text_field):
+      ids.extend(tokenizer.encode(doc))
+      if eos_id is not None:
+        ids.append(eos_id)
+    self.stream = np.asarray(ids, np.int32)
+    if vocab_size is not None and self.stream.size and self.stream.max() >= vocab_size:
+      raise ValueError(f"token id {self.stream.max()} is outside the model's vocabulary "
+                       f"({vocab_size}): wrong tokenizer for this model?")
+    self.seq_len, self.seed, self.paths = seq_len, seed, list(paths)
+    windows = (self.stream.size - 1) // seq_len
+    if windows < 1:
+      raise ValueError(f"{self.stream.size} tokens are not enough for one window of "
+                       f"{seq_len + 1}")
+    n_eval = int(round(windows * eval_fraction)) if windows > 1 else 0
+    n_eval = min(max(n_eval, 1 if eval_fraction > 0 and windows > 1 else 0), windows - 1)
+    self.num_train, self.num_eval = windows - n_eval, n_eval
+    self._perm_cache: dict[int, np.ndarray] = {}
+
+  def _window(self, i: int) -> np.ndarray:
+    return self.stream[i * self.seq_len:i * self.seq_len + self.seq_len + 1]
+
+  def _train_window(self, index: int) -> int:
+    epoch, pos = divmod(index, self.num_train)
+    if epoch not in self._perm_cache:
+      self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+          self.num_train)}
+    return int(self._perm_cache[epoch][pos])
+
+  def batch(self, start: int, size: int, split: str = "train") -> dict:
+    _split_id(split)
+    if split == "eval" and not self.num_eval:
+      raise ValueError("no eval split: the text is one window long or eval_fraction is 0")
+    rows = []
+    for i in range(start, start + size):
+      w = self._train_window(i) if split == "train" else self.num_train + i % self.num_eval
+      rows.append(self._window(w))
+    tokens = np.stack(rows)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((size, self.seq_len), np.float32)}
+
+  def describe(self) -> dict:
+    return {"kind": "text", "paths": self.paths, "seq_len": self.seq_len, "seed": self.seed,
+            "tokens": int(self.stream.size), "train_windows": self.num_train,
+            "eval_windows": self.num_eval}

@@ -1,0 +1,214 @@
+"""models/metrics.py, models/losses.py, models/data.py against hand-checked cases and NumPy."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import msa_jax
+from models import data, losses, metrics
+
+
+# ----------------------------------------------------------------------------- recall metrics
+
+
+def test_recall_hand_checked():
+  # One sequence, blocks of 2 tokens; query 0 at p=7 sees blocks 0..3 (own block 3), query 1
+  # at p=1 sees only block 0. Two groups, k=2.
+  pos = jnp.array([[7, 1]], jnp.int32)
+  mass = jnp.zeros((1, 2, 2, 4), jnp.float32)
+  mass = mass.at[0, 0, :].set(jnp.array([0.1, 0.5, 0.15, 0.25]))
+  mass = mass.at[0, 1, :].set(jnp.array([1.0, 0.0, 0.0, 0.0]))
+  # I* for query 0 = {3 (own, forced), 1 (largest other)}.
+  ids = jnp.array([[[[3, 2], [1, 3]], [[0, -1], [0, -1]]]], jnp.int32)
+  best = metrics.main_topk_blocks(mass, pos, topk=2, block_size=2)
+  assert np.asarray(best[0, 0, 0]).tolist() == [False, True, False, True]
+  assert np.asarray(best[0, 1, 0]).tolist() == [True, False, False, False]
+  block, score, valid, beyond = metrics.indexer_recall(mass, ids, pos, topk=2, block_size=2)
+  np.testing.assert_allclose(np.asarray(block[0, 0]), [0.5, 1.0])
+  np.testing.assert_allclose(np.asarray(score[0, 0]), [0.25 / 0.75, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(block[0, 1]), [1.0, 1.0])
+  np.testing.assert_allclose(np.asarray(score[0, 1]), [1.0, 1.0])
+  assert np.asarray(valid).all()
+  assert np.asarray(beyond[0, :, 0]).tolist() == [True, False]  # 4 > k blocks; 1 <= k
+
+
+def test_main_topk_ties_go_to_the_lower_block():
+  pos = jnp.array([[9]], jnp.int32)  # own block 4 of 5 (Bk 2)
+  mass = jnp.array([[[[0.2, 0.3, 0.3, 0.2, 0.0]]]], jnp.float32)
+  best = metrics.main_topk_blocks(mass, pos, topk=3, block_size=2)
+  assert np.asarray(best[0, 0, 0]).tolist() == [False, True, True, False, True]
+
+
+def _numpy_mass(q, k, block_size):
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, hq, d = q.shape
+  g = k.shape[2]
+  nb = -(-t // block_size)
+  out = np.zeros((b, t, g, nb))
+  for bi in range(b):
+    for ti in range(t):
+      for h in range(hq):
+        gi = h // (hq // g)
+        s = k[bi, :ti + 1, gi] @ q[bi, ti, h] / np.sqrt(d)
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        for j in range(ti + 1):
+          out[bi, ti, gi, j // block_size] += p[j] / (hq // g)
+  return out
+
+
+def _numpy_recall(mass, ids, block_size, topk):
+  b, t, g, nb = mass.shape
+  block = np.zeros((b, t, g))
+  score = np.zeros((b, t, g))
+  for bi in range(b):
+    for ti in range(t):
+      own = ti // block_size
+      for gi in range(g):
+        others = sorted((j for j in range(own)), key=lambda j: (-mass[bi, ti, gi, j], j))
+        best = {own, *others[:topk - 1]}
+        picked = {int(x) for x in ids[bi, ti, gi] if x >= 0}
+        both = best & picked
+        block[bi, ti, gi] = len(both) / len(best)
+        score[bi, ti, gi] = (sum(mass[bi, ti, gi, j] for j in both)
+                             / sum(mass[bi, ti, gi, j] for j in best))
+  return block, score
+
+
+def test_mass_and_recall_match_numpy_on_random_data():
+  b, t, hq, g, d, bs, k = 2, 37, 4, 2, 8, 4, 3
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(ks[0], (b, t, hq, d)) * 2
+  kk = jax.random.normal(ks[1], (b, t, g, d)) * 2
+  mass = jax.jit(functools.partial(metrics.block_attention_mass, block_size=bs,
+                                   chunk_size=16))(q, kk)  # 3 chunks
+  want = _numpy_mass(q, kk, bs)
+  np.testing.assert_allclose(np.asarray(mass), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(mass).sum(-1), 1.0, atol=1e-5)
+  q_idx = jax.random.normal(ks[2], (b, t, g, d))
+  k_idx = jax.random.normal(ks[3], (b, t, d))
+  ids = jax.jit(functools.partial(msa_jax.index_topk, block_size=bs, topk=k,
+                                  implementation="xla"))(q_idx, k_idx)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  recall = jax.jit(functools.partial(metrics.indexer_recall, topk=k, block_size=bs))
+  block, score, valid, beyond = recall(mass, ids, pos)
+  want_block, want_score = _numpy_recall(want, np.asarray(ids), bs, k)
+  np.testing.assert_allclose(np.asarray(block), want_block, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(score), want_score, atol=1e-5)
+  assert np.asarray(valid).all()
+  np.testing.assert_array_equal(np.asarray(beyond[:, :, 0]),
+                                np.broadcast_to(np.arange(t) // bs + 1 > k, (b, t)))
+  assert 0.0 < float(block.mean()) < 1.0  # a random indexer misses some blocks
+  # A perfect indexer (selecting I* itself) scores exactly 1.
+  best = metrics.main_topk_blocks(mass, pos, topk=k, block_size=bs)
+  perfect = jnp.where(best, jnp.arange(best.shape[-1]), -1)
+  block, score, _, _ = recall(mass, perfect, pos)
+  np.testing.assert_allclose(np.asarray(block), 1.0)
+  np.testing.assert_allclose(np.asarray(score), 1.0, atol=1e-6)
+
+
+def test_accuracy_and_finalize():
+  logits = jnp.array([[[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
+  right, count = metrics.accuracy(logits, jnp.array([[1, 1, 1]]), jnp.array([[1, 1, 0]]))
+  assert (float(right), float(count)) == (1.0, 2.0)
+  out = metrics.finalize({"loss_sum": 2.0, "tokens": 4.0, "correct": 3.0,
+                          "block_recall_sum/1": 3.0, "score_recall_sum/1": 2.0, "rows/1": 4.0,
+                          "block_recall_beyond_k_sum/1": 1.0,
+                          "score_recall_beyond_k_sum/1": 0.5, "rows_beyond_k/1": 2.0})
+  assert out["accuracy"] == 0.75 and out["loss"] == 0.5
+  assert out["perplexity"] == pytest.approx(np.exp(0.5))
+  assert out["block_recall"] == 0.75 and out["score_recall_beyond_k"] == 0.25
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("t,chunk", [(40, 16), (33, 64)])
+def test_causal_kl_equals_msa_kl_with_every_block(t, chunk):
+  b, hq, g, d, di, bs = 2, 4, 2, 8, 8, 8
+  ks = jax.random.split(jax.random.PRNGKey(t), 4)
+  q = jax.random.normal(ks[0], (b, t, hq, d)) * 2
+  k = jax.random.normal(ks[1], (b, t, g, d)) * 2
+  qi = jax.random.normal(ks[2], (b, t, g, di))
+  ki = jax.random.normal(ks[3], (b, t, di))
+  nb = -(-t // bs)
+  every = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, t, g, nb))
+  want, want_g = jax.jit(jax.value_and_grad(
+      lambda qi, ki: msa_jax.indexer_kl_loss(q, k, qi, ki, every, block_size=bs),
+      argnums=(0, 1)))(qi, ki)
+  got, got_g = jax.jit(jax.value_and_grad(
+      lambda qi, ki: losses.causal_indexer_kl_loss(q, k, qi, ki, chunk_size=chunk),
+      argnums=(0, 1)))(qi, ki)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, w in zip(got_g, want_g):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=1e-6)
+  # The teacher is detached: no gradient into q or k.
+  gq = jax.jit(jax.grad(lambda q: losses.causal_indexer_kl_loss(q, k, qi, ki)))(q)
+  assert float(jnp.abs(gq).max()) == 0.0
+
+
+def test_token_cross_entropy():
+  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75]]]))
+  total, count = losses.token_cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[0, 1]]))
+  assert float(count) == 1.0 and float(total) == pytest.approx(-np.log(0.75), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_retrieval_task_structure_and_determinism():
+  task = data.RetrievalTask(vocab_size=64, seq_len=96, num_pairs=5, num_queries=3, seed=7)
+  a = task.batch(10, 4)
+  assert a["inputs"].shape == a["targets"].shape == a["loss_mask"].shape == (4, 96)
+  np.testing.assert_array_equal(a["inputs"][:, 1:], a["targets"][:, :-1])
+  b = task.batch(12, 2)  # the same examples, however they are batched
+  np.testing.assert_array_equal(a["inputs"][2:], b["inputs"])
+  assert not np.array_equal(task.batch(10, 1, "eval")["inputs"], a["inputs"][:1])
+  assert not np.array_equal(
+      data.RetrievalTask(64, 96, 5, 3, seed=8).batch(10, 1)["inputs"], a["inputs"][:1])
+  for i in range(4):
+    tokens, answer_pos, values = task.example(10 + i)
+    np.testing.assert_array_equal(tokens[:-1], a["inputs"][i])
+    assert a["loss_mask"][i].sum() == 3
+    np.testing.assert_array_equal(np.flatnonzero(a["loss_mask"][i]), answer_pos)
+    np.testing.assert_array_equal(a["targets"][i, answer_pos], values)
+    stored = {}
+    for p in np.flatnonzero(tokens[:task.context_len] == task.PAIR):
+      stored[int(tokens[p + 1])] = int(tokens[p + 2])
+    assert len(stored) == 5  # distinct keys, none overwritten
+    for j in range(3):  # every query asks a stored key and its answer is the stored value
+      assert a["inputs"][i, answer_pos[j] - 1] == task.QUERY
+      key = int(a["inputs"][i, answer_pos[j]])
+      assert stored[key] == values[j]
+  with pytest.raises(ValueError, match="too short"):
+    data.RetrievalTask(64, 20, num_pairs=8)
+
+
+def test_text_dataset_packing_and_splits(tmp_path):
+  (tmp_path / "a.txt").write_text("hello world " * 20)
+  with open(tmp_path / "b.jsonl", "w") as f:
+    for i in range(5):
+      f.write(json.dumps({"text": f"document {i} " * 4}) + "\n")
+  tok = data.ByteTokenizer()
+  ds = data.TextDataset([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tok, 16,
+                        eos_id=0, eval_fraction=0.2, seed=3)
+  stream = ds.stream
+  assert stream.size == (240 + 1) + 5 * (len("document 0 ") * 4 + 1)  # eos after each
+  windows = (stream.size - 1) // 16
+  assert ds.num_train + ds.num_eval == windows and ds.num_eval == round(0.2 * windows)
+  epoch = ds.batch(0, ds.num_train)
+  want = sorted(tuple(stream[16 * i:16 * i + 16]) for i in range(ds.num_train))
+  assert sorted(tuple(row) for row in epoch["inputs"]) == want  # each train window once
+  assert not np.array_equal(epoch["inputs"][:3], [stream[16 * i:16 * i + 16] for i in range(3)])
+  np.testing.assert_array_equal(epoch["targets"][:, :-1], epoch["inputs"][:, 1:])
+  ev = ds.batch(0, ds.num_eval, "eval")
+  np.testing.assert_array_equal(ev["inputs"][0], stream[16 * ds.num_train:16 * ds.num_train + 16])
+  again = data.TextDataset([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tok, 16,
+                           eos_id=0, eval_fraction=0.2, seed=3)
+  np.testing.assert_array_equal(again.batch(5, 7)["inputs"], ds.batch(5, 7)["inputs"])
+  with pytest.raises(ValueError, match="vocabulary"):
+    data.TextDataset([str(tmp_path / "a.txt")], tok, 16, vocab_size=100)
