@@ -137,6 +137,37 @@ def test_indexer_kl_loss_gradients_reach_index_branch_only():
   assert 0 <= float(l1) < float(l0)
 
 
+def test_indexer_kl_loss_gradient_matches_float64_oracle():
+  """Directional derivatives of the loss in q_idx / k_idx against central differences of the
+  independent float64 NumPy oracle."""
+  case = C.CASES["chunked_prefill_gqa8"]
+  x = C.make_inputs(case, jnp.float32, seed=9)
+  ids = C.random_selection(case, x, seed=9, holes=True)
+  scale = 1 / np.sqrt(case.head_dim)
+  f64 = lambda a: np.asarray(a, np.float64)
+  args = (f64(x["q"]), f64(x["k"]))
+  rest = (np.asarray(ids), case.block_size, scale, np.asarray(x["q_positions"]),
+          np.asarray(x["kv_lengths"]))
+  dqi, dki = jax.grad(
+      lambda qi, ki: msa_jax.indexer_kl_loss(x["q"], x["k"], qi, ki, ids,
+                                             block_size=case.block_size,
+                                             **C.position_kwargs(x)), (0, 1))(x["q_idx"],
+                                                                              x["k_idx"])
+  rng = np.random.default_rng(9)
+  for _ in range(3):
+    u, w = rng.normal(size=x["q_idx"].shape), rng.normal(size=x["k_idx"].shape)
+    eps = 1e-5
+    plus = oracle.indexer_kl_loss(*args, f64(x["q_idx"]) + eps * u, f64(x["k_idx"]) + eps * w,
+                                  *rest)
+    minus = oracle.indexer_kl_loss(*args, f64(x["q_idx"]) - eps * u, f64(x["k_idx"]) - eps * w,
+                                   *rest)
+    numeric = (plus - minus) / (2 * eps)
+    analytic = float(np.sum(np.asarray(dqi, np.float64) * u)
+                     + np.sum(np.asarray(dki, np.float64) * w))
+    assert abs(numeric) > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-3)
+
+
 def test_sparse_attention_gradient_matches_dense_masked():
   # With every block selected, gradients equal those of dense causal attention.
   case = C.CASES["dense_equivalent"]
