@@ -321,16 +321,11 @@ def _pallas_bwd(block_size, scale, impl, interpret, residuals, cotangents):
   d_out, d_lse = cotangents
   if impl == "pallas_gpu":
     from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
-    dq, dk, dv = bwd.sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out,
-                                          lse, d_out, d_lse, block_size=block_size,
-                                          scale=scale, interpret=interpret)
-  else:  # TPU: the reference gradient
-    def ref(q, k, v):
-      return reference.sparse_attention(q, k, v, block_indices, q_positions, kv_lengths,
-                                        block_size=block_size, scale=scale)
-
-    _, pullback = jax.vjp(ref, q, k, v)
-    dq, dk, dv = pullback((d_out, d_lse))
+  else:
+    from msa_jax.kernels.tpu import sparse_attention_bwd as bwd
+  dq, dk, dv = bwd.sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out,
+                                        lse, d_out, d_lse, block_size=block_size, scale=scale,
+                                        interpret=interpret)
   return dq, dk, dv, None, None, None
 
 
