@@ -7,6 +7,9 @@ Public API (``spec/msa.md``, ``design.md``):
 * ``sparse_attention``: exact attention over selected KV blocks (KV-outer Pallas kernels).
 * ``msa_attention``: both, composed.
 * ``indexer_kl_loss``: the KL loss that trains the index branch.
+* ``paged_index_topk``, ``paged_sparse_decode``, ``paged_msa_decode``: decode (1-16 query
+  tokens per sequence) on paged KV / index-key caches; ``msa_jax.paged`` holds the cache
+  (``PagedCache``, ``write``/``append``) and the host-side ``PageAllocator``.
 """
 
 from msa_jax.api import IMPLEMENTATIONS
@@ -14,8 +17,15 @@ from msa_jax.api import index_topk
 from msa_jax.api import indexer_kl_loss
 from msa_jax.api import msa_attention
 from msa_jax.api import sparse_attention
+from msa_jax import paged
+from msa_jax.paged import PageAllocator
+from msa_jax.paged import PagedCache
+from msa_jax.paged_api import paged_index_topk
+from msa_jax.paged_api import paged_msa_decode
+from msa_jax.paged_api import paged_sparse_decode
 
 __version__ = "0.1.0"
 
 __all__ = ["IMPLEMENTATIONS", "index_topk", "indexer_kl_loss", "msa_attention",
-           "sparse_attention", "__version__"]
+           "sparse_attention", "paged", "PageAllocator", "PagedCache", "paged_index_topk",
+           "paged_msa_decode", "paged_sparse_decode", "__version__"]

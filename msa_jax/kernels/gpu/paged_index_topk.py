@@ -1,0 +1,230 @@
+"""Paged index scoring and selection for decode, GPUs (Pallas, Triton lowering).
+
+The contiguous kernels of ``index_topk.py`` with one change: a key tile is ``blocks_per_tile``
+pages of the sequence, each read through the page table (``index_pages[page_table[b, j]]``,
+a ``[Bk, Di]`` page), so block ``j`` of the sequence is whatever page row b lists at ``j``.
+Rows are the ``q_len * G`` (query, group) pairs of a sequence (1-16 query tokens). Per page:
+one ``[block_rows, Di] x [Di, Bk]`` GEMM, the causal/length mask token by token, the max over
+the page's keys; no exponentials (spec §3.5). Page tiles past every row's last visible key are
+skipped; inside a tile, table entries past the sequence's pages are clamped into the pool and
+their keys masked, so page-table entries past a sequence's length may be anything.
+
+Selection as in ``index_topk.py`` (tuning table section ``index_decode``, key ``selection``):
+``"scores"`` writes block maxima and the top-k runs in XLA; ``"tile"`` keeps each page tile's
+top-k (own block forced) and XLA merges those candidates; ``"fused"`` walks all page tiles of a
+row tile in one program with a running top-k and writes only the block ids.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from msa_jax.kernels.gpu import index_topk as contiguous
+from msa_jax.kernels.gpu import tuning
+
+CONFIG = "index_decode"
+
+
+def _page_loader(pages_ref, table_ref, b, first_block, block_size):
+  """load_keys(j) for ``_tile_block_maxima``: the page holding block first_block + j."""
+
+  def load(j):
+    page = table_ref[b, first_block + j]
+    return pages_ref[page, pl.ds(0, block_size), :]
+
+  return load
+
+
+def _own_block(pos, kv_len, block_size):
+  last_visible = jnp.minimum(pos, kv_len - 1)
+  return last_visible, jnp.where(last_visible >= 0, last_visible // block_size, -1)
+
+
+def _tile_scores(pos_ref, kv_len_ref, q_ref, pages_ref, table_ref, b, tile, *, block_size,
+                 blocks_per_tile):
+  """(block maxima [rows, bpt] with the own block forced to +inf, block ids [1, bpt])."""
+  pos = pos_ref[...]
+  kv_len = kv_len_ref[b]
+  first_block = tile * blocks_per_tile
+  load = _page_loader(pages_ref, table_ref, b, first_block, block_size)
+  scores = contiguous._tile_block_maxima(q_ref, None, pos, kv_len, first_block * block_size,
+                                         block_size, blocks_per_tile, load)
+  _, own = _own_block(pos, kv_len, block_size)
+  ids = first_block + lax.broadcasted_iota(jnp.int32, (1, blocks_per_tile), 1)
+  return jnp.where(ids == own[:, None], jnp.inf, scores), ids
+
+
+def _tile_needed(pos_ref, kv_len_ref, b, tile, block_size, blocks_per_tile):
+  first_key = tile * blocks_per_tile * block_size
+  return first_key <= jnp.minimum(jnp.max(pos_ref[...]), kv_len_ref[b] - 1)
+
+
+def _scores_kernel(pos_ref, kv_len_ref, table_ref, q_ref, pages_ref, out_ref, *, block_size,
+                   blocks_per_tile):
+  b = pl.program_id(0)  # program ids are read outside pl.when (interpret mode needs it)
+  tile = pl.program_id(2)
+  out_ref[...] = jnp.full(out_ref.shape, -jnp.inf, jnp.float32)
+
+  @pl.when(_tile_needed(pos_ref, kv_len_ref, b, tile, block_size, blocks_per_tile))
+  def _():
+    load = _page_loader(pages_ref, table_ref, b, tile * blocks_per_tile, block_size)
+    out_ref[...] = contiguous._tile_block_maxima(
+        q_ref, None, pos_ref[...], kv_len_ref[b], tile * blocks_per_tile * block_size,
+        block_size, blocks_per_tile, load)
+
+
+def _tile_topk_kernel(pos_ref, kv_len_ref, table_ref, q_ref, pages_ref, val_ref, id_ref, *,
+                      block_size, blocks_per_tile):
+  b = pl.program_id(0)
+  tile = pl.program_id(2)
+  kk = val_ref.shape[-1]
+  val_ref[...] = jnp.full(val_ref.shape, -jnp.inf, jnp.float32)
+  id_ref[...] = jnp.full(id_ref.shape, -1, jnp.int32)
+
+  @pl.when(_tile_needed(pos_ref, kv_len_ref, b, tile, block_size, blocks_per_tile))
+  def _():
+    scores, ids = _tile_scores(pos_ref, kv_len_ref, q_ref, pages_ref, table_ref, b, tile,
+                               block_size=block_size, blocks_per_tile=blocks_per_tile)
+    rows = scores.shape[0]
+    empty_vals = jnp.full((rows, kk), -jnp.inf, jnp.float32)
+    empty_ids = jnp.full((rows, kk), -1, jnp.int32)
+    vals, top = contiguous._merge_top(empty_vals, empty_ids, scores,
+                                      jnp.broadcast_to(ids, scores.shape), kk)
+    val_ref[...] = vals
+    id_ref[...] = jnp.where(vals == -jnp.inf, -1, top)
+
+
+def _fused_kernel(pos_ref, kv_len_ref, table_ref, q_ref, pages_ref, id_ref, *, block_size,
+                  blocks_per_tile):
+  b = pl.program_id(0)
+  kk = id_ref.shape[-1]
+  last_visible, _ = _own_block(pos_ref[...], kv_len_ref[b], block_size)
+  tile_keys = blocks_per_tile * block_size
+  n_tiles = (jnp.max(last_visible) + tile_keys) // tile_keys  # tiles holding a visible key
+
+  def tile(j, carry):
+    scores, ids = _tile_scores(pos_ref, kv_len_ref, q_ref, pages_ref, table_ref, b, j,
+                               block_size=block_size, blocks_per_tile=blocks_per_tile)
+    return contiguous._merge_top(*carry, scores, jnp.broadcast_to(ids, scores.shape), kk)
+
+  init = (jnp.full(id_ref.shape, -jnp.inf, jnp.float32), jnp.full(id_ref.shape, -1, jnp.int32))
+  vals, ids = lax.fori_loop(0, n_tiles, tile, init)
+  id_ref[...] = jnp.where(vals == -jnp.inf, -1, ids)
+
+
+def _geometry(q_idx, page_table, q_positions, num_pages, cfg):
+  b, t, g, di = q_idx.shape
+  max_pages = page_table.shape[1]
+  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(max_pages))
+  n_tiles = -(-max_pages // bpt)
+  rows = t * g
+  block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
+  rows_pad = -(-rows // block_rows) * block_rows
+  # Every entry a page id: unassigned (-1) and padding entries read page 0, masked by length.
+  table = jnp.pad(jnp.clip(page_table, 0, num_pages - 1),
+                  ((0, 0), (0, n_tiles * bpt - max_pages)))
+  q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
+  row_pos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, rows_pad - rows)),
+                    constant_values=-1)
+  return dict(b=b, t=t, g=g, bpt=bpt, n_tiles=n_tiles, block_rows=block_rows, rows=rows,
+              rows_pad=rows_pad, table=table, q_rows=q_rows, row_pos=row_pos)
+
+
+def _call(kernel, geo, cfg, grid, row_tile, out_specs, out_shape, name, interpret, index_pages,
+          kv_lengths):
+  di = geo["q_rows"].shape[2]
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, geo["block_rows"]), row_tile),
+          pl.BlockSpec(),  # kv_lengths, read as scalars
+          pl.BlockSpec(),  # page table, read as scalars
+          pl.BlockSpec((None, geo["block_rows"], di), lambda *i: (*row_tile(*i), 0)),
+          pl.BlockSpec(),  # index pages: the whole pool, pages picked in the kernel
+      ],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]),
+      interpret=interpret,
+      name=name,
+  )(geo["row_pos"], kv_lengths, geo["table"], geo["q_rows"], index_pages)
+
+
+def paged_block_scores(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
+                       interpret=False, **params):
+  """Block-max scores ``[B,T,G,max_pages]`` (fp32; -inf where a block has no visible key)."""
+  cfg = tuning.config(CONFIG, **params)
+  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
+  kernel = functools.partial(_scores_kernel, block_size=block_size,
+                             blocks_per_tile=geo["bpt"])
+  br, bpt = geo["block_rows"], geo["bpt"]
+  scores = _call(kernel, geo, cfg, (geo["b"], geo["rows_pad"] // br, geo["n_tiles"]),
+                 lambda bi, ri, ki: (bi, ri),
+                 pl.BlockSpec((None, br, bpt), lambda bi, ri, ki: (bi, ri, ki)),
+                 jax.ShapeDtypeStruct((geo["b"], geo["rows_pad"], geo["n_tiles"] * bpt),
+                                      jnp.float32),
+                 "msa_paged_index_block_scores", interpret, index_pages, kv_lengths)
+  max_pages = page_table.shape[1]
+  return scores[:, :geo["rows"], :max_pages].reshape(geo["b"], geo["t"], geo["g"], max_pages)
+
+
+def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_lengths, *,
+                          block_size, topk, interpret=False, **params):
+  """Each page tile's top ``topk`` blocks (own block forced): (values f32, ids int32), both
+  ``[B,T,G,n_tiles*kk]``, tile by tile; the selection is ``reference.top_candidates``."""
+  cfg = tuning.config(CONFIG, **params)
+  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
+  br, bpt = geo["block_rows"], geo["bpt"]
+  kk = min(pl.next_power_of_2(topk), bpt)
+  kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
+  spec = pl.BlockSpec((None, br, kk), lambda bi, ri, ki: (bi, ri, ki))
+  shape = (geo["b"], geo["rows_pad"], geo["n_tiles"] * kk)
+  vals, ids = _call(kernel, geo, cfg, (geo["b"], geo["rows_pad"] // br, geo["n_tiles"]),
+                    lambda bi, ri, ki: (bi, ri), [spec, spec],
+                    [jax.ShapeDtypeStruct(shape, jnp.float32),
+                     jax.ShapeDtypeStruct(shape, jnp.int32)],
+                    "msa_paged_index_tile_topk", interpret, index_pages, kv_lengths)
+  out = lambda x: x[:, :geo["rows"]].reshape(geo["b"], geo["t"], geo["g"], -1)
+  return out(vals), out(ids)
+
+
+def paged_fused_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
+                     topk, interpret=False, **params):
+  """The selection ``[B,T,G,topk]`` (-1 padded) from one kernel with a running top-k."""
+  cfg = tuning.config(CONFIG, **params)
+  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
+  br = geo["block_rows"]
+  kk = max(2, pl.next_power_of_2(topk))
+  kernel = functools.partial(_fused_kernel, block_size=block_size, blocks_per_tile=geo["bpt"])
+  ids = _call(kernel, geo, cfg, (geo["b"], geo["rows_pad"] // br), lambda bi, ri: (bi, ri),
+              pl.BlockSpec((None, br, kk), lambda bi, ri: (bi, ri, 0)),
+              jax.ShapeDtypeStruct((geo["b"], geo["rows_pad"], kk), jnp.int32),
+              "msa_paged_index_fused_topk", interpret, index_pages, kv_lengths)
+  return ids[:, :geo["rows"]].reshape(geo["b"], geo["t"], geo["g"], kk)[..., :topk]
+
+
+def paged_index_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
+                     topk, interpret=False, selection=None, **params):
+  """Selection ``int32 [B,T,G,topk]`` of logical block ids, by the table's ``selection``."""
+  from msa_jax import reference
+  cfg = tuning.config(CONFIG, **params)
+  selection = selection or cfg["selection"]
+  args = (q_idx, index_pages, page_table, q_positions, kv_lengths)
+  if selection == "fused":
+    return paged_fused_topk(*args, block_size=block_size, topk=topk, interpret=interpret,
+                            **params)
+  if selection == "tile":
+    vals, ids = paged_tile_candidates(*args, block_size=block_size, topk=topk,
+                                      interpret=interpret, **params)
+    return reference.top_candidates(vals, ids, topk)
+  scores = paged_block_scores(*args, block_size=block_size, interpret=interpret, **params)
+  return reference.select_blocks(scores, reference.own_block(q_positions, kv_lengths,
+                                                             block_size), topk)

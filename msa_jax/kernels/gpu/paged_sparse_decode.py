@@ -1,0 +1,122 @@
+"""Paged sparse decode, GPUs (Pallas, Triton lowering): split-K over the selected pages.
+
+``sparse_decode.py`` with the page table in the middle: each program takes one (sequence,
+query token, group) and a contiguous share of its selected blocks (split-K), maps each block id
+to its page through ``page_table[b, block]``, loads that page's ``[Bk, D]`` keys and values of
+the group, and keeps an online softmax for the group's query heads (padded to the 16-row GEMM
+minimum). Selections are compacted (valid ids first) outside the kernel, so a program loops
+only over its live slots: short sequences and idle rows read nothing. Each program writes one
+float32 partial output and LSE; ``schedule.combine`` merges the splits.
+
+Keys at or past ``kv_lengths[b]`` are masked in the logits and their values zeroed before the
+``P @ V`` product, so stale or poisoned page contents (NaN, inf) never reach an output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from msa_jax.kernels.gpu import tuning
+
+MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
+TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
+
+
+def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
+            lse_ref, *, block_size, slots_per_split, scale):
+  b, t, g, split = (pl.program_id(i) for i in range(4))
+  p = pos_ref[b, t]
+  kv_len = kv_len_ref[b]
+  first = split * slots_per_split
+  n = jnp.clip(count_ref[b, t, g] - first, 0, slots_per_split)
+  q = q_ref[...]  # [rows, D]
+  rows = q.shape[0]
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  key_row = lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+  key_col = lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+
+  def body(j, carry):
+    m, l, acc = carry
+    blk = ids_ref[b, t, g, first + j]
+    page = table_ref[b, blk]
+    keys = pl.ds(0, block_size)
+    k = k_ref[page, keys, g, :]
+    v = v_ref[page, keys, g, :]
+    first_key = blk * block_size
+    visible = (first_key + key_row <= p) & (first_key + key_row < kv_len)  # [1, Bk]
+    visible_col = (first_key + key_col <= p) & (first_key + key_col < kv_len)  # [Bk, 1]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * scale
+    s = jnp.where(visible, s, -jnp.inf)
+    # Stale tokens of the page may hold anything: 0 * NaN would leak through P @ V.
+    v = jnp.where(visible_col, v, jnp.zeros((), v.dtype))
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    e = jnp.exp(s - m_safe[:, None])
+    l = l * alpha + jnp.sum(e, axis=1)
+    acc = acc * alpha[:, None] + lax.dot_general(
+        e.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+        preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          jnp.zeros((rows, o_ref.shape[-1]), jnp.float32))
+  m, l, acc = lax.fori_loop(0, n, body, init)
+  has_keys = l > 0
+  o_ref[...] = acc / jnp.where(has_keys, l, 1.0)[:, None]
+  lse_ref[...] = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+
+
+def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_ids, counts,
+                                 q_positions, kv_lengths, *, block_size, scale, num_splits=None,
+                                 num_warps=None, num_stages=None, interpret=False):
+  """Returns partial_out f32 [splits,B,T,Hq,Dv], partial_lse f32 [splits,B,T,Hq].
+
+  ``block_ids [B,T,G,k]`` compacted selection: the ``counts [B,T,G]`` valid, distinct, in-range
+  ids first (``paged_api.compact_selection``); every partial slot is written (LSE -inf and
+  out 0 for a split with nothing to do).
+  """
+  cfg = tuning.config("decode", num_warps=num_warps, num_stages=num_stages)
+  b, t, hq, d = q.shape
+  num_pages, _, g, dv = v_pages.shape
+  heads = hq // g
+  rows = max(MIN_ROWS, pl.next_power_of_2(heads))
+  topk = block_ids.shape[-1]
+  if num_splits is None:
+    num_splits = max(1, min(topk, TARGET_PROGRAMS // (b * t * g)))
+  slots_per_split = -(-topk // num_splits)
+  num_splits = -(-topk // slots_per_split)
+  ids = jnp.pad(block_ids, ((0, 0), (0, 0), (0, 0), (0, num_splits * slots_per_split - topk)))
+  table = jnp.clip(page_table, 0, num_pages - 1)
+  q = jnp.pad(q.reshape(b, t, g, heads, d), ((0, 0), (0, 0), (0, 0), (0, rows - heads), (0, 0)))
+  kernel = functools.partial(_kernel, block_size=block_size, slots_per_split=slots_per_split,
+                             scale=scale)
+  whole = pl.BlockSpec()
+  partial_out, partial_lse = pl.pallas_call(
+      kernel,
+      grid=(b, t, g, num_splits),
+      in_specs=[whole] * 5 + [
+          pl.BlockSpec((None, None, None, rows, d), lambda bi, ti, gi, si: (bi, ti, gi, 0, 0)),
+          whole, whole],
+      out_specs=[
+          pl.BlockSpec((None, None, None, None, rows, dv),
+                       lambda bi, ti, gi, si: (si, bi, ti, gi, 0, 0)),
+          pl.BlockSpec((None, None, None, None, rows), lambda bi, ti, gi, si: (si, bi, ti, gi, 0)),
+      ],
+      out_shape=(jax.ShapeDtypeStruct((num_splits, b, t, g, rows, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, b, t, g, rows), jnp.float32)),
+      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]),
+      interpret=interpret,
+      name="msa_paged_sparse_decode",
+  )(ids, counts, q_positions, kv_lengths, table, q, k_pages, v_pages)
+  partial_out = partial_out[..., :heads, :].reshape(num_splits, b, t, hq, dv)
+  partial_lse = partial_lse[..., :heads].reshape(num_splits, b, t, hq)
+  return partial_out, partial_lse

@@ -1,0 +1,284 @@
+"""Public API of MSA decode on paged caches (``msa_jax.paged`` layouts; spec/msa.md §6).
+
+Page size = block size Bk, so a selected block id ``j`` of sequence b is the sequence's j-th
+page, ``page_table[b, j]``: selections are *logical* block ids, exactly the ids the contiguous
+API returns for the same tokens. 1 to ``MAX_DECODE_QUERIES`` query tokens per sequence (decode,
+speculative / multi-token-prediction verification); by default query i of q sits at position
+``lengths[b] - q + i`` (``lengths`` count the new tokens, already written to the pages).
+
+Argument checking as in ``api.py``: shapes, dtypes and static arguments before anything is
+traced, ``ValueError`` naming the argument; page ids, block ids and lengths are range-checked
+when concrete (outside ``jit``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax import api
+from msa_jax import paged
+from msa_jax import reference
+from msa_jax import schedule as sched
+
+MAX_DECODE_QUERIES = 16
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_pages(name, pages, rank, layout, block_size, num_pages=None):
+  api._check_rank(name, pages, rank, layout)
+  api._check_float(name, pages)
+  if pages.shape[1] != block_size:
+    raise ValueError(f"the page size of {name} (axis 1 of {layout}) must equal block_size "
+                     f"({block_size}); got {name} shape {api._shape(pages)}")
+  if num_pages is not None and pages.shape[0] != num_pages:
+    raise ValueError(f"{name} must have {num_pages} pages (as k_pages); got shape "
+                     f"{api._shape(pages)}")
+
+
+def _check_table(page_table, lengths, batch, block_size, num_pages):
+  layout = f"[batch={batch}, max_pages]"
+  api._check_rank("page_table", page_table, 2, layout)
+  api._check_int("page_table", page_table, layout)
+  if page_table.shape[0] != batch or page_table.shape[1] < 1:
+    raise ValueError(f"page_table must have shape {layout} with max_pages >= 1; got "
+                     f"{api._shape(page_table)}")
+  max_pages = page_table.shape[1]
+  api._check_rank("lengths", lengths, 1, f"[batch={batch}]")
+  api._check_int("lengths", lengths, f"[batch={batch}]")
+  if api._shape(lengths) != (batch,):
+    raise ValueError(f"lengths must have shape [{batch}]; got {api._shape(lengths)}")
+  if api._is_concrete(lengths):
+    arr = np.asarray(lengths)
+    limit = max_pages * block_size
+    if arr.size and (arr.min() < 0 or arr.max() > limit):
+      raise ValueError(f"lengths must lie in [0, max_pages * block_size = {limit}] "
+                       f"(page_table has {max_pages} pages per sequence); got {arr}")
+    if api._is_concrete(page_table):
+      table = np.asarray(page_table)
+      used = np.arange(max_pages)[None, :] < -(-arr[:, None] // block_size)
+      bad = used & ((table < 0) | (table >= num_pages))
+      if bad.any():
+        b, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"page_table must list a page id in [0, {num_pages}) for every page "
+                         f"holding a token (j < ceil(lengths[b] / block_size)); "
+                         f"page_table[{b}, {j}] = {table[b, j]} with lengths[{b}] = {arr[b]}")
+  return jnp.asarray(page_table, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def _check_queries(name, x, layout):
+  api._check_rank(name, x, 4, layout)
+  api._check_float(name, x)
+  t = x.shape[1]
+  if not 1 <= t <= MAX_DECODE_QUERIES:
+    raise ValueError(f"{name} must hold 1 to {MAX_DECODE_QUERIES} query tokens per sequence "
+                     f"(axis 1 of {layout}) for paged decode; got shape {api._shape(x)} "
+                     f"(use the contiguous msa_jax API for prefill)")
+
+
+def _positions(q_positions, lengths, batch, q_len):
+  if q_positions is None:
+    return reference.default_q_positions(q_len, lengths)
+  layout = f"[batch={batch}, q_len={q_len}]"
+  api._check_rank("q_positions", q_positions, 2, layout)
+  api._check_int("q_positions", q_positions, layout)
+  if api._shape(q_positions) != (batch, q_len):
+    raise ValueError(f"q_positions must have shape {layout}; got {api._shape(q_positions)}")
+  return jnp.asarray(q_positions, jnp.int32)
+
+
+def _check_index(q_idx, index_pages, block_size, groups=None, num_pages=None):
+  _check_queries("q_idx", q_idx, "[batch, q_len, groups, index_dim]")
+  _check_pages("index_pages", index_pages, 3, "[num_pages, page_size, index_dim]", block_size,
+               num_pages)
+  if index_pages.shape[2] != q_idx.shape[3]:
+    raise ValueError(f"index_pages must have index_dim {q_idx.shape[3]} (as q_idx): expected "
+                     f"[P, {block_size}, {q_idx.shape[3]}], got {api._shape(index_pages)}")
+  if q_idx.dtype != index_pages.dtype:
+    raise ValueError(f"q_idx and index_pages must share one dtype; got {q_idx.dtype} and "
+                     f"{index_pages.dtype}")
+  if groups is not None and q_idx.shape[2] != groups:
+    raise ValueError(f"q_idx must have one index head per KV group: expected {groups} groups "
+                     f"(k_pages has {groups} kv_heads), got q_idx shape {api._shape(q_idx)}")
+
+
+def _check_kv(q, k_pages, v_pages, block_size):
+  _check_queries("q", q, "[batch, q_len, q_heads, head_dim]")
+  _check_pages("k_pages", k_pages, 4, "[num_pages, page_size, kv_heads, head_dim]", block_size)
+  _check_pages("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]",
+               block_size, k_pages.shape[0])
+  hq, d = q.shape[2:]
+  if k_pages.shape[3] != d:
+    raise ValueError(f"k_pages must have head_dim {d} (as q); got shape {api._shape(k_pages)}")
+  if v_pages.shape[2] != k_pages.shape[2]:
+    raise ValueError(f"v_pages must have the kv_heads of k_pages ({k_pages.shape[2]}); got "
+                     f"shape {api._shape(v_pages)}")
+  g = k_pages.shape[2]
+  if g < 1 or hq % g:
+    raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads = groups G ({g}); "
+                     f"q {api._shape(q)}, k_pages {api._shape(k_pages)}")
+  if not q.dtype == k_pages.dtype == v_pages.dtype:
+    raise ValueError(f"q, k_pages, v_pages must share one dtype; got {q.dtype}, "
+                     f"{k_pages.dtype}, {v_pages.dtype}")
+
+
+# ----------------------------------------------------------------------------- index branch
+
+
+def _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions, *, block_size,
+                      topk, impl, interpret):
+  if impl == "xla":
+    k_idx = paged.gather_pages(index_pages, page_table, lengths)
+    return reference.index_topk(q_idx, k_idx, q_positions, lengths, block_size=block_size,
+                                topk=topk)
+  if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import paged_index_topk as kernel
+    return kernel.paged_index_topk(q_idx, index_pages, page_table, q_positions, lengths,
+                                   block_size=block_size, topk=topk, interpret=interpret)
+  from msa_jax.kernels.tpu import paged_index_topk as kernel
+  scores = kernel.paged_block_scores(q_idx, index_pages, page_table, q_positions, lengths,
+                                     block_size=block_size, interpret=interpret)
+  return reference.select_blocks(scores, reference.own_block(q_positions, lengths, block_size),
+                                 topk)
+
+
+def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128, topk=16,
+                     q_positions=None, implementation=None, interpret=False):
+  """Top-k blocks per (query, group) over all pages of each sequence (spec §3, paged).
+
+  Args:
+    q_idx: [B, q, G, Di] index queries of the q (1-16) newest tokens, one head per KV group.
+    index_pages: [P, Bk, Di] index-key pages (``PagedCache.index_pages``).
+    page_table: int [B, max_pages] pages of each sequence in token order (-1 = none).
+    lengths: int [B] tokens cached per sequence, the q new ones included.
+    block_size: Bk, which is also the page size.
+    topk: blocks per (query, group), the query's own block included.
+    q_positions: int [B, q] (default: query i at ``lengths[b] - q + i``); < 0 = padding.
+    implementation, interpret: as in ``msa_jax.index_topk``.
+
+  Returns:
+    int32 [B, q, G, topk] logical block ids (block j = the sequence's page ``page_table[b, j]``),
+    valid ids first in unspecified order, -1 padding. Equal as sets to ``msa_jax.index_topk``
+    on the contiguous keys.
+  """
+  api._check_static(block_size, topk)
+  _check_index(q_idx, index_pages, block_size)
+  b, t = q_idx.shape[:2]
+  page_table, lengths = _check_table(page_table, lengths, b, block_size, index_pages.shape[0])
+  q_positions = _positions(q_positions, lengths, b, t)
+  impl = api._resolve_implementation(implementation, interpret)
+  return _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions,
+                           block_size=block_size, topk=topk, impl=impl, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------- main branch
+
+
+def compact_selection(block_indices, num_blocks):
+  """Valid ids (in range, first occurrence) first in a stable order, 0 after; and their count.
+
+  int32 [B,T,G,k] and [B,T,G]: the kernels loop over ``counts`` slots only, so idle slots
+  (short sequences, padding queries, repeats) read no page.
+  """
+  valid = reference.valid_block_mask(block_indices, num_blocks)
+  order = jnp.argsort(~valid, axis=-1, stable=True)
+  ids = jnp.take_along_axis(jnp.where(valid, block_indices, 0), order, axis=-1)
+  return ids.astype(jnp.int32), jnp.sum(valid, axis=-1).astype(jnp.int32)
+
+
+def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices, q_positions,
+                         *, block_size, scale, impl, interpret):
+  if impl == "xla":
+    k = paged.gather_pages(k_pages, page_table, lengths)
+    v = paged.gather_pages(v_pages, page_table, lengths)
+    return reference.sparse_attention(q, k, v, block_indices, q_positions, lengths,
+                                      block_size=block_size, scale=scale)
+  ids, counts = compact_selection(block_indices, page_table.shape[1])
+  if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import paged_sparse_decode as kernel
+  else:
+    from msa_jax.kernels.tpu import paged_sparse_decode as kernel
+  partial_out, partial_lse = kernel.paged_sparse_decode_partials(
+      q, k_pages, v_pages, page_table, ids, counts, q_positions, lengths,
+      block_size=block_size, scale=scale, interpret=interpret)
+  written = jnp.ones((*block_indices.shape[:3], partial_out.shape[0]), bool)
+  return sched.combine(partial_out, partial_lse, written, q.dtype)
+
+
+def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices, *,
+                        block_size=128, scale=None, q_positions=None, return_lse=False,
+                        implementation=None, interpret=False):
+  """Exact attention of each new token over the visible keys of its selected pages (spec §4).
+
+  Args:
+    q: [B, q, Hq, D] the q (1-16) newest tokens' queries; Hq a multiple of G.
+    k_pages: [P, Bk, G, D], v_pages: [P, Bk, G, Dv] KV pages (``PagedCache``).
+    page_table, lengths, q_positions: as in ``paged_index_topk``.
+    block_indices: int [B, q, G, topk] logical block ids per (query, group), -1 = none;
+      repeats count once.
+    block_size: Bk = the page size. scale: logit scale (default 1/sqrt(D)).
+    return_lse: also return the float32 log-sum-exp [B, q, Hq].
+    implementation, interpret: as in ``msa_jax.sparse_attention``.
+
+  Returns:
+    out [B, q, Hq, Dv] in q's dtype (and lse); padding queries get 0 (lse -inf). Only
+    keys before ``lengths[b]`` are read into any output: stale page contents never leak.
+  """
+  api._check_static(block_size)
+  _check_kv(q, k_pages, v_pages, block_size)
+  b, t, _, d = q.shape
+  page_table, lengths = _check_table(page_table, lengths, b, block_size, k_pages.shape[0])
+  api._check_block_indices(block_indices, b, t, k_pages.shape[2], page_table.shape[1])
+  q_positions = _positions(q_positions, lengths, b, t)
+  scale = api._scale(scale, d)
+  impl = api._resolve_implementation(implementation, interpret)
+  out, lse = _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths,
+                                  jnp.asarray(block_indices, jnp.int32), q_positions,
+                                  block_size=block_size, scale=scale, impl=impl,
+                                  interpret=interpret)
+  return (out, lse) if return_lse else out
+
+
+def paged_msa_decode(q, q_idx, k_pages, v_pages, index_pages, page_table, lengths, *,
+                     block_size=128, topk=16, scale=None, q_positions=None,
+                     return_indices=False, return_lse=False, implementation=None,
+                     interpret=False):
+  """MSA decode on a paged cache: ``paged_index_topk`` then ``paged_sparse_decode``.
+
+  The cache arguments are a ``PagedCache``'s fields in order, so
+  ``paged_msa_decode(q, q_idx, *cache)`` works. Shapes as in those two functions. Returns
+  out [B, q, Hq, Dv], then the int32 [B, q, G, topk] selection when ``return_indices`` and the
+  float32 lse [B, q, Hq] when ``return_lse``.
+  """
+  api._check_static(block_size, topk)
+  _check_kv(q, k_pages, v_pages, block_size)
+  b, t, _, d = q.shape
+  if index_pages is None:
+    raise ValueError("index_pages must be an array [num_pages, page_size, index_dim]; got "
+                     "None (a cache without an index branch cannot run MSA)")
+  _check_index(q_idx, index_pages, block_size, k_pages.shape[2], k_pages.shape[0])
+  if q_idx.shape[:2] != (b, t):
+    raise ValueError(f"q_idx must have [batch, q_len] = [{b}, {t}] (as q); got shape "
+                     f"{api._shape(q_idx)}")
+  page_table, lengths = _check_table(page_table, lengths, b, block_size, k_pages.shape[0])
+  q_positions = _positions(q_positions, lengths, b, t)
+  scale = api._scale(scale, d)
+  impl = api._resolve_implementation(implementation, interpret)
+  ids = _paged_index_topk(jax.lax.stop_gradient(q_idx), index_pages, page_table, lengths,
+                          q_positions, block_size=block_size, topk=topk, impl=impl,
+                          interpret=interpret)
+  out, lse = _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, ids, q_positions,
+                                  block_size=block_size, scale=scale, impl=impl,
+                                  interpret=interpret)
+  result = (out,)
+  if return_indices:
+    result += (ids,)
+  if return_lse:
+    result += (lse,)
+  return result[0] if len(result) == 1 else result
+
+
+__all__ = ("paged_index_topk", "paged_sparse_decode", "paged_msa_decode", "MAX_DECODE_QUERIES")
