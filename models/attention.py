@@ -82,21 +82,59 @@ class Attention(nnx.Module):
     q, k, v = self.project(h, positions)
     k_cache = cache_lib.write(k_cache, k, positions)
     v_cache = cache_lib.write(v_cache, v, positions)
-    k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    iq = None
     if self.sparse:
       iq, ik = self.project_index(h, positions)
       index_cache = cache_lib.write(index_cache, ik, positions)
-      out = msa_jax.msa_attention(
-          q, k_all, v_all, iq, index_cache.astype(q.dtype), block_size=c.index_block_size,
-          topk=c.index_topk_blocks, q_positions=positions, kv_lengths=kv_lengths,
-          implementation=implementation, interpret=interpret)
-    else:
-      key_pos = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-      mask = ((key_pos[None, None, :] <= positions[:, :, None])
-              & (key_pos[None, None, :] < kv_lengths[:, None, None]))
-      out = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask[:, None])
+    out = self._attend(q, k_cache, v_cache, iq, index_cache, positions, kv_lengths,
+                       implementation=implementation, interpret=interpret)
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, k_cache, v_cache, index_cache
+
+  def _attend(self, q, k_all, v_all, iq, index_all, positions, kv_lengths, *, implementation,
+              interpret):
+    """Attention of q [B,T,Hq,D] over contiguous caches holding kv_lengths tokens."""
+    c = self.config
+    k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
+    if self.sparse:
+      return msa_jax.msa_attention(
+          q, k_all, v_all, iq, index_all.astype(q.dtype), block_size=c.index_block_size,
+          topk=c.index_topk_blocks, q_positions=positions, kv_lengths=kv_lengths,
+          implementation=implementation, interpret=interpret)
+    key_pos = jnp.arange(k_all.shape[1], dtype=jnp.int32)
+    mask = ((key_pos[None, None, :] <= positions[:, :, None])
+            & (key_pos[None, None, :] < kv_lengths[:, None, None]))
+    return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask[:, None])
+
+  def paged(self, h, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
+            implementation="xla", interpret=False):
+    """As ``__call__`` on paged caches (``cache_lib.PagedCache``'s per-layer pages and shared
+    page table). Decode steps (at most ``msa_jax.paged_api.MAX_DECODE_QUERIES`` new tokens per
+    sequence) of MSA layers read only the selected pages (``msa_jax.paged_msa_decode``);
+    longer chunks (prefill) and full-attention layers gather the sequence's pages into
+    contiguous keys first. Returns (out [B,T,H], k_pages, v_pages, index_pages)."""
+    c = self.config
+    b, t, _ = h.shape
+    q, k, v = self.project(h, positions)
+    iq = ik = None
+    if self.sparse:
+      iq, ik = self.project_index(h, positions)
+    layer = msa_jax.paged.PagedCache(k_pages, v_pages, index_pages, page_table, kv_lengths)
+    layer = msa_jax.paged.write(layer, k, v, ik, positions)
+    k_pages, v_pages, index_pages = layer.k_pages, layer.v_pages, layer.index_pages
+    if self.sparse and t <= msa_jax.paged_api.MAX_DECODE_QUERIES:
+      out = msa_jax.paged_msa_decode(
+          q, iq, k_pages.astype(q.dtype), v_pages.astype(q.dtype),
+          index_pages.astype(q.dtype), page_table, kv_lengths, block_size=c.index_block_size,
+          topk=c.index_topk_blocks, q_positions=positions, implementation=implementation,
+          interpret=interpret)
+    else:
+      gather = lambda pages: msa_jax.paged.gather_pages(pages, page_table, kv_lengths)
+      out = self._attend(q, gather(k_pages), gather(v_pages), iq,
+                         None if index_pages is None else gather(index_pages), positions,
+                         kv_lengths, implementation=implementation, interpret=interpret)
+    out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
+    return out, k_pages, v_pages, index_pages
 
   def train_forward(self, h, *, attention="msa", indexer_loss=None, capture=False,
                     implementation="xla", interpret=False, dense_implementation=None):

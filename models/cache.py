@@ -1,4 +1,4 @@
-"""KV cache and index-key cache (contiguous), spec/minimax_m3.md §3.4 and §3.6.
+"""KV cache and index-key cache, contiguous or paged, spec/minimax_m3.md §3.4 and §3.6.
 
 One ``Cache`` holds, per layer, the post-norm post-RoPE keys and raw values ``[B, S_max, G, D]``
 and, for MSA layers, the index keys ``[B, S_max, Di]`` (one vector per token), plus the number
@@ -57,3 +57,41 @@ def write(buffer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
   cols = jnp.where(positions >= 0, positions, s)  # out of range: dropped
   return buffer.at[rows, cols].set(new.astype(buffer.dtype), mode="drop")
+
+
+class PagedCache(NamedTuple):
+  """The caches of all layers in pages of ``Bk`` tokens (``msa_jax.paged`` layout, for serving).
+
+  Per layer ``k``/``v`` pages ``[num_pages, Bk, G, D]`` and, for MSA layers, index-key pages
+  ``[num_pages, Bk, Di]``; one ``page_table [B, max_pages]`` (from ``msa_jax.PageAllocator``)
+  and ``lengths [B]`` shared by all layers: token p of row b sits in page
+  ``page_table[b, p // Bk]``, slot ``p % Bk``, in every layer. The page size is the MSA block
+  size, so a selected block is a page of the sequence.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  index_k: tuple[jax.Array | None, ...]
+  page_table: jax.Array
+  lengths: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.page_table.shape[1] * self.k[0].shape[1]
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[0]
+
+
+def init_paged_cache(config, *, num_pages: int, batch: int, max_pages: int,
+                     dtype=jnp.float32) -> PagedCache:
+  """Empty paged caches (all pages zero, page table -1) for ``batch`` rows."""
+  bk = config.index_block_size
+  kv = lambda: jnp.zeros((num_pages, bk, config.num_kv_heads, config.head_dim), dtype)
+  return PagedCache(
+      k=tuple(kv() for _ in range(config.num_layers)),
+      v=tuple(kv() for _ in range(config.num_layers)),
+      index_k=tuple(jnp.zeros((num_pages, bk, config.index_head_dim), dtype) if sparse
+                    else None for sparse in config.sparse_layers),
+      page_table=jnp.full((batch, max_pages), -1, jnp.int32),
+      lengths=jnp.zeros((batch,), jnp.int32))

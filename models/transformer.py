@@ -34,24 +34,39 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(c, c.dense_intermediate_size, rngs=rngs, param_dtype=param_dtype)
       self.block_sparse_moe = None
 
-  def __call__(self, x, positions, kv_lengths, k_cache, v_cache, index_cache, *,
-               implementation, interpret=False):
-    attn, k_cache, v_cache, index_cache = self.self_attn(
-        self.input_layernorm(x), positions, kv_lengths, k_cache, v_cache, index_cache,
-        implementation=implementation, interpret=interpret)
+  def _block(self, x, attend):
+    """``x += attend(rms(x))`` (attend returns (out, state)), then the FFN: (x, state)."""
+    attn, state = attend(self.input_layernorm(x))
     x = sharding.constrain(x + attn, ("batch", "seq", "embed_act"))
     h = self.post_attention_layernorm(x)
     ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h)
-    return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), k_cache, v_cache, \
-        index_cache
+    return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), state
+
+  def __call__(self, x, positions, kv_lengths, k_cache, v_cache, index_cache, *,
+               implementation, interpret=False):
+    def attend(h):
+      out, *caches = self.self_attn(h, positions, kv_lengths, k_cache, v_cache, index_cache,
+                                    implementation=implementation, interpret=interpret)
+      return out, caches
+
+    x, (k_cache, v_cache, index_cache) = self._block(x, attend)
+    return x, k_cache, v_cache, index_cache
+
+  def paged(self, x, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
+            implementation, interpret=False):
+    """As ``__call__`` on paged caches (``Attention.paged``)."""
+    def attend(h):
+      out, *pages = self.self_attn.paged(h, positions, kv_lengths, k_pages, v_pages,
+                                         index_pages, page_table,
+                                         implementation=implementation, interpret=interpret)
+      return out, pages
+
+    x, (k_pages, v_pages, index_pages) = self._block(x, attend)
+    return x, k_pages, v_pages, index_pages
 
   def train_forward(self, x, **attention_kw):
     """Cache-free full-sequence layer (``Attention.train_forward``): (x, aux)."""
-    attn, aux = self.self_attn.train_forward(self.input_layernorm(x), **attention_kw)
-    x = sharding.constrain(x + attn, ("batch", "seq", "embed_act"))
-    h = self.post_attention_layernorm(x)
-    ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h)
-    return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), aux
+    return self._block(x, lambda h: self.self_attn.train_forward(h, **attention_kw))
 
 
 class MiniMaxM3(nnx.Module):
@@ -75,30 +90,38 @@ class MiniMaxM3(nnx.Module):
     self.lm_head = Linear(c.hidden_size, c.vocab_size, axes=("embed", "vocab"), rngs=rngs,
                           param_dtype=param_dtype)
 
-  def __call__(self, tokens: jax.Array, cache: cache_lib.Cache,
+  def __call__(self, tokens: jax.Array, cache: cache_lib.Cache | cache_lib.PagedCache,
                num_new: jax.Array | None = None):
     """Run ``tokens [B, T]`` after what ``cache`` holds (prefill, a chunk or decode steps).
 
-    ``num_new [B]`` (optional) says how many of the T tokens are real per sequence (ragged
-    batches; the rest are padding and leave the cache untouched). Returns
+    ``cache`` is contiguous (``cache_lib.Cache``) or paged (``cache_lib.PagedCache``, whose
+    page table must already hold pages for the new tokens). ``num_new [B]`` (optional) says
+    how many of the T tokens are real per sequence (ragged batches; the rest are padding and
+    leave the cache untouched; 0 leaves a row alone). Returns
     ``(logits [B, T, V] float32, updated cache)``.
     """
     positions = cache_lib.new_positions(cache.lengths, tokens.shape[1], num_new)
     added = tokens.shape[1] if num_new is None else num_new
-    kv_lengths = cache.lengths + added
+    kv_lengths = (cache.lengths + added).astype(jnp.int32)
     x = self.embed_tokens[...][tokens].astype(self.dtype)
     x = sharding.constrain(x, ("batch", "seq", "embed_act"))
+    paged = isinstance(cache, cache_lib.PagedCache)
+    kw = dict(implementation=self.implementation, interpret=self.interpret)
     ks, vs, iks = [], [], []
     for layer, k_c, v_c, i_c in zip(self.layers, cache.k, cache.v, cache.index_k):
-      x, k_c, v_c, i_c = layer(x, positions, kv_lengths, k_c, v_c, i_c,
-                               implementation=self.implementation, interpret=self.interpret)
+      if paged:
+        x, k_c, v_c, i_c = layer.paged(x, positions, kv_lengths, k_c, v_c, i_c,
+                                       cache.page_table, **kw)
+      else:
+        x, k_c, v_c, i_c = layer(x, positions, kv_lengths, k_c, v_c, i_c, **kw)
       ks.append(k_c)
       vs.append(v_c)
       iks.append(i_c)
     logits = self.lm_head(self.norm(x)).astype(jnp.float32)
-    new_cache = cache_lib.Cache(tuple(ks), tuple(vs), tuple(iks),
-                                kv_lengths.astype(jnp.int32))
-    return logits, new_cache
+    if paged:
+      return logits, cache._replace(k=tuple(ks), v=tuple(vs), index_k=tuple(iks),
+                                    lengths=kv_lengths)
+    return logits, cache_lib.Cache(tuple(ks), tuple(vs), tuple(iks), kv_lengths)
 
   def forward(self, tokens: jax.Array) -> jax.Array:
     """Full-sequence forward of ``tokens [B, T]`` from an empty context: logits [B, T, V]."""

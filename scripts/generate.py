@@ -9,6 +9,14 @@ Prompts: ``--prompt TEXT`` (tokenised with the folder's tokenizer.json through t
 ``tokenizers`` library, or as raw bytes when the folder has none) or ``--prompt-ids 5,17,42``;
 repeat either flag for a batch.
 
+Continuous batching (``--max-batch N``): the prompts become a queue of requests served by N
+batch rows over a paged KV / index-key cache (``--num-pages`` pages of ``Bk`` tokens, handed out
+by ``msa_jax.PageAllocator``). A request is admitted when a row is free and pages for its
+prompt plus ``--max-new-tokens`` can be reserved; it is prefilled into its pages while the
+others keep decoding, and leaves (its pages freed) when it has its tokens or produced
+``--stop-id``. A request that waits for pages is admitted later; one that could never fit is
+refused with a message, and the others go on. MSA layers decode from the selected pages only.
+
 Multi-host: call with the usual ``jax.distributed`` environment variables set
 (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) on every host;
 ``jax.distributed.initialize()`` then runs first and the mesh spans all hosts' devices.
@@ -17,6 +25,8 @@ Examples:
   python3 scripts/generate.py --prompt-ids 5,17,42 --max-new-tokens 8
   python3 scripts/generate.py --checkpoint /data/MiniMax-M3 --prompt "Hello" \\
       --mesh data=1,tensor=8,expert=1 --dtype bfloat16
+  python3 scripts/generate.py --prompt-ids 5,17,42 --prompt-ids 7,8 --prompt-ids 9 \\
+      --max-batch 2 --num-pages 8          # continuous batching over a paged cache
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import msa_jax
 from models import cache as cache_lib
 from models import checkpoint
 from models import sharding
@@ -92,6 +103,119 @@ def sample(logits, key, temperature: float, top_p: float):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def serve(model, prompts, args, dtype):
+  """Continuous batching over a paged cache (see the module docstring). Returns
+  (generated ids per prompt, per-request records, timings)."""
+  cfg = model.config
+  bk = cfg.index_block_size
+  budget = [len(p) + args.max_new_tokens for p in prompts]
+  max_pages = -(-max(budget) // bk)
+  num_pages = args.num_pages or args.max_batch * max_pages
+  rows = args.max_batch
+  alloc = msa_jax.PageAllocator(num_pages, bk, rows, max_pages)
+  cache = cache_lib.init_paged_cache(cfg, num_pages=num_pages, batch=rows, max_pages=max_pages,
+                                     dtype=dtype)
+
+  @nnx.jit
+  def step(model, tokens, cache, num_new):
+    logits, cache = model(tokens, cache, num_new)
+    last = jnp.take_along_axis(logits, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)
+    return last[:, 0], cache
+
+  queue = list(range(len(prompts)))
+  active: dict[int, int] = {}  # row -> request
+  generated = [[] for _ in prompts]
+  records = [{"request": i, "prompt_len": len(p)} for i, p in enumerate(prompts)]
+  key = jax.random.PRNGKey(args.seed)
+  next_token = np.zeros(rows, np.int32)
+  step_no, prefill_tokens, prefill_s, decode_tokens, decode_s = 0, 0, 0.0, 0, 0.0
+
+  def set_rows(cache, reset_rows):
+    lengths = cache.lengths
+    if reset_rows:
+      lengths = lengths.at[jnp.asarray(reset_rows)].set(0)
+    return cache._replace(page_table=alloc.table(), lengths=lengths)
+
+  def take(logits, live_rows):
+    nonlocal key
+    key, sub = jax.random.split(key)
+    host = np.asarray(sample(logits, sub, args.temperature, args.top_p))
+    finished = []
+    for row in live_rows:
+      i = active[row]
+      tok = int(host[row])
+      generated[i].append(tok)
+      next_token[row] = tok
+      if not args.quiet:
+        print(f"[step {step_no}] request {i}: {tok}", flush=True)
+      if len(generated[i]) >= args.max_new_tokens or tok == args.stop_id:
+        finished.append(row)
+    for row in finished:  # leaves: its pages go back to the pool
+      records[active.pop(row)]["finished_step"] = step_no
+      alloc.free(row)
+    return finished
+
+  while queue or active:
+    admitted = []
+    while queue:
+      i = queue[0]
+      if alloc.pages_for(budget[i]) > num_pages:
+        queue.pop(0)
+        records[i]["refused"] = (f"needs {alloc.pages_for(budget[i])} pages of {bk} tokens "
+                                 f"(prompt {len(prompts[i])} + {args.max_new_tokens} new); "
+                                 f"the cache has {num_pages}")
+        print(f"request {i} refused: {records[i]['refused']}", file=sys.stderr, flush=True)
+        continue
+      row = alloc.admit(len(prompts[i]), reserve_tokens=budget[i])
+      if row is None:  # no free row or pages: wait for a request to leave
+        break
+      queue.pop(0)
+      active[row] = i
+      admitted.append(row)
+      records[i].update(row=row, admitted_step=step_no)
+    freed = []
+    if admitted:  # prefill the newcomers into their pages; the other rows are left alone
+      width = max(len(prompts[active[r]]) for r in admitted)
+      width = -(-width // bk) * bk  # few distinct shapes: few compilations
+      tokens = np.zeros((rows, width), np.int32)
+      num_new = np.zeros(rows, np.int32)
+      for r in admitted:
+        p = prompts[active[r]]
+        tokens[r, :len(p)], num_new[r] = p, len(p)
+      cache = set_rows(cache, admitted)
+      t0 = time.perf_counter()
+      logits, cache = step(model, jnp.asarray(tokens), cache, jnp.asarray(num_new))
+      logits.block_until_ready()
+      prefill_s += time.perf_counter() - t0
+      prefill_tokens += int(num_new.sum())
+      freed += take(logits, admitted)
+      step_no += 1
+    decoding = [r for r in active]
+    if decoding:  # one decode step for every live request
+      for r in decoding:
+        if not alloc.grow(r, int(len(prompts[active[r]]) + len(generated[active[r]]))):
+          raise RuntimeError("a reserved page was not available")  # the allocator's promise
+      num_new = np.zeros(rows, np.int32)
+      num_new[decoding] = 1
+      cache = set_rows(cache, freed)
+      t0 = time.perf_counter()
+      logits, cache = step(model, jnp.asarray(next_token[:, None]), cache,
+                           jnp.asarray(num_new))
+      logits.block_until_ready()
+      decode_s += time.perf_counter() - t0
+      decode_tokens += len(decoding)
+      take(logits, decoding)
+      step_no += 1
+    elif queue and not admitted:
+      raise RuntimeError("requests wait but nothing runs")  # cannot happen: see admit above
+  timings = {"prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
+             "decode_tokens_per_s": decode_tokens / decode_s if decode_s else None,
+             "prefill_s": prefill_s, "decode_s": decode_s, "steps": step_no,
+             "num_pages": num_pages, "max_batch": rows,
+             "includes_compilation": True}
+  return generated, records, timings
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +240,14 @@ def main(argv=None):
   parser.add_argument("--warmup", action="store_true",
                       help="run the prefill once untimed first, so prefill tokens/s excludes "
                            "compilation")
+  parser.add_argument("--max-batch", type=int, default=None,
+                      help="continuous batching: serve the prompts as a queue of requests "
+                           "with this many batch rows over a paged cache")
+  parser.add_argument("--num-pages", type=int, default=None,
+                      help="pages of Bk tokens in the paged cache (default: enough for "
+                           "--max-batch requests of the longest prompt + new tokens)")
+  parser.add_argument("--stop-id", type=int, default=None,
+                      help="a request ends early when it produces this token id")
   parser.add_argument("--quiet", action="store_true", help="no streaming output")
   args = parser.parse_args(argv)
 
@@ -146,6 +278,24 @@ def main(argv=None):
   vocab = model.config.vocab_size
   if any(i < 0 or i >= vocab for p in prompts for i in p):
     raise SystemExit(f"prompt token ids must lie in [0, {vocab})")
+
+  if args.max_batch is not None:
+    if args.max_batch < 1 or (args.num_pages is not None and args.num_pages < 1):
+      raise SystemExit("--max-batch and --num-pages must be >= 1")
+    with sharding.activation_sharding(mesh):
+      generated, records, timings = serve(model, prompts, args, dtype)
+    result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
+              "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
+    if args.output_json:
+      with open(args.output_json, "w") as f:
+        json.dump(result, f, indent=1)
+    for i, p in enumerate(prompts):
+      print(f"prompt {i}: {tokenizer.decode(p + generated[i])!r}")
+    rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
+    print(f"served {len(prompts)} requests in {timings['steps']} steps: prefill "
+          f"{rate(timings['prefill_tokens_per_s'])}, decode {rate(timings['decode_tokens_per_s'])}"
+          f" (incl. compilation)")
+    return 0
 
   batch = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)

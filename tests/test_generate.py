@@ -68,3 +68,44 @@ def test_bad_prompt_ids(ckpt):
   proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, "--prompt-ids", "1,x"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "comma-separated integers" in proc.stderr
+
+
+def test_continuous_batching_same_tokens_as_static_batch(ckpt, tmp_path):
+  """5 requests of different lengths through 2 rows of a paged cache: they are admitted as
+  others leave, and each gets exactly the tokens of the plain batched run."""
+  prompts = [LONG, "7,8", "9,10,11,12,13", LONG[:40], "1"]
+  args = ["--checkpoint", ckpt, "--max-new-tokens", "5", "--quiet"]
+  for p in prompts:
+    args += ["--prompt-ids", p]
+  _run(args + ["--output-json", str(tmp_path / "static.json")])
+  _run(args + ["--max-batch", "2", "--output-json", str(tmp_path / "served.json")])
+  static = json.loads((tmp_path / "static.json").read_text())
+  served = json.loads((tmp_path / "served.json").read_text())
+  assert served["generated_ids"] == static["generated_ids"]
+  steps = [(r["admitted_step"], r["finished_step"]) for r in served["requests"]]
+  assert max(a for a, _ in steps) > 0  # later requests waited for a free row
+  rows = [r["row"] for r in served["requests"]]
+  assert set(rows) == {0, 1}
+
+
+def test_continuous_batching_waits_for_pages_and_refuses_what_never_fits(ckpt, tmp_path):
+  """Few pages: a request waits until another leaves; one larger than the cache is refused
+  with a message while the rest are served correctly."""
+  long_prompt = ",".join("5" for _ in range(200))  # 200 + 4 tokens: 13 pages of 16
+  prompts = [LONG, "7,8,9", long_prompt, "4,4,4,4"]
+  args = ["--checkpoint", ckpt, "--max-new-tokens", "4", "--quiet"]
+  for p in prompts:
+    args += ["--prompt-ids", p]
+  proc = _run(args + ["--max-batch", "3", "--num-pages", "4",
+                      "--output-json", str(tmp_path / "served.json")])
+  served = json.loads((tmp_path / "served.json").read_text())
+  assert "request 2 refused" in proc.stderr and "refused" in served["requests"][2]
+  assert served["generated_ids"][2] == []
+  solo = []
+  for p in (LONG, "7,8,9", "4,4,4,4"):
+    _run(["--checkpoint", ckpt, "--max-new-tokens", "4", "--quiet", "--prompt-ids", p,
+          "--output-json", str(tmp_path / "solo.json")])
+    solo.append(json.loads((tmp_path / "solo.json").read_text())["generated_ids"][0])
+  assert [served["generated_ids"][i] for i in (0, 1, 3)] == solo
+  # LONG (45 + 4 tokens) takes 4 pages of 16: the others had to wait for it to leave.
+  assert served["requests"][1]["admitted_step"] >= served["requests"][0]["finished_step"]
