@@ -337,6 +337,67 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
   return row
 
 
+def paged_decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
+  """One decode step on a paged cache (pages shuffled in memory, as after serving a while):
+  ``paged_msa_decode`` vs dense paged attention over every page (Pallas ``paged_attention``,
+  GPU, one query token) or the XLA einsum over the gathered cache (elsewhere)."""
+  dtype = jnp.dtype(w.dtype)
+  bk = w.block_size
+  pages_per_seq = -(-ctx // bk)
+  num_pages = batch * pages_per_seq
+  keys = jax.random.split(jax.random.PRNGKey(batch * 11 + ctx + q_len), 6)
+  q = _random(keys[0], (batch, q_len, w.q_heads, w.head_dim), dtype)
+  q_idx = _random(keys[1], (batch, q_len, w.groups, w.index_dim), dtype)
+  k_pages = _random(keys[2], (num_pages, bk, w.groups, w.head_dim), dtype)
+  v_pages = _random(keys[3], (num_pages, bk, w.groups, w.head_dim), dtype)
+  index_pages = _random(keys[4], (num_pages, bk, w.index_dim), dtype)
+  table = jax.random.permutation(keys[5], num_pages).reshape(batch, pages_per_seq)
+  table = table.astype(jnp.int32)
+  lengths = jnp.full((batch,), ctx, jnp.int32)
+  step = lambda q, q_idx, k_pages, v_pages, index_pages: msa_jax.paged_msa_decode(
+      q, q_idx, k_pages, v_pages, index_pages, table, lengths, block_size=bk, topk=w.topk,
+      implementation=impl, interpret=interpret)
+  steps = args.decode_loop_steps
+  row = {"batch": batch, "context": ctx, "q_len": q_len, "loop_steps": steps}
+  args_ = (q, q_idx, k_pages, v_pages, index_pages)
+  call, loop = jax.jit(step), in_loop(step, steps)
+  row["msa_ms"], _ = timed(lambda: block(call(*args_)), iters=args.iters,
+                           budget_s=args.budget_s)
+  ms, _ = timed(lambda: block(loop(*args_)), iters=args.iters, budget_s=args.budget_s)
+  row["msa_loop_ms"] = ms / steps
+  try:
+    if q_len == 1 and jax.default_backend() == "gpu":
+      from jax.experimental.pallas.ops.gpu import paged_attention as paged_ops
+      kt, vt = (jnp.transpose(x, (2, 0, 1, 3)) for x in (k_pages, v_pages))
+      dense = lambda q, kt, vt: paged_ops.paged_attention(q[:, 0], kt, vt, table,
+                                                          lengths)[:, None]
+      name = "dense_pallas_paged"
+    else:
+      kt, vt = k_pages, v_pages
+
+      def dense(q, kt, vt):
+        kc, vc = (msa_jax.paged.gather_pages(x, table, lengths) for x in (kt, vt))
+        return jax.nn.dot_product_attention(q, kc, vc, is_causal=False)
+      name = "dense_xla_gathered"
+    call, loop = jax.jit(dense), in_loop(dense, steps)
+    row[f"{name}_ms"], _ = timed(lambda: block(call(q, kt, vt)), iters=args.iters,
+                                 budget_s=args.budget_s)
+    ms, _ = timed(lambda: block(loop(q, kt, vt)), iters=args.iters, budget_s=args.budget_s)
+    row[f"{name}_loop_ms"] = ms / steps
+    row["dense_baseline"] = name
+    row["speedup"] = row[f"{name}_ms"] / row["msa_ms"]
+    row["speedup_loop"] = row[f"{name}_loop_ms"] / row["msa_loop_ms"]
+  except Exception as e:  # e.g. the baseline's second copy of the cache does not fit
+    row["dense_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  item = dtype.itemsize
+  must_move = batch * (ctx * w.index_dim * item
+                       + q_len * w.groups * w.topk * bk * 2 * w.head_dim * item
+                       + 2 * q_len * w.q_heads * w.head_dim * item)
+  row["tokens_per_s_loop"] = batch * q_len / (row["msa_loop_ms"] * 1e-3)
+  row["achieved_tbps_loop"] = must_move / (row["msa_loop_ms"] * 1e-3) / 1e12
+  return row
+
+
 # ----------------------------------------------------------------------------- tuning
 
 
@@ -502,6 +563,19 @@ def markdown(result) -> str:
           "batch", "context", "q_len", "msa_ms", "index_ms", "sparse_ms", "dense_xla_ms",
           "dense_pallas_gqa_ms", "speedup", "achieved_tbps", "msa_loop_ms", "dense_best_loop_ms",
           "speedup_loop", "achieved_tbps_loop"]) + " |")
+  if result.get("paged_decode"):
+    lines += ["", "Paged decode (one query per sequence, pages shuffled): per call and per step "
+              "in a jitted loop:", "",
+              "| batch | context | MSA ms | dense ms | speedup | MSA ms, loop | dense ms, loop | "
+              "speedup, loop | tokens/s, loop | TB/s, loop |", "|" + "---|" * 10]
+    for r in result["paged_decode"]:
+      if "error" in r:
+        lines.append(f"| {r['batch']} | {r['context']} | error: {r['error'][:120]} |")
+        continue
+      name = r.get("dense_baseline", "dense")
+      lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
+          "batch", "context", "msa_ms", f"{name}_ms", "speedup", "msa_loop_ms",
+          f"{name}_loop_ms", "speedup_loop", "tokens_per_s_loop", "achieved_tbps_loop"]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -576,6 +650,12 @@ def main(argv=None):
                       help="cached tokens of the decode step the index_decode sweep times")
   parser.add_argument("--skip-prefill", action="store_true")
   parser.add_argument("--skip-decode", action="store_true")
+  parser.add_argument("--paged", action="store_true",
+                      help="also time decode on a paged cache (paged_msa_decode vs dense paged "
+                           "attention) at the decode batches and contexts")
+  parser.add_argument("--max-paged-tokens", type=int, default=8 << 20,
+                      help="skip paged decode cases with batch x context above this (the dense "
+                           "baseline holds a second copy of the cache)")
   parser.add_argument("--implementation", default=None, choices=msa_jax.IMPLEMENTATIONS,
                       help="MSA implementation (default: the backend's best)")
   parser.add_argument("--smoke", action="store_true",
@@ -640,6 +720,19 @@ def main(argv=None):
                                      "error": f"{type(e).__name__}: {str(e)[:500]}"})
           print(json.dumps(result["decode"][-1]), flush=True)
           save()
+  if args.paged:
+    result["paged_decode"] = []
+    for batch in args.decode_batches:
+      for ctx in args.decode_contexts:
+        if batch * ctx > args.max_paged_tokens:
+          continue
+        try:
+          row = paged_decode_row(batch, ctx, 1, workload, args, impl, interpret)
+        except Exception as e:
+          row = {"batch": batch, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        result["paged_decode"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
   save()
   plot(result, stem + ".png")
   print(markdown(result))

@@ -14,7 +14,7 @@ def test_benchmark_smoke(tmp_path):
                              check=True).stdout
   assert "--smoke" in help_text and "--chunk" in help_text
   proc = subprocess.run([sys.executable, script, "--smoke", "--tune", "--sizes", "256",
-                         "--decode-queries", "1", "--out-dir", str(tmp_path)],
+                         "--decode-queries", "1", "--paged", "--out-dir", str(tmp_path)],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "smoke.json").read_text())
@@ -24,6 +24,9 @@ def test_benchmark_smoke(tmp_path):
     assert row[key] > 0
   assert len(result["decode"]) == 2
   assert all(r[key] > 0 for r in result["decode"] for key in ("msa_ms", "index_ms", "sparse_ms"))
+  paged = result["paged_decode"]
+  assert len(paged) == 2 and all("error" not in r for r in paged), paged
+  assert all(r["msa_loop_ms"] > 0 and r["speedup_loop"] > 0 for r in paged)
   assert (tmp_path / "smoke.md").read_text().count("|") > 20
   assert (tmp_path / "smoke.png").stat().st_size > 1000
   assert "| N |" in proc.stdout  # the table is printed last
