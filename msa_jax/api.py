@@ -275,6 +275,11 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
       written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
       return sched.combine(partial_out, partial_lse, written, q.dtype)
     from msa_jax.kernels.gpu import sparse_attention as kernel
+    from msa_jax.kernels.gpu import tuning
+    if tuning.config("sparse")["kernel"] == "mosaic":  # Hopper TMA + wgmma, where it applies
+      from msa_jax.kernels.gpu import sparse_attention_mgpu
+      if sparse_attention_mgpu.supports(q, k, v, block_size):
+        kernel = sparse_attention_mgpu
     per_tile, per_item = kernel.work_item_size(
         hq // g, tile_rows=INTERPRET_TILE_ROWS if interpret else None)
     schedule = sched.build_schedule(block_indices, valid, q_positions, nb, per_item)

@@ -428,8 +428,10 @@ def tune(w: Workload, args, interpret):
   grids = {
       "index": dict(selection=["scores", "tile", "fused"], block_rows=[64, 128],
                     blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2]),
-      "sparse": dict(tile_rows=[32, 64, 128], tiles_per_item=[1, 2], items_per_program=[1, 4],
-                     num_warps=[4, 8], num_stages=[3]),
+      # kernel: Triton or Mosaic GPU (sparse_attention_mgpu.py: tile_rows per compute
+      # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
+      "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
+                     items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3]),
       "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
   }
@@ -466,18 +468,51 @@ def tune(w: Workload, args, interpret):
       block(f(q_idx_d, k_idx_d))
     return lambda: block(f(q_idx_d, k_idx_d))
 
-  def sparse_runner(cfg):  # the kernel alone, on a schedule built for the item size
+  def sparse_partials(cfg):  # (jitted partials function, schedule) for one configuration
     cfg = dict(cfg)
+    module = sparse_kernel
+    if cfg.pop("kernel", "triton") == "mosaic":
+      if interpret:
+        raise NotImplementedError("the Mosaic GPU kernel is not swept in interpret mode")
+      from msa_jax.kernels.gpu import sparse_attention_mgpu as module
+      for name in ("items_per_program", "num_warps", "num_stages"):  # Triton's only
+        cfg.pop(name, None)
     tile_rows = api.INTERPRET_TILE_ROWS if interpret else cfg.pop("tile_rows", None)
     cfg.pop("tile_rows", None)
-    per_tile, per_item = sparse_kernel.work_item_size(
+    per_tile, per_item = module.work_item_size(
         w.q_heads // w.groups, tile_rows=tile_rows, tiles_per_item=cfg.pop("tiles_per_item"))
     schedule = build(ids, valid, pos, nb, per_item)
-    f = jax.jit(lambda q, k, v, s: sparse_kernel.sparse_attention_partials(
+    f = jax.jit(lambda q, k, v, s: module.sparse_attention_partials(
         q, k, v, s, kvl, block_size=w.block_size, scale=1 / math.sqrt(w.head_dim),
         topk=w.topk, queries_per_tile=per_tile, tiles_per_item=per_item // per_tile,
-        interpret=interpret, **cfg)[1][0, 0, 0, 0])  # one element: no copy of the partials
-    return lambda: block(f(q, k, v, schedule))
+        interpret=interpret, **cfg))
+    return f, schedule
+
+  checked = {}
+
+  def combined_head(cfg):  # first queries' combined output and LSE: to compare kernels
+    f, schedule = sparse_partials(cfg)
+    p_out, p_lse = f(q, k, v, schedule)
+    m = min(c, 1024)
+    return sched.combine(p_out[:, :, :m], p_lse[:, :, :m], valid[:, :m], jnp.float32)
+
+  def sparse_runner(cfg):  # the kernel alone, on a schedule built for the item size
+    if cfg.get("kernel") == "mosaic":  # never pick a kernel that disagrees with Triton's
+      if "want" not in checked:
+        checked["want"] = combined_head({"tiles_per_item": 1})
+      (out, lse), (want_out, want_lse) = combined_head(cfg), checked["want"]
+      err = float(jnp.linalg.norm(out - want_out) / jnp.linalg.norm(want_out))
+      lse_err = float(jnp.max(jnp.where(jnp.isfinite(want_lse), jnp.abs(lse - want_lse), 0)))
+      if not (err <= 2e-2 and lse_err <= 1e-2):
+        raise ValueError(f"mosaic != triton: out rel. err {err:.2e}, LSE err {lse_err:.2e}")
+    f, schedule = sparse_partials(cfg)
+    f1 = jax.jit(lambda *a: f(*a)[1][0, 0, 0, 0])  # one element: no copy of the partials
+    return lambda: block(f1(q, k, v, schedule))
+
+  def redundant(kernel, cfg, grid):  # Mosaic ignores Triton's keys: time it once, not per value
+    return (kernel == "sparse" and cfg.get("kernel") == "mosaic"
+            and any(cfg[n] != grid[n][0] for n in ("items_per_program", "num_warps",
+                                                   "num_stages")))
 
   runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner}
   report, best = {}, {}
@@ -485,6 +520,8 @@ def tune(w: Workload, args, interpret):
     trials = []
     for values in itertools.product(*grid.values()):
       cfg = dict(zip(grid.keys(), values))
+      if redundant(kernel, cfg, grid):
+        continue
       try:
         ms, _ = timed(runners[kernel](cfg), iters=args.iters, budget_s=1)
       except Exception as e:  # a config the compiler rejects (e.g. shared memory)
@@ -496,10 +533,29 @@ def tune(w: Workload, args, interpret):
     ok = [t for t in trials if "ms" in t]
     if ok:
       best[kernel] = dict(tuning.DEFAULTS[kernel], **min(ok, key=lambda t: t["ms"])["config"])
+      if kernel == "sparse":
+        best.update(_sparse_best(ok))
       _store_tuned(best, args)  # after each kernel: a sweep cut short keeps what it found
     report[kernel] = {"trials": trials, "best": best.get(kernel)}
   report["shape"] = {"context": n, "chunk": c, "decode_context": nd}
   return report
+
+
+def _sparse_best(ok):
+  """The "sparse" entry (Triton's best launch parameters, "kernel" = the faster kernel) and
+  the "sparse_mosaic" entry (the Mosaic kernel's best tiles), from the timed sparse trials."""
+  from msa_jax.kernels.gpu import tuning
+  fastest = lambda trials: min(trials, key=lambda t: t["ms"])["config"]
+  winner = fastest(ok).get("kernel", "triton")
+  triton = [t for t in ok if t["config"].get("kernel", "triton") == "triton"]
+  mosaic = [t for t in ok if t["config"].get("kernel") == "mosaic"]
+  best = {"sparse": dict(tuning.DEFAULTS["sparse"], **(fastest(triton) if triton else {}))}
+  best["sparse"]["kernel"] = winner
+  if mosaic:
+    cfg = fastest(mosaic)
+    best["sparse_mosaic"] = dict(tuning.DEFAULTS["sparse_mosaic"], tile_rows=cfg["tile_rows"],
+                                 tiles_per_item=cfg["tiles_per_item"])
+  return best
 
 
 def _store_tuned(best, args):

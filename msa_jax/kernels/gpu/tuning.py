@@ -30,8 +30,14 @@ DEFAULTS = {
                      "selection": "scores"},
     # tile_rows: query rows (positions x the group's heads) per tile; tiles_per_item: tiles
     # that share one load of a block's K/V (the schedule's item size).
+    # kernel: "triton" (sparse_attention.py) or "mosaic" (sparse_attention_mgpu.py, Hopper
+    # TMA + wgmma; bf16/f16 only, other inputs stay on Triton). The other keys are Triton's.
     "sparse": {"tile_rows": 128, "tiles_per_item": 1, "items_per_program": 1, "num_warps": 4,
-               "num_stages": 2},
+               "num_stages": 2, "kernel": "triton"},
+    # The Mosaic GPU kernel: tile_rows per compute warpgroup (a multiple of 64 rows),
+    # tiles_per_item = compute warpgroups (1 or 2), num_stages = shared-memory slots (>= 2),
+    # num_ctas = persistent CTAs (None: one per SM).
+    "sparse_mosaic": {"tile_rows": 64, "tiles_per_item": 2, "num_stages": 2, "num_ctas": None},
     "decode": {"num_warps": 4, "num_stages": 2},
     # Backward (sparse_attention_bwd.py): tile_rows = query rows (positions x heads) of a
     # dK/dV tile; tiles_per_item = tiles one dK/dV program walks against its block (bounds
@@ -60,7 +66,7 @@ _scoped: dict[str, dict] = {}
 
 
 @contextlib.contextmanager
-def override(kernel: str, **params):
+def override(kernel: str, /, **params):  # positional: "kernel" is also a key of "sparse"
   """Within the block, kernels traced use ``params`` for ``kernel`` (tuning sweeps, tests)."""
   previous = _scoped.get(kernel)
   _scoped[kernel] = dict(previous or {}, **params)
@@ -73,7 +79,7 @@ def override(kernel: str, **params):
       _scoped[kernel] = previous
 
 
-def config(kernel: str, **explicit) -> dict:
+def config(kernel: str, /, **explicit) -> dict:
   """Launch parameters of ``kernel``: defaults < this card's table < ``override`` < explicit."""
   params = dict(DEFAULTS[kernel])
   params.update(_table().get(device_kind(), {}).get(kernel, {}))
