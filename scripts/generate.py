@@ -47,33 +47,7 @@ import msa_jax
 from models import cache as cache_lib
 from models import checkpoint
 from models import sharding
-
-
-class ByteTokenizer:
-  """Fallback when the checkpoint has no tokenizer.json: one token per UTF-8 byte."""
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids) -> str:
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-  def __init__(self, path):
-    from tokenizers import Tokenizer
-    self.tok = Tokenizer.from_file(path)
-
-  def encode(self, text):
-    return self.tok.encode(text).ids
-
-  def decode(self, ids):
-    return self.tok.decode(list(ids))
-
-
-def load_tokenizer(folder):
-  path = os.path.join(folder, "tokenizer.json")
-  return HFTokenizer(path) if os.path.exists(path) else ByteTokenizer()
+from models.data import ByteTokenizer, load_tokenizer
 
 
 def parse_mesh(text: str | None):
