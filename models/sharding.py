@@ -53,6 +53,21 @@ def make_mesh(axes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
+def parse_mesh(text: str | None, default: Mapping[str, int]) -> dict[str, int]:
+  """A command line's ``--mesh``: ``"data=2,tensor=4"`` -> {"data": 2, "tensor": 4}; empty or
+  None gives ``default``. Bad input exits with a message."""
+  if not text:
+    return dict(default)
+  axes = {}
+  for part in text.split(","):
+    name, _, size = part.partition("=")
+    if name not in ("data", "fsdp", "tensor", "expert") or not size.isdigit():
+      raise SystemExit(f"--mesh: expected name=size with names data/fsdp/tensor/expert, "
+                       f"got {part!r}")
+    axes[name] = int(size)
+  return axes
+
+
 def spec(logical_axes, mesh: jax.sharding.Mesh, rules: Mapping = RULES) -> P:
   """PartitionSpec for ``logical_axes`` on ``mesh``; a mesh axis is used at most once."""
   used, out = set(), []

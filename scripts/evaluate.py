@@ -51,20 +51,6 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # ----------------------------------------------------------------------------- shared CLI bits
 
 
-def parse_mesh(text: str | None) -> dict:
-  """``data=2,fsdp=4`` -> {"data": 2, "fsdp": 4}; default: every device on ``data``."""
-  if not text:
-    return {"data": jax.device_count()}
-  axes = {}
-  for part in text.split(","):
-    name, _, size = part.partition("=")
-    if name not in ("data", "fsdp", "tensor", "expert") or not size.isdigit():
-      raise SystemExit(f"--mesh: expected name=size with names data/fsdp/tensor/expert, "
-                       f"got {part!r}")
-    axes[name] = int(size)
-  return axes
-
-
 def add_data_arguments(parser: argparse.ArgumentParser):
   g = parser.add_argument_group("data")
   g.add_argument("--task", choices=["retrieval", "text"], default="retrieval",
@@ -158,7 +144,7 @@ def main(argv=None):
   if bad or not variants:
     raise SystemExit(f"--attention: unknown variant(s) {bad}; choose from {VARIANTS}")
   dtype = DTYPES[args.dtype]
-  mesh = sharding.make_mesh(parse_mesh(args.mesh))
+  mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {"data": jax.device_count()}))
   try:
     config, params = training.load_params(args.checkpoint)
   except (ValueError, OSError) as e:

@@ -306,7 +306,7 @@ def main(argv=None, *, on_step=None):
   out_dir = os.path.abspath(args.output_dir)
   os.makedirs(out_dir, exist_ok=True)
   ckpt_dir = os.path.join(out_dir, "checkpoints")
-  mesh = sharding.make_mesh(eval_cli.parse_mesh(args.mesh))
+  mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {"data": jax.device_count()}))
 
   ckpts = training.Checkpoints(ckpt_dir, keep=args.keep)
   try:

@@ -50,19 +50,6 @@ from models import sharding
 from models.data import ByteTokenizer, load_tokenizer
 
 
-def parse_mesh(text: str | None):
-  if not text:
-    return {"data": 1, "tensor": jax.device_count(), "expert": 1}
-  axes = {}
-  for part in text.split(","):
-    name, _, size = part.partition("=")
-    if name not in ("data", "fsdp", "tensor", "expert") or not size.isdigit():
-      raise SystemExit(f"--mesh: expected name=size with names data/fsdp/tensor/expert, "
-                       f"got {part!r}")
-    axes[name] = int(size)
-  return axes
-
-
 def sample(logits, key, temperature: float, top_p: float):
   """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-p sampling."""
   if temperature <= 0:
@@ -246,7 +233,8 @@ def main(argv=None):
   if any(not p for p in prompts):
     raise SystemExit("every prompt needs at least one token")
 
-  mesh = sharding.make_mesh(parse_mesh(args.mesh))
+  mesh = sharding.make_mesh(sharding.parse_mesh(
+      args.mesh, {"data": 1, "tensor": jax.device_count(), "expert": 1}))
   model = checkpoint.load(folder, mesh=mesh, dtype=dtype, implementation=args.implementation,
                           progress=not args.quiet)
   vocab = model.config.vocab_size
