@@ -19,26 +19,8 @@ from jax.experimental.pallas import tpu as pltpu
 import msa_jax
 from msa_jax import reference
 from msa_jax.kernels.tpu import sparse_attention_bwd as bwd
+from tests import backward_checks as B
 from tests import cases as C
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-
-
-def _normal(shape, seed, dtype=jnp.float32):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
-def _reference_grads(q, k, v, ids, q_positions, kv_lengths, d_out, d_lse, *, block_size, scale):
-  """Gradient of the reference in float32 on the (possibly bf16-rounded) inputs."""
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-
-  def f(q, k, v):
-    return reference.sparse_attention(q, k, v, ids, q_positions, kv_lengths,
-                                      block_size=block_size, scale=scale)
-
-  _, pullback = jax.vjp(f, f32(q), f32(k), f32(v))
-  return pullback((f32(d_out), f32(d_lse)))
 
 
 def _kernel_grads_impl(q, k, v, ids, q_positions, kv_lengths, d_out, d_lse, *, block_size,
@@ -54,41 +36,11 @@ _kernel_grads = jax.jit(_kernel_grads_impl,
                         static_argnames=("block_size", "scale", "queries_per_item", "interpret"))
 
 
-def _check(x, ids, block_size, dtype, seed, d_lse=True, **params):
-  b, t, hq, d = x["q"].shape
-  scale = 1.0 / np.sqrt(d)
-  d_out = _normal((b, t, hq, x["v"].shape[-1]), seed, dtype)
-  d_lse = _normal((b, t, hq), seed + 1) if d_lse else jnp.zeros((b, t, hq), jnp.float32)
-  got = _kernel_grads(x["q"], x["k"], x["v"], ids, x["q_positions"], x["kv_lengths"], d_out,
-                      d_lse, block_size=block_size, scale=scale, **params)
-  want = _reference_grads(x["q"], x["k"], x["v"], ids, x["q_positions"], x["kv_lengths"],
-                          d_out, d_lse, block_size=block_size, scale=scale)
-  errors = []
-  for name, a, ref, like in zip(("dq", "dk", "dv"), got, want, (x["q"], x["k"], x["v"])):
-    assert a.shape == like.shape and a.dtype == like.dtype, name
-    assert np.all(np.isfinite(np.asarray(a, np.float32))), f"{name} has unwritten/NaN entries"
-    errors.append(C.rel_err(a, ref))
-  assert max(errors) <= TOL[dtype], dict(zip(("dq", "dk", "dv"), errors))
-  return got, want
+def _check(*args, **params):
+  return B.check(_kernel_grads, *args, **params)
 
 
-GRAD_CASES = [
-    # Padding queries (short kv_length), GQA 2, hot blocks split over several items.
-    ("prefill_padding", jnp.float32),
-    ("prefill_padding", jnp.bfloat16),
-    # Partial last block, GQA 1.
-    ("partial_block_gqa1", jnp.float32),
-    # Chunked prefill: explicit offset positions and per-sequence kv_lengths, GQA 8.
-    ("chunked_prefill_gqa8", jnp.float32),
-    ("chunked_prefill_gqa8", jnp.bfloat16),
-    # Decode, T = 1, GQA 16, a sequence with a single key.
-    ("decode_gqa16", jnp.float32),
-    # topk larger than the number of blocks: -1 slots.
-    ("topk_exceeds_blocks", jnp.float32),
-]
-
-
-@pytest.mark.parametrize("name,dtype", GRAD_CASES, ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("name,dtype", B.GRAD_CASES, ids=lambda v: getattr(v, "__name__", v))
 def test_backward_matches_reference(name, dtype):
   """Random selections with -1 slots and repeated ids scattered inside the lists."""
   case = C.CASES[name]
