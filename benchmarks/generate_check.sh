@@ -3,7 +3,9 @@
 # the released layout (configs/gen_1b.json, ~2 GB bf16) with prompts longer than k*Bk = 2048
 # tokens, so MSA selection is active. Greedy float32 tokens must agree across: 1 GPU (Pallas
 # GPU kernels), 2 GPUs tensor-parallel, 2 GPUs expert-parallel (when 2 GPUs are present), and
-# the CPU xla path. Usage: benchmarks/generate_check.sh OUT_DIR
+# the CPU xla path. SERVE_BATCH=N adds a continuous-batching run on 1 GPU (the prompts as a
+# queue of requests over N rows of a paged cache of SERVE_PAGES pages; its tokens must equal the
+# static batch's). Usage: benchmarks/generate_check.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: generate_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -30,6 +32,10 @@ run() {  # name, then extra arguments
 ngpu=$(python3 -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))" 2>/dev/null)
 if [ "${ngpu:-0}" -ge 1 ]; then
   CUDA_VISIBLE_DEVICES=0 run gpu1
+  if [ -n "${SERVE_BATCH:-}" ]; then
+    CUDA_VISIBLE_DEVICES=0 run gpu1_serve --max-batch "$SERVE_BATCH" \
+        ${SERVE_PAGES:+--num-pages "$SERVE_PAGES"}
+  fi
 fi
 if [ "${ngpu:-0}" -ge 2 ]; then
   CUDA_VISIBLE_DEVICES=0,1 run gpu2_tensor --mesh data=1,tensor=2,expert=1
@@ -46,17 +52,22 @@ import glob, json, os, sys
 out = sys.argv[1]
 runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(f"{out}/*.json"))
         if not p.endswith("summary.json")}
-ref = runs.get("cpu_xla", {}).get("generated_ids")
+ref_name = "cpu_xla" if "cpu_xla" in runs else "gpu1"  # CPU_XLA=0: the GPU's static batch
+ref = runs.get(ref_name, {}).get("generated_ids")
 rows = []
 for name, r in runs.items():
-  rows.append({"run": name, "mesh": r["mesh"], "same_tokens_as_cpu_xla": r["generated_ids"] == ref,
+  admitted = [q.get("admitted_step") for q in r.get("requests", [])]
+  rows.append({"run": name, "mesh": r["mesh"], "same_tokens": r["generated_ids"] == ref,
                "prefill_tok_s": r["prefill_tokens_per_s"], "decode_tok_s": r["decode_tokens_per_s"],
-               "peak_gib_per_device": [round(b / 2**30, 2) for b in r["peak_bytes_per_device"]]})
-json.dump(rows, open(f"{out}/summary.json", "w"), indent=1)
-print("| run | mesh | same tokens as CPU xla | prefill tok/s | decode tok/s | peak GiB per device |")
-print("|---|---|---|---|---|---|")
+               "peak_gib_per_device": [round(b / 2**30, 2)
+                                       for b in r.get("peak_bytes_per_device", [])],
+               "admitted_steps": admitted or None})
+json.dump({"reference": ref_name, "rows": rows}, open(f"{out}/summary.json", "w"), indent=1)
+print(f"| run | mesh | same tokens as {ref_name} | prefill tok/s | decode tok/s | "
+      f"peak GiB per device | requests admitted at step |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
   dec = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-  print(f"| {r['run']} | {r['mesh']} | {r['same_tokens_as_cpu_xla']} | {r['prefill_tok_s']:.0f} | "
-        f"{dec} | {r['peak_gib_per_device']} |")
+  print(f"| {r['run']} | {r['mesh']} | {r['same_tokens']} | {r['prefill_tok_s']:.0f} | "
+        f"{dec} | {r['peak_gib_per_device'] or '-'} | {r['admitted_steps'] or '-'} |")
 PY

@@ -435,7 +435,13 @@ def tune(w: Workload, args, interpret):
       "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
   }
-  if args.smoke:
+  if args.tune_grid:  # only the named kernels, over the given values
+    grids = {name: {key: list(vals) for key, vals in grid.items()}
+             for name, grid in json.loads(args.tune_grid).items()}
+    unknown = set(grids) - {"index", "sparse", "index_decode"}
+    if unknown:
+      raise SystemExit(f"--tune-grid: unknown kernels {sorted(unknown)}")
+  elif args.smoke:
     grids = {"index": dict(selection=["scores", "tile", "fused"], block_rows=[16, 32],
                            blocks_per_tile=[4]),
              "sparse": dict(tiles_per_item=[1, 2], items_per_program=[1, 2]),
@@ -700,6 +706,10 @@ def main(argv=None):
   parser.add_argument("--tune", action="store_true",
                       help="first sweep the GPU kernels' launch parameters and store the best "
                            "for this card in msa_jax/kernels/gpu/tuned_configs.json")
+  parser.add_argument("--tune-grid", default=None,
+                      help='JSON: sweep only these kernels over these values, e.g. '
+                           '\'{"sparse": {"kernel": ["triton", "mosaic"], "tile_rows": [64]}}\' '
+                           '(give every key of that kernel: missing keys take the built-in defaults)')
   parser.add_argument("--tune-context", type=int, default=131072)
   parser.add_argument("--tune-chunk", type=int, default=16384)
   parser.add_argument("--tune-decode-context", type=int, default=1048576,
