@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 5's demonstration: dense -> MSA conversion that keeps long-context retrieval.
+#
+#   A  dense from scratch on the retrieval task, short context (curriculum: the retrieval
+#      circuit forms quickly at 1K and carries over to longer contexts through RoPE)
+#   B  dense at 8K context (continues A's weights)
+#   C  conversion: index projections added to every layer; KL warm-up with dense attention
+#      (the indexer learns the main branch's attention, paper §7.3 stage 1), then MSA with
+#      k*Bk = 8*128 = 1024 tokens = 1/8 of the context (stage 2: sparse attention, KL over the
+#      selected blocks)
+#   E  held-out evaluation at 8K: dense, MSA after conversion, MSA with a random indexer;
+#      block and score recall of the indexer against the main branch's own top-k blocks
+#
+# Every stage is resumable (Orbax checkpoints in its folder): rerun the same command and
+# finished stages are skipped, an interrupted one continues (--resume). STAGE_MINUTES bounds
+# each invocation of a stage, so a piece of work fits a short GPU lease.
+# Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A, STEPS_B,
+#        WARMUP_C, STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call)
+set -uo pipefail
+runs=${1:?usage: finetune_demo.sh RUNS_DIR}
+mkdir -p "$runs"
+minutes=${STAGE_MINUTES:-8}
+model="--num-layers 4 --hidden-size 256 --num-heads 4 --num-kv-heads 2 --head-dim 64
+  --rotary-dim 32 --index-head-dim 64 --vocab-size 512 --moe-layers none --mlp-dim 1024"
+common="--dtype bfloat16 --param-dtype bfloat16 --quiet --save-every 250 --keep 1
+  --time-limit $minutes --resume ${EXTRA:-}"
+long="--seq-len 8192 --num-pairs 64 --num-queries 32 --batch-size 8"
+
+stage() {  # name, then finetune.py flags; returns 1 when the stage is not finished yet
+  local name=$1; shift
+  if [ -d "$runs/$name/model" ]; then echo "$name: done"; return 0; fi
+  echo "$name: training"
+  python3 scripts/finetune.py --output-dir "$runs/$name" $common "$@" \
+      > "$runs/$name.log" 2>&1
+  local rc=$?
+  tail -1 "$runs/$name.log"
+  if [ $rc -ne 0 ]; then echo "$name failed (rc=$rc): $runs/$name.log"; return 1; fi
+  [ -d "$runs/$name/model" ] || { echo "$name: not finished; rerun to continue"; return 1; }
+}
+
+stage a_dense_1k $model --sparse-layers none --attention dense --kl-weight 0 \
+    --dense-implementation cudnn --seq-len 1024 --num-pairs 32 --num-queries 16 \
+    --batch-size 32 --steps "${STEPS_A:-4000}" --lr 1e-3 --lr-warmup-steps 200 \
+    --eval-every 500 --eval-examples 64 || exit 1
+stage b_dense_8k --init-from "$runs/a_dense_1k" --sparse-layers none --attention dense \
+    --kl-weight 0 --dense-implementation cudnn $long --steps "${STEPS_B:-1000}" --lr 5e-4 \
+    --lr-warmup-steps 50 --eval-every 250 --eval-examples 32 || exit 1
+stage c_msa_8k --init-from "$runs/b_dense_8k" --sparse-layers all --block-size 128 --topk 8 \
+    --dense-implementation cudnn $long --dense-warmup-steps "${WARMUP_C:-300}" \
+    --steps "${STEPS_C:-800}" --lr 2e-4 --lr-warmup-steps 50 --eval-every 250 \
+    --eval-examples 32 || exit 1
+
+# E: the same held-out examples for every variant (evaluate.py's eval split)
+for name in b_dense_8k c_msa_8k; do
+  [ -f "$runs/eval_$name.json" ] && continue
+  variants=dense; [ $name = c_msa_8k ] && variants=dense,msa,msa-random-indexer
+  python3 scripts/evaluate.py --checkpoint "$runs/$name" --seq-len 8192 --num-pairs 64 \
+      --num-queries 32 --attention $variants --num-examples "${EVAL_EXAMPLES:-256}" \
+      --dtype bfloat16 --dense-implementation cudnn --quiet \
+      --output-json "$runs/eval_$name.json" > "$runs/eval_$name.log" 2>&1 \
+    || { echo "eval $name failed: $runs/eval_$name.log"; exit 1; }
+  tail -5 "$runs/eval_$name.log"
+done
