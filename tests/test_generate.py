@@ -86,6 +86,12 @@ def test_continuous_batching_same_tokens_as_static_batch(ckpt, tmp_path):
   assert max(a for a, _ in steps) > 0  # later requests waited for a free row
   rows = [r["row"] for r in served["requests"]]
   assert set(rows) == {0, 1}
+  # --warmup first runs no-op steps (num_new = 0) at every admission width: they must leave
+  # the cache untouched.
+  _run(args + ["--max-batch", "2", "--warmup", "--output-json", str(tmp_path / "warm.json")])
+  warm = json.loads((tmp_path / "warm.json").read_text())
+  assert warm["generated_ids"] == static["generated_ids"]
+  assert warm["includes_compilation"] is False
 
 
 def test_continuous_batching_waits_for_pages_and_refuses_what_never_fits(ckpt, tmp_path):
