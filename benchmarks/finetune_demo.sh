@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 5's demonstration: dense -> MSA conversion that keeps long-context retrieval.
 #
-#   A  dense from scratch on the retrieval task, short context (curriculum: the retrieval
-#      circuit forms quickly at 1K and carries over to longer contexts through RoPE)
-#   B  dense at 8K context (continues A's weights)
+#   A1 dense from scratch on the retrieval task at 256 tokens (16 pairs, 16 queries): the
+#      retrieval (induction-style) circuit has to form first, and at 8K it forms far more
+#      slowly (H200 probes, benchmarks/NOTES.md: 4-7% accuracy after 4,000 steps at 1K)
+#   A2 dense at 1K (continues A1's weights)
+#   B  dense at 8K context (continues A2's weights)
 #   C  conversion: index projections added to every layer; KL warm-up with dense attention
 #      (the indexer learns the main branch's attention, paper §7.3 stage 1), then MSA with
 #      k*Bk = 8*128 = 1024 tokens = 1/8 of the context (stage 2: sparse attention, KL over the
@@ -14,7 +16,7 @@
 # Every stage is resumable (Orbax checkpoints in its folder): rerun the same command and
 # finished stages are skipped, an interrupted one continues (--resume). STAGE_MINUTES bounds
 # each invocation of a stage, so a piece of work fits a short GPU lease.
-# Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A, STEPS_B,
+# Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A1, STEPS_A2, STEPS_B,
 #        WARMUP_C, STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call)
 set -uo pipefail
 runs=${1:?usage: finetune_demo.sh RUNS_DIR}
@@ -38,12 +40,16 @@ stage() {  # name, then finetune.py flags; returns 1 when the stage is not finis
   [ -d "$runs/$name/model" ] || { echo "$name: not finished; rerun to continue"; return 1; }
 }
 
-stage a_dense_1k $model --sparse-layers none --attention dense --kl-weight 0 \
-    --dense-implementation cudnn --seq-len 1024 --num-pairs 32 --num-queries 16 \
-    --batch-size 32 --steps "${STEPS_A:-4000}" --lr 1e-3 --lr-warmup-steps 200 \
-    --eval-every 500 --eval-examples 64 || exit 1
-stage b_dense_8k --init-from "$runs/a_dense_1k" --sparse-layers none --attention dense \
-    --kl-weight 0 --dense-implementation cudnn $long --steps "${STEPS_B:-1000}" --lr 5e-4 \
+stage a1_dense_256 $model --sparse-layers none --attention dense --kl-weight 0 \
+    --dense-implementation cudnn --seq-len 256 --num-pairs 16 --num-queries 16 \
+    --batch-size 64 --steps "${STEPS_A1:-20000}" --lr 2e-3 --lr-warmup-steps 200 \
+    --eval-every 1000 --eval-examples 256 || exit 1
+stage a2_dense_1k --init-from "$runs/a1_dense_256" --sparse-layers none --attention dense \
+    --kl-weight 0 --dense-implementation cudnn --seq-len 1024 --num-pairs 32 \
+    --num-queries 32 --batch-size 32 --steps "${STEPS_A2:-3000}" --lr 1e-3 \
+    --lr-warmup-steps 100 --eval-every 500 --eval-examples 128 || exit 1
+stage b_dense_8k --init-from "$runs/a2_dense_1k" --sparse-layers none --attention dense \
+    --kl-weight 0 --dense-implementation cudnn $long --steps "${STEPS_B:-1500}" --lr 5e-4 \
     --lr-warmup-steps 50 --eval-every 250 --eval-examples 32 || exit 1
 stage c_msa_8k --init-from "$runs/b_dense_8k" --sparse-layers all --block-size 128 --topk 8 \
     --dense-implementation cudnn $long --dense-warmup-steps "${WARMUP_C:-300}" \
