@@ -449,7 +449,8 @@ def tune(w: Workload, args, interpret):
       # kernel: Triton or Mosaic GPU (sparse_attention_mgpu.py: tile_rows per compute
       # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
       "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
-                     items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3]),
+                     items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3],
+                     pingpong=[False, True]),
       "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
   }
@@ -501,6 +502,8 @@ def tune(w: Workload, args, interpret):
       from msa_jax.kernels.gpu import sparse_attention_mgpu as module
       for name in ("items_per_program", "num_warps", "num_stages"):  # Triton's only
         cfg.pop(name, None)
+    else:
+      cfg.pop("pingpong", None)  # the Mosaic kernel's only
     tile_rows = api.INTERPRET_TILE_ROWS if interpret else cfg.pop("tile_rows", None)
     cfg.pop("tile_rows", None)
     per_tile, per_item = module.work_item_size(
@@ -533,10 +536,12 @@ def tune(w: Workload, args, interpret):
     f1 = jax.jit(lambda *a: f(*a)[1][0, 0, 0, 0])  # one element: no copy of the partials
     return lambda: block(f1(q, k, v, schedule))
 
-  def redundant(kernel, cfg, grid):  # Mosaic ignores Triton's keys: time it once, not per value
-    return (kernel == "sparse" and cfg.get("kernel") == "mosaic"
-            and any(cfg[n] != grid[n][0] for n in ("items_per_program", "num_warps",
-                                                   "num_stages")))
+  def redundant(kernel, cfg, grid):  # a key the kernel ignores: time it once, not per value
+    if kernel != "sparse":
+      return False
+    ignored = (("items_per_program", "num_warps", "num_stages")
+               if cfg.get("kernel") == "mosaic" else ("pingpong",))
+    return any(n in cfg and cfg[n] != grid[n][0] for n in ignored)
 
   runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner}
   report, best = {}, {}
@@ -573,12 +578,14 @@ def _sparse_best(ok):
   winner = fastest(ok).get("kernel", "triton")
   triton = [t for t in ok if t["config"].get("kernel", "triton") == "triton"]
   mosaic = [t for t in ok if t["config"].get("kernel") == "mosaic"]
-  best = {"sparse": dict(tuning.DEFAULTS["sparse"], **(fastest(triton) if triton else {}))}
+  launch = {k: v for k, v in (fastest(triton) if triton else {}).items() if k != "pingpong"}
+  best = {"sparse": dict(tuning.DEFAULTS["sparse"], **launch)}
   best["sparse"]["kernel"] = winner
   if mosaic:
     cfg = fastest(mosaic)
     best["sparse_mosaic"] = dict(tuning.DEFAULTS["sparse_mosaic"], tile_rows=cfg["tile_rows"],
-                                 tiles_per_item=cfg["tiles_per_item"])
+                                 tiles_per_item=cfg["tiles_per_item"],
+                                 pingpong=cfg.get("pingpong", False))
   return best
 
 

@@ -69,11 +69,12 @@ def interpreted(seconds=300):
   assert not gpu_interpret.get_races().races_found, "data race in the Mosaic GPU kernel"
 
 
-@pytest.mark.parametrize("name,tiles_per_item,num_ctas", [
-    ("chunked_gqa8", 2, 3),   # 2 compute warpgroups; more CTAs than some chunks need
-    ("prefill_gqa16", 1, 2),  # 1 compute warpgroup
+@pytest.mark.parametrize("name,tiles_per_item,num_ctas,pingpong", [
+    ("chunked_gqa8", 2, 3, False),   # 2 compute warpgroups; more CTAs than some chunks need
+    ("chunked_gqa8", 2, 3, True),    # the same, alternating through the schedule barrier
+    ("prefill_gqa16", 1, 2, False),  # 1 compute warpgroup
 ])
-def test_every_partial_slot_written(name, tiles_per_item, num_ctas):
+def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong):
   """Each selected (query, block) slot holds that block's attention (bf16, NaN-filled memory)."""
   case = CASES[name]
   x = C.make_inputs(case, jnp.bfloat16, seed=21)
@@ -92,7 +93,7 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas):
     p_out, p_lse = mgpu.sparse_attention_partials(
         x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
         topk=case.topk, queries_per_tile=per_tile, tiles_per_item=tiles_per_item,
-        num_ctas=num_ctas, interpret=params)
+        num_ctas=num_ctas, pingpong=pingpong, interpret=params)
     p_out.block_until_ready()
   f32 = lambda a: a.astype(jnp.float32)
   for s in range(case.topk):
@@ -143,8 +144,9 @@ def test_supports():
   assert not mgpu.supports(q[:, :, :8], kv, kv, 128)  # 2 heads per group
 
 
-@pytest.mark.parametrize("tiles_per_item,tile_rows", [(2, 64), (1, 64), (1, 128)])
-def test_lowers_for_hopper_at_m3_shapes(tiles_per_item, tile_rows):
+@pytest.mark.parametrize("tiles_per_item,tile_rows,pingpong",
+                         [(2, 64, False), (2, 64, True), (1, 64, False), (1, 128, False)])
+def test_lowers_for_hopper_at_m3_shapes(tiles_per_item, tile_rows, pingpong):
   """Pallas -> Mosaic GPU lowering (register layouts, TMA slicing of the swizzled tiles,
   wgmma operand checks) runs on CPU through ``jax.export`` for CUDA; compiling to SASS and
   running need a GPU (``scripts/gpu_check.py``)."""
@@ -159,7 +161,8 @@ def test_lowers_for_hopper_at_m3_shapes(tiles_per_item, tile_rows):
     schedule = sched.build_schedule(ids, valid, pos, nb, per_item)
     return mgpu.sparse_attention_partials(q, k, v, schedule, kvl, block_size=bk, scale=d**-0.5,
                                           topk=topk, queries_per_tile=per_tile,
-                                          tiles_per_item=tiles_per_item, num_ctas=132)
+                                          tiles_per_item=tiles_per_item, num_ctas=132,
+                                          pingpong=pingpong)
 
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   exported = export.export(jax.jit(partials), platforms=["cuda"])(

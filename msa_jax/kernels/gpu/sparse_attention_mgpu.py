@@ -36,12 +36,19 @@ a warp-specialised persistent kernel overlaps them:
   A compute warpgroup whose tile has no live lane skips the math but keeps the barrier
   protocol.
 * Registers: compute warpgroups raise their limit to 232, the producer drops to 40.
+* ``pingpong`` (two compute warpgroups): a schedule barrier makes them alternate, one's
+  softmax under the other's wgmmas (FlashAttention-3; jax's ``ops/gpu/attention_mgpu.py``).
 
 Supported (``supports``): bf16/f16 (wgmma has no f32 x f32 with a row-major V), D == Dv a
 multiple of 64 and <= 128, block size a multiple of 64 and <= 256, Hq/G a multiple of 8 (TMA
 row slices of the tiled q buffer stay tile-aligned). Anything else: use the Triton kernel.
 
-Validation status (CPU only; no GPU this session), ``tests/test_sparse_mgpu.py``:
+On the GPU (H200, jax 0.11.2, 2026-11-28, aed32cc): ``JAX_PLATFORMS=cuda pytest
+tests/test_sparse_mgpu.py`` passed (the compiled kernel against the oracle), and the tuner
+measured 3.96 ms vs the Triton kernel's 5.03 ms on a 16K-query chunk at 256K (two compute
+warpgroups); it is the H200's sparse kernel since. ``pingpong`` is not yet timed on a GPU.
+
+Validation on CPU, ``tests/test_sparse_mgpu.py``:
 * Mosaic GPU interpret mode, jax 0.10.2 (here) and 0.11.2 (the GPU machine's; run from a
   Python 3.12 venv): the producer and compute warpgroups run as concurrent threads, TMA loads
   are simulated and arrive on their barrier, barrier phases are checked (a phase a thread did
@@ -61,9 +68,8 @@ Validation status (CPU only; no GPU this session), ``tests/test_sparse_mgpu.py``
 * Lowering: ``jax.export(..., platforms=["cuda"])`` runs the whole Pallas -> Mosaic GPU
   lowering on CPU at M3 shapes (register layouts, TMA slices of the tiled/swizzled buffers,
   wgmma operand checks) on jax 0.10.2 and 0.11.2.
-NOT validated: Mosaic's MLIR passes, ptxas and the run on a GPU (shared-memory limit,
-register limits, TMA descriptors, mbarrier arrival counts), wgmma asynchrony, and speed. See
-the checklist at the end of this module.
+The schedule barrier of ``pingpong`` is checked the same way (dropping one of its rounds in
+the no-live-lane path deadlocks, which the test's watchdog reports).
 """
 
 from __future__ import annotations
@@ -130,7 +136,8 @@ def _interpret_params(interpret):
 
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
-            *, num_ctas, stages, compute_wgs, queries_per_tile, heads, block_size, scale):
+            *schedule_barrier, num_ctas, stages, compute_wgs, queries_per_tile, heads,
+            block_size, scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   dtype = q_smem.dtype
@@ -191,10 +198,21 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
 
     lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, 0)
 
+  def sync_compute_wgs():
+    """Ping-pong (``pingpong``): with two compute warpgroups, one runs its softmax while the
+    other's wgmmas use the tensor cores, as in FlashAttention-3 and jax's
+    ``ops/gpu/attention_mgpu.py``. Both arrive and wait; warpgroup 1 starts one round
+    ahead (below), so their GEMMs alternate. A no-op without the barrier."""
+    if schedule_barrier:
+      plgpu.barrier_arrive(schedule_barrier[0])
+      plgpu.barrier_wait(schedule_barrier[0])
+
   @pl.when(wg < nc)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     w = wg
+    if schedule_barrier:
+      pl.when(w == 1)(sync_compute_wgs)
 
     def release_previous(j):
       """Hand item j-1's slot back once its output stores have read shared memory."""
@@ -223,14 +241,19 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
             j, q_tile=q_smem.at[slot, w], k_tile=k_smem.at[slot], v_tile=v_smem.at[slot],
             lse_tile=lse_smem.at[slot, w], o_ref=o_ref, lse_ref=lse_ref, limits=limits,
             out_rows=out_rows, live_lanes=live_lanes, release_previous=release_previous,
-            heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype)
+            sync=sync_compute_wgs, heads=h, rows=rows, block_size=bk, scale=scale,
+            dtype=dtype)
 
       @pl.when(live_lanes <= 0)
       def _():
         release_previous(j)
+        sync_compute_wgs()  # the two rounds _attend_tile takes part in
+        sync_compute_wgs()
       return carry
 
     lax.fori_loop(0, n, consume, 0)
+    if schedule_barrier:
+      pl.when(w == 0)(sync_compute_wgs)  # balance warpgroup 1's head start
 
     @pl.when(n > 0)
     def _():
@@ -239,12 +262,13 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
 
 
 def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits, out_rows,
-                 live_lanes, release_previous, heads, rows, block_size, scale, dtype):
+                 live_lanes, release_previous, sync, heads, rows, block_size, scale, dtype):
   qpt = len(limits)
 
   def qk(acc_ref):
     plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
     release_previous(j)  # overlaps the wgmma
+    sync()  # ping-pong round 1: the other warpgroup's softmax runs under this wgmma
     return acc_ref[...]
 
   s = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
@@ -265,6 +289,7 @@ def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits,
   probs = jnp.exp2(s * c - lax.broadcast_in_dim(m * c, (rows, block_size), [0]))
   l = probs.sum(axis=1)
   p16 = probs.astype(dtype)
+  sync()  # ping-pong round 2: softmax done; wait until the tensor cores are ours
 
   def pv(acc_ref):
     plgpu.wgmma(acc_ref, p16, v_tile)
@@ -296,16 +321,18 @@ def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2) -
 
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
-                              num_ctas=None, interpret=False):
+                              num_ctas=None, pingpong=None, interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
   ``queries_per_tile * tiles_per_item`` entries per item (``work_item_size``);
-  ``tiles_per_item`` is the number of compute warpgroups. ``interpret``: False (compiled),
+  ``tiles_per_item`` is the number of compute warpgroups; ``pingpong`` (two of them only)
+  alternates their wgmmas and softmaxes through a schedule barrier. ``interpret``: False (compiled),
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
-  cfg = tuning.config("sparse_mosaic", num_stages=num_stages, num_ctas=num_ctas)
+  cfg = tuning.config("sparse_mosaic", num_stages=num_stages, num_ctas=num_ctas,
+                      pingpong=pingpong)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
@@ -339,6 +366,8 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
       plgpu.Barrier(num_arrivals=2 + nc * queries_per_tile, num_barriers=stages),  # loaded
       plgpu.Barrier(num_arrivals=nc, num_barriers=stages),  # consumed
   ]
+  if cfg["pingpong"] and nc == 2:
+    scratch.append(plgpu.Barrier(num_arrivals=nc))  # the compute warpgroups' schedule
   body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, compute_wgs=nc,
                            queries_per_tile=queries_per_tile, heads=heads,
                            block_size=block_size, scale=float(scale))
@@ -512,27 +541,14 @@ def _install_shims_jax_0_10(gcb):
   gcb.wgmma = wgmma
 
 
-# ----------------------------------------------------------------------------- GPU checklist
-# To check on the H200 (jax 0.11.2) before trusting or timing this kernel:
-#  1. It compiles and runs (the CPU export stops before Mosaic's MLIR passes and ptxas):
-#     shared memory 192 KB + 1 KB LSE + 2 KB Mosaic reduction scratch + barriers (limit
-#     227 KB; tile_rows 128 needs 1 compute warpgroup); register caps 232 (2 compute WGs) /
-#     40 (producer) without spills (ptxas -v, or XLA_FLAGS dumps); TMA descriptors for the
-#     16-row slices of the (8, 64)-tiled, 128B-swizzled q/O tiles and the 64-byte 1-D LSE
-#     stores; no hang (mbarrier counts: loaded = (2 + NC*qpt) x 128 thread arrivals, dead
-#     lanes arrive with plgpu.barrier_arrive; consumed = NC x 128).
-#  2. Results: tests/test_sparse_mgpu.py uninterpreted is not wired; run
-#     scripts/gpu_check.py with tuning.override("sparse", kernel="mosaic") (or a tuned table
-#     that picks it), or compare sparse_attention_partials of both kernels on one schedule
-#     (benchmark --tune does this for the first 1,024 queries before timing a Mosaic config
-#     and records a mismatch as an error).
-#  3. Speed (scripts/benchmark.py --tune sweeps "kernel"): tiles_per_item 1 vs 2 (compute
-#     warpgroups), tile_rows 64 vs 128, and by hand num_ctas (default one per SM; 2 per SM
-#     needs <= ~113 KB each: tile_rows 64, 1 compute WG, 2 stages = 97 KB) and num_stages.
-#     Profile (nsys / jax profiler): kernel time vs the 12 ms memory floor of a 64K chunk.
-#  4. Next levers if short of 330 TFLOP/s: skip the K/V reload when the slot's previous item
-#     had the same (b, g, block) (consecutive items of a hot list; K/V is 2/3 of the bytes a
-#     step loads); ping-pong the two compute warpgroups' softmax and wgmma with a schedule
-#     barrier (as attention_mgpu.py); prefetch the next item's scalars (items, positions,
-#     out_rows) under the current wgmma; 3 stages with Bk 64; write O partials in bf16 only
-#     where needed.
+# ----------------------------------------------------------------------------- GPU notes
+# Done on the H200 (aed32cc): it compiles and runs at M3 shapes (192 KB + LSE of shared
+# memory, 2 compute warpgroups), tests/test_sparse_mgpu.py passes uninterpreted, and the
+# tuner's correctness check against the Triton kernel passed before timing.
+# Next levers, short of 330 TFLOP/s (60% of cuDNN; 208 now, benchmarks/NOTES.md):
+#  1. ``pingpong`` (written, interpreter-checked, not timed): `--tune` sweeps it.
+#  2. Skip the K/V reload when the slot's previous item had the same (b, g, block)
+#     (consecutive items of a hot list; K/V is 2/3 of the bytes a step loads), with a
+#     separate K/V ring so the q ring can be deeper.
+#  3. Prefetch the next item's scalars (items, positions, out_rows) under the current wgmma;
+#     3 stages with Bk 64; partial O only where a query's blocks span several items.

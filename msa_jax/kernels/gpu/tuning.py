@@ -36,8 +36,10 @@ DEFAULTS = {
                "num_stages": 2, "kernel": "triton"},
     # The Mosaic GPU kernel: tile_rows per compute warpgroup (a multiple of 64 rows),
     # tiles_per_item = compute warpgroups (1 or 2), num_stages = shared-memory slots (>= 2),
-    # num_ctas = persistent CTAs (None: one per SM).
-    "sparse_mosaic": {"tile_rows": 64, "tiles_per_item": 2, "num_stages": 2, "num_ctas": None},
+    # num_ctas = persistent CTAs (None: one per SM), pingpong = the two compute warpgroups
+    # alternate wgmma and softmax through a schedule barrier (FlashAttention-3 style).
+    "sparse_mosaic": {"tile_rows": 64, "tiles_per_item": 2, "num_stages": 2, "num_ctas": None,
+                      "pingpong": False},
     "decode": {"num_warps": 4, "num_stages": 2},
     # Backward (sparse_attention_bwd.py): tile_rows = query rows (positions x heads) of a
     # dK/dV tile; tiles_per_item = tiles one dK/dV program walks against its block (bounds
