@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 5's demonstration: dense -> MSA conversion that keeps long-context retrieval.
 #
-#   A1 dense from scratch on the retrieval task at 256 tokens (16 pairs, 16 queries): the
-#      retrieval (induction-style) circuit has to form first, and at 8K it forms far more
-#      slowly (H200 probes, benchmarks/NOTES.md: 4-7% accuracy after 4,000 steps at 1K)
+#   A1 dense from scratch on the retrieval task at 256 tokens (16 pairs stored 3 times each,
+#      16 queries; every later occurrence's value is a target too: a denser signal): the
+#      content-based lookup circuit has to form first, and at 8K with queries only it forms
+#      far more slowly (benchmarks/NOTES.md: 4-7% accuracy after 4,000 steps at 1K)
 #   A2 dense at 1K (continues A1's weights)
 #   B  dense at 8K context (continues A2's weights)
 #   C  conversion: index projections added to every layer; KL warm-up with dense attention
@@ -41,7 +42,7 @@ stage() {  # name, then finetune.py flags; returns 1 when the stage is not finis
 }
 
 stage a1_dense_256 $model --sparse-layers none --attention dense --kl-weight 0 \
-    --dense-implementation cudnn --seq-len 256 --num-pairs 16 --num-queries 16 \
+    --dense-implementation cudnn --seq-len 256 --num-pairs 16 --num-queries 16 --repeats 3 \
     --batch-size 64 --steps "${STEPS_A1:-20000}" --lr 2e-3 --lr-warmup-steps 200 \
     --eval-every 1000 --eval-examples 256 || exit 1
 stage a2_dense_1k --init-from "$runs/a1_dense_256" --sparse-layers none --attention dense \

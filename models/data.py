@@ -79,6 +79,13 @@ class RetrievalTask:
   stored with that key, possibly thousands of tokens earlier). Keys are distinct within an
   example. Vocabulary: 0 unused, 1 PAIR, 2 QUERY, 3 reserved, then keys, values, filler
   (keys and values get a quarter of the rest each).
+
+  ``repeats > 1`` (a training aid): each pair is stored that many times at random places, and
+  the values of all but its first occurrence are scored targets too. The same content-based
+  lookup then has ``num_pairs * (repeats - 1)`` extra targets per example at every distance,
+  a far denser signal than the queries alone, from which the lookup circuit forms quickly;
+  a small model trained on the queries alone stalls for thousands of steps on heuristics
+  (e.g. eliminating already-answered values). Evaluate with ``repeats=1``.
   """
 
   vocab_size: int
@@ -86,6 +93,7 @@ class RetrievalTask:
   num_pairs: int = 8
   num_queries: int = 1
   seed: int = 0
+  repeats: int = 1
 
   PAIR = 1
   QUERY = 2
@@ -95,12 +103,14 @@ class RetrievalTask:
     if self.num_pairs < 1 or not 1 <= self.num_queries <= self.num_pairs:
       raise ValueError(f"need num_pairs >= 1 and 1 <= num_queries <= num_pairs; got "
                        f"{self.num_pairs}, {self.num_queries}")
+    if self.repeats < 1:
+      raise ValueError(f"need repeats >= 1; got {self.repeats}")
     if self.num_keys < self.num_pairs or self.filler_size < 1:
       raise ValueError(f"vocab_size {self.vocab_size} is too small for {self.num_pairs} "
                        f"distinct keys (has {self.num_keys}) plus values and filler")
-    if self.context_len // 3 < self.num_pairs:
-      raise ValueError(f"seq_len {self.seq_len} is too short for {self.num_pairs} pairs and "
-                       f"{self.num_queries} queries (3 tokens each)")
+    if self.context_len // 3 < self.num_pairs * self.repeats:
+      raise ValueError(f"seq_len {self.seq_len} is too short for {self.num_pairs} pairs "
+                       f"x {self.repeats} and {self.num_queries} queries (3 tokens each)")
 
   @property
   def num_keys(self) -> int:
@@ -125,17 +135,30 @@ class RetrievalTask:
     key0, value0 = self.FIRST, self.FIRST + self.num_keys
     filler0 = value0 + self.num_values
     tokens = rng.integers(filler0, self.vocab_size, size=self.seq_len + 1, dtype=np.int64)
-    slots = rng.choice(self.context_len // 3, self.num_pairs, replace=False)
+    slots = rng.choice(self.context_len // 3, self.num_pairs * self.repeats, replace=False)
     keys = key0 + rng.choice(self.num_keys, self.num_pairs, replace=False)
     values = value0 + rng.integers(0, self.num_values, size=self.num_pairs)
-    for s, k, v in zip(slots, keys, values):
-      tokens[3 * s:3 * s + 3] = (self.PAIR, k, v)
+    pair_of = np.arange(self.num_pairs)  # pair stored at each slot
+    if self.repeats > 1:
+      pair_of = rng.permutation(np.repeat(pair_of, self.repeats))
+    for s, i in zip(slots, pair_of):
+      tokens[3 * s:3 * s + 3] = (self.PAIR, keys[i], values[i])
     asked = rng.choice(self.num_pairs, self.num_queries, replace=False)
     tail = np.stack([np.full(self.num_queries, self.QUERY), keys[asked], values[asked]], 1)
     tokens[self.context_len:] = tail.reshape(-1)
     # The value of query j sits at context_len + 3j + 2; its target index is one less.
     answer_pos = self.context_len + 3 * np.arange(self.num_queries) + 1
-    return tokens.astype(np.int32), answer_pos, values[asked].astype(np.int32)
+    answers = values[asked]
+    if self.repeats > 1:  # every later occurrence of a pair: its value is known by then
+      order = np.argsort(slots)
+      seen, later = set(), []
+      for s, i in zip(slots[order], pair_of[order]):
+        if i in seen:
+          later.append((3 * s + 1, values[i]))
+        seen.add(i)
+      answer_pos = np.concatenate([[p for p, _ in later], answer_pos]).astype(np.int64)
+      answers = np.concatenate([[v for _, v in later], answers])
+    return tokens.astype(np.int32), answer_pos, answers.astype(np.int32)
 
   def batch(self, start: int, size: int, split: str = "train") -> dict:
     inputs = np.zeros((size, self.seq_len), np.int32)

@@ -63,6 +63,10 @@ def add_data_arguments(parser: argparse.ArgumentParser):
   g.add_argument("--num-queries", type=int, default=1,
                  help="retrieval: queried keys at the end of each example, each a scored "
                       "target (default 1)")
+  g.add_argument("--repeats", type=int, default=1,
+                 help="retrieval: store each pair this many times; values of the later "
+                      "occurrences are scored targets too (a denser training signal; "
+                      "default 1)")
   g.add_argument("--text-files", nargs="+", default=[],
                  help="text: .txt (one document per file) and/or .jsonl files")
   g.add_argument("--text-field", default="text", help="text: the .jsonl field (default text)")
@@ -83,7 +87,8 @@ def make_source(args, vocab_size: int, tokenizer_dirs=()):
   if args.task == "retrieval":
     try:
       return data_lib.RetrievalTask(vocab_size, args.seq_len, num_pairs=args.num_pairs,
-                                    num_queries=args.num_queries, seed=args.data_seed)
+                                    num_queries=args.num_queries, seed=args.data_seed,
+                                    repeats=args.repeats)
     except ValueError as e:
       raise SystemExit(f"retrieval task: {e}")
   if not args.text_files:

@@ -94,8 +94,8 @@ from models import training
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Settings that must not change when resuming (the data and the model they define).
-DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "text_files", "text_field",
-             "eos_id", "eval_fraction", "data_seed", "batch_size")
+DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "text_files",
+             "text_field", "eos_id", "eval_fraction", "data_seed", "batch_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,10 +374,11 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   data_settings = {k: getattr(args, k) for k in DATA_KEYS}
   if resume_step is not None:
     state, meta = ckpts.restore(resume_step, trainer.abstract_state())
-    if meta.get("data_settings") != data_settings:
-        raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
-                       f"({meta.get('data_settings')} vs {data_settings}); resuming would "
-                       "not continue the same run")
+    saved = {"repeats": 1, **meta.get("data_settings", {})}  # runs from before --repeats
+    if saved != data_settings:
+      raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
+                       f"({saved} vs {data_settings}); resuming would not continue the "
+                       "same run")
     truncate_log(log_path, resume_step)
     print(f"resumed from step {resume_step} ({meta['examples_seen']} examples seen)")
     changed = changed_flags(os.path.join(out_dir, "args.json"), vars(args))

@@ -188,6 +188,28 @@ def test_retrieval_task_structure_and_determinism():
     data.RetrievalTask(64, 20, num_pairs=8)
 
 
+def test_retrieval_task_repeats_score_every_later_occurrence():
+  task = data.RetrievalTask(vocab_size=64, seq_len=128, num_pairs=4, num_queries=2, seed=3,
+                            repeats=3)
+  for i in range(5):
+    tokens, answer_pos, values = task.example(i)
+    starts = np.flatnonzero(tokens[:task.context_len] == task.PAIR)
+    assert len(starts) == 12  # 4 pairs x 3
+    occurrences = {}
+    for p in starts:  # in position order: each key always carries the same value
+      occurrences.setdefault(int(tokens[p + 1]), []).append((int(p), int(tokens[p + 2])))
+    assert len(occurrences) == 4 and all(len(o) == 3 for o in occurrences.values())
+    assert all(len({v for _, v in o}) == 1 for o in occurrences.values())
+    later = sorted(p + 1 for o in occurrences.values() for p, _ in o[1:])
+    np.testing.assert_array_equal(answer_pos[:-2], later)  # targets: the value after the key
+    np.testing.assert_array_equal(tokens[answer_pos + 1], values)
+    np.testing.assert_array_equal(answer_pos[-2:], task.context_len + 3 * np.arange(2) + 1)
+  batch = task.batch(0, 2)
+  assert batch["loss_mask"].sum() == 2 * (4 * 2 + 2)
+  with pytest.raises(ValueError, match="too short"):
+    data.RetrievalTask(64, 40, num_pairs=4, repeats=4)
+
+
 def test_text_dataset_packing_and_splits(tmp_path):
   (tmp_path / "a.txt").write_text("hello world " * 20)
   with open(tmp_path / "b.jsonl", "w") as f:
