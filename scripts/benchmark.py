@@ -734,7 +734,8 @@ def main(argv=None):
   parser.add_argument("--tune-grid", default=None,
                       help='JSON: sweep only these kernels over these values, e.g. '
                            '\'{"sparse": {"kernel": ["triton", "mosaic"], "tile_rows": [64]}}\' '
-                           '(give every key of that kernel: missing keys take the built-in defaults)')
+                           '(give every key of that kernel: missing keys take the built-in '
+                           'defaults)')
   parser.add_argument("--tune-context", type=int, default=131072)
   parser.add_argument("--tune-chunk", type=int, default=16384)
   parser.add_argument("--tune-decode-context", type=int, default=1048576,
