@@ -4,7 +4,8 @@ Reads RUNS_DIR/<stage>/metrics.jsonl (training loss and periodic retrieval accur
 stage, in order) and RUNS_DIR/eval_*.json (scripts/evaluate.py on the same held-out examples),
 writes RUNS_DIR/demo.md and RUNS_DIR/demo.png, and prints the table.
 
-Usage: python3 benchmarks/finetune_demo_report.py RUNS_DIR [--dense-target 0.95] [--recall-target 0.9]
+Usage: python3 benchmarks/finetune_demo_report.py RUNS_DIR [--dense-target 0.95]
+       [--recall-target 0.9]
 """
 
 from __future__ import annotations
