@@ -128,6 +128,21 @@ def cache_shardings(cache, mesh, rules: Mapping = RULES):
       lengths=one(cache.lengths, ("batch",)))
 
 
+def paged_cache_shardings(cache, mesh, rules: Mapping = RULES):
+  """NamedShardings for a ``models.PagedCache``: KV pages' heads over tensor, the rest
+  replicated (pages are shared by all batch rows, so nothing is split over data)."""
+
+  def one(x, axes):
+    return None if x is None else NamedSharding(mesh, _fits(x.shape, spec(axes, mesh, rules),
+                                                            mesh))
+
+  kv = (None, None, "cache_heads", "head_dim")
+  return type(cache)(
+      k=tuple(one(x, kv) for x in cache.k), v=tuple(one(x, kv) for x in cache.v),
+      index_k=tuple(one(x, (None, None, None)) for x in cache.index_k),
+      page_table=one(cache.page_table, (None, None)), lengths=one(cache.lengths, (None,)))
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh, rules: Mapping = RULES):
   """Within the block, ``constrain`` pins activations to ``mesh`` by the rules."""

@@ -12,9 +12,9 @@ repeat either flag for a batch.
 Continuous batching (``--max-batch N``): the prompts become a queue of requests served by N
 batch rows over a paged KV / index-key cache (``--num-pages`` pages of ``Bk`` tokens, handed out
 by ``msa_jax.PageAllocator``). A request is admitted when a row is free and pages for its
-prompt plus ``--max-new-tokens`` can be reserved; it is prefilled into its pages while the
-others keep decoding, and leaves (its pages freed) when it has its tokens or produced
-``--stop-id``. A request that waits for pages is admitted later; one that could never fit is
+prompt plus ``--max-new-tokens`` can be reserved; it is prefilled into its pages in chunks of
+``--prefill-chunk`` tokens while the others wait, then decodes with them, and leaves (its pages
+freed) when it has its tokens or produced ``--stop-id``. A request that waits for pages is admitted later; one that could never fit is
 refused with a message, and the others go on. MSA layers decode from the selected pages only.
 
 Multi-host: call with the usual ``jax.distributed`` environment variables set
@@ -64,7 +64,7 @@ def sample(logits, key, temperature: float, top_p: float):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def serve(model, prompts, args, dtype):
+def serve(model, prompts, args, dtype, mesh):
   """Continuous batching over a paged cache (see the module docstring). Returns
   (generated ids per prompt, per-request records, timings)."""
   cfg = model.config
@@ -83,8 +83,10 @@ def serve(model, prompts, args, dtype):
     last = jnp.take_along_axis(logits, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)
     return last[:, 0], cache
 
-  def bucket(n):  # admission widths: Bk times a power of two, so few shapes ever compile
-    return min(bk * (1 << (-(-n // bk) - 1).bit_length()), max_pages * bk)
+  # Prompts are prefilled in chunks of one fixed width (Bk times a power of two, at most
+  # --prefill-chunk), so exactly two step shapes ever compile: the chunk and the decode step.
+  longest = -(-max(len(p) for p in prompts) // bk)
+  width = min(bk * (1 << (longest - 1).bit_length()), args.prefill_chunk)
 
   queue = list(range(len(prompts)))
   active: dict[int, int] = {}  # row -> request
@@ -94,20 +96,23 @@ def serve(model, prompts, args, dtype):
   next_token = np.zeros(rows, np.int32)
   step_no, prefill_tokens, prefill_s, decode_tokens, decode_s = 0, 0, 0.0, 0, 0.0
 
+  # The cache is kept in the layout (sharding) that steps return, so no step compiles twice;
+  # one step with num_new = 0 (it writes nothing) makes sure of it on any mesh.
+  layout = sharding.paged_cache_shardings(cache, mesh)
+  cache = jax.device_put(cache, layout)
+
   def set_rows(cache, reset_rows):
     lengths = cache.lengths
     if reset_rows:
       lengths = lengths.at[jnp.asarray(reset_rows)].set(0)
-    return cache._replace(page_table=alloc.table(), lengths=lengths)
+    return cache._replace(page_table=jax.device_put(alloc.table(), layout.page_table),
+                          lengths=lengths)
 
-  # Steps with num_new = 0 write nothing and leave every length as it is. One of them puts the
-  # cache in the layout (sharding) that steps return, so no later step recompiles for it.
   idle = jnp.zeros(rows, jnp.int32)
   _, cache = step(model, jnp.zeros((rows, 1), jnp.int32), set_rows(cache, []), idle)
-  if args.warmup:  # compile every admission width (and the decode step) untimed
-    for width in sorted({bucket(len(p)) for p in prompts} | {1}):
-      jax.block_until_ready(step(model, jnp.zeros((rows, width), jnp.int32),
-                                 set_rows(cache, []), idle))
+  if args.warmup:  # compile the prefill chunk (and run it, writing nothing) untimed
+    jax.block_until_ready(step(model, jnp.zeros((rows, width), jnp.int32),
+                               set_rows(cache, []), idle))
 
   def take(logits, live_rows):
     nonlocal key
@@ -147,21 +152,23 @@ def serve(model, prompts, args, dtype):
       admitted.append(row)
       records[i].update(row=row, admitted_step=step_no)
     freed = []
-    if admitted:  # prefill the newcomers into their pages; the other rows are left alone
-      width = bucket(max(len(prompts[active[r]]) for r in admitted))
-      tokens = np.zeros((rows, width), np.int32)
-      num_new = np.zeros(rows, np.int32)
-      for r in admitted:
-        p = prompts[active[r]]
-        tokens[r, :len(p)], num_new[r] = p, len(p)
+    if admitted:  # prefill the newcomers chunk by chunk; the other rows are left alone
       cache = set_rows(cache, admitted)
-      t0 = time.perf_counter()
-      logits, cache = step(model, jnp.asarray(tokens), cache, jnp.asarray(num_new))
-      logits.block_until_ready()
-      prefill_s += time.perf_counter() - t0
-      prefill_tokens += int(num_new.sum())
-      freed += take(logits, admitted)
-      step_no += 1
+      prompt_of = {r: prompts[active[r]] for r in admitted}  # a row may leave between chunks
+      for start in range(0, max(map(len, prompt_of.values())), width):
+        tokens = np.zeros((rows, width), np.int32)
+        num_new = np.zeros(rows, np.int32)
+        for r, p in prompt_of.items():
+          chunk = p[start:start + width]
+          tokens[r, :len(chunk)], num_new[r] = chunk, len(chunk)
+        t0 = time.perf_counter()
+        logits, cache = step(model, jnp.asarray(tokens), cache, jnp.asarray(num_new))
+        logits.block_until_ready()
+        prefill_s += time.perf_counter() - t0
+        prefill_tokens += int(num_new.sum())
+        done = [r for r, p in prompt_of.items() if start < len(p) <= start + width]
+        freed += take(logits, done)  # a prompt's last chunk gives its first new token
+        step_no += 1
     decoding = [r for r in active]
     if decoding:  # one decode step for every live request
       for r in decoding:
@@ -211,14 +218,17 @@ def main(argv=None):
                       help="write prompt_ids, generated_ids and timings here")
   parser.add_argument("--warmup", action="store_true",
                       help="run the prefill once untimed first, so prefill tokens/s excludes "
-                           "compilation (with --max-batch: compile every admission width and "
-                           "the decode step first)")
+                           "compilation (with --max-batch: compile the prefill chunk and the "
+                           "decode step first)")
   parser.add_argument("--max-batch", type=int, default=None,
                       help="continuous batching: serve the prompts as a queue of requests "
                            "with this many batch rows over a paged cache")
   parser.add_argument("--num-pages", type=int, default=None,
                       help="pages of Bk tokens in the paged cache (default: enough for "
                            "--max-batch requests of the longest prompt + new tokens)")
+  parser.add_argument("--prefill-chunk", type=int, default=2048,
+                      help="continuous batching: prompts are prefilled in chunks of at most "
+                           "this many tokens (a multiple of the block size; default 2048)")
   parser.add_argument("--stop-id", type=int, default=None,
                       help="a request ends early when it produces this token id")
   parser.add_argument("--quiet", action="store_true", help="no streaming output")
@@ -256,8 +266,12 @@ def main(argv=None):
   if args.max_batch is not None:
     if args.max_batch < 1 or (args.num_pages is not None and args.num_pages < 1):
       raise SystemExit("--max-batch and --num-pages must be >= 1")
+    bk = model.config.index_block_size
+    if args.prefill_chunk < bk or args.prefill_chunk % bk:
+      raise SystemExit(f"--prefill-chunk must be a positive multiple of the block size {bk}; "
+                       f"got {args.prefill_chunk}")
     with sharding.activation_sharding(mesh):
-      generated, records, timings = serve(model, prompts, args, dtype)
+      generated, records, timings = serve(model, prompts, args, dtype, mesh)
     result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
               "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
     if args.output_json:

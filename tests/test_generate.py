@@ -86,12 +86,18 @@ def test_continuous_batching_same_tokens_as_static_batch(ckpt, tmp_path):
   assert max(a for a, _ in steps) > 0  # later requests waited for a free row
   rows = [r["row"] for r in served["requests"]]
   assert set(rows) == {0, 1}
-  # --warmup first runs no-op steps (num_new = 0) at every admission width: they must leave
-  # the cache untouched.
-  _run(args + ["--max-batch", "2", "--warmup", "--output-json", str(tmp_path / "warm.json")])
+  # Prompts prefilled in chunks of one block (LONG takes 3 chunks, while the other row
+  # waits); --warmup first runs no-op steps (num_new = 0): they must leave the cache untouched.
+  _run(args + ["--max-batch", "2", "--warmup", "--prefill-chunk", "16",
+               "--output-json", str(tmp_path / "warm.json")])
   warm = json.loads((tmp_path / "warm.json").read_text())
   assert warm["generated_ids"] == static["generated_ids"]
   assert warm["includes_compilation"] is False
+  assert warm["steps"] > served["steps"]  # the chunks are steps of their own
+  proc = subprocess.run([sys.executable, SCRIPT] + args + ["--max-batch", "2",
+                                                           "--prefill-chunk", "24"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "multiple of the block size 16" in proc.stderr
 
 
 def test_continuous_batching_waits_for_pages_and_refuses_what_never_fits(ckpt, tmp_path):
