@@ -83,9 +83,17 @@ class RetrievalTask:
   ``repeats > 1`` (a training aid): each pair is stored that many times at random places, and
   the values of all but its first occurrence are scored targets too. The same content-based
   lookup then has ``num_pairs * (repeats - 1)`` extra targets per example at every distance,
-  a far denser signal than the queries alone, from which the lookup circuit forms quickly;
-  a small model trained on the queries alone stalls for thousands of steps on heuristics
-  (e.g. eliminating already-answered values). Evaluate with ``repeats=1``.
+  a denser signal than the queries alone (not shown to speed learning up: notes in
+  benchmarks/NOTES.md). Evaluate with ``repeats=1``.
+
+  ``fused=True`` stores each pair as *one* token that names both its key and its value
+  (``FUSED_VALUES`` values, so ``num_keys * FUSED_VALUES`` pair tokens), hidden in the filler
+  at random places; the query tail is unchanged. Finding the pair is then a single attention
+  lookup by content (the query's key against the pair tokens), with no previous-token circuit
+  to compose first: the two-token format needs an induction circuit, which small models form
+  only after a long plateau (benchmarks/NOTES.md, fourth session: a minimal 2-layer
+  transformer stays at chance on content-based copying for 3,000 steps). The retrieval
+  itself, one needle per queried key anywhere in the context, is the same.
   """
 
   vocab_size: int
@@ -94,35 +102,53 @@ class RetrievalTask:
   num_queries: int = 1
   seed: int = 0
   repeats: int = 1
+  fused: bool = False
 
   PAIR = 1
   QUERY = 2
   FIRST = 4
+  FUSED_VALUES = 16
 
   def __post_init__(self):
     if self.num_pairs < 1 or not 1 <= self.num_queries <= self.num_pairs:
       raise ValueError(f"need num_pairs >= 1 and 1 <= num_queries <= num_pairs; got "
                        f"{self.num_pairs}, {self.num_queries}")
-    if self.repeats < 1:
-      raise ValueError(f"need repeats >= 1; got {self.repeats}")
+    if self.repeats < 1 or (self.fused and self.repeats != 1):
+      raise ValueError(f"need repeats >= 1 (exactly 1 with fused pairs); got {self.repeats}")
     if self.num_keys < self.num_pairs or self.filler_size < 1:
       raise ValueError(f"vocab_size {self.vocab_size} is too small for {self.num_pairs} "
                        f"distinct keys (has {self.num_keys}) plus values and filler")
-    if self.context_len // 3 < self.num_pairs * self.repeats:
+    if self.fused and self.context_len < self.num_pairs:
+      raise ValueError(f"seq_len {self.seq_len} is too short for {self.num_pairs} pairs "
+                       f"and {self.num_queries} queries")
+    if not self.fused and self.context_len // 3 < self.num_pairs * self.repeats:
       raise ValueError(f"seq_len {self.seq_len} is too short for {self.num_pairs} pairs "
                        f"x {self.repeats} and {self.num_queries} queries (3 tokens each)")
 
   @property
   def num_keys(self) -> int:
+    if self.fused:  # keys, values and pair tokens within 3/4 of the vocabulary
+      return ((self.vocab_size - self.FIRST) * 3 // 4 - self.FUSED_VALUES) // (
+          self.FUSED_VALUES + 1)
     return (self.vocab_size - self.FIRST) // 4
 
   @property
   def num_values(self) -> int:
-    return self.num_keys
+    return self.FUSED_VALUES if self.fused else self.num_keys
+
+  @property
+  def num_pair_tokens(self) -> int:
+    return self.num_keys * self.num_values if self.fused else 0
 
   @property
   def filler_size(self) -> int:
-    return self.vocab_size - self.FIRST - self.num_keys - self.num_values
+    return (self.vocab_size - self.FIRST - self.num_keys - self.num_values
+            - self.num_pair_tokens)
+
+  def pair_token(self, key, value):
+    """fused: the token that stores ``key -> value`` (token ids of the key and the value)."""
+    base = self.FIRST + self.num_keys + self.num_values
+    return base + (key - self.FIRST) * self.num_values + (value - self.FIRST - self.num_keys)
 
   @property
   def context_len(self) -> int:
@@ -133,8 +159,14 @@ class RetrievalTask:
     """One example: (tokens int32 [seq_len+1], answer positions in targets, values)."""
     rng = np.random.default_rng([self.seed, _split_id(split), int(index)])
     key0, value0 = self.FIRST, self.FIRST + self.num_keys
-    filler0 = value0 + self.num_values
+    filler0 = value0 + self.num_values + self.num_pair_tokens
     tokens = rng.integers(filler0, self.vocab_size, size=self.seq_len + 1, dtype=np.int64)
+    if self.fused:
+      keys = key0 + rng.choice(self.num_keys, self.num_pairs, replace=False)
+      values = value0 + rng.integers(0, self.num_values, size=self.num_pairs)
+      places = rng.choice(self.context_len, self.num_pairs, replace=False)
+      tokens[places] = self.pair_token(keys, values)
+      return self._with_queries(tokens, keys, values, rng)
     slots = rng.choice(self.context_len // 3, self.num_pairs * self.repeats, replace=False)
     keys = key0 + rng.choice(self.num_keys, self.num_pairs, replace=False)
     values = value0 + rng.integers(0, self.num_values, size=self.num_pairs)
@@ -143,12 +175,7 @@ class RetrievalTask:
       pair_of = rng.permutation(np.repeat(pair_of, self.repeats))
     for s, i in zip(slots, pair_of):
       tokens[3 * s:3 * s + 3] = (self.PAIR, keys[i], values[i])
-    asked = rng.choice(self.num_pairs, self.num_queries, replace=False)
-    tail = np.stack([np.full(self.num_queries, self.QUERY), keys[asked], values[asked]], 1)
-    tokens[self.context_len:] = tail.reshape(-1)
-    # The value of query j sits at context_len + 3j + 2; its target index is one less.
-    answer_pos = self.context_len + 3 * np.arange(self.num_queries) + 1
-    answers = values[asked]
+    tokens, answer_pos, answers = self._with_queries(tokens, keys, values, rng)
     if self.repeats > 1:  # every later occurrence of a pair: its value is known by then
       order = np.argsort(slots)
       seen, later = set(), []
@@ -157,8 +184,17 @@ class RetrievalTask:
           later.append((3 * s + 1, values[i]))
         seen.add(i)
       answer_pos = np.concatenate([[p for p, _ in later], answer_pos]).astype(np.int64)
-      answers = np.concatenate([[v for _, v in later], answers])
-    return tokens.astype(np.int32), answer_pos, answers.astype(np.int32)
+      answers = np.concatenate([[v for _, v in later], answers]).astype(np.int32)
+    return tokens, answer_pos, answers
+
+  def _with_queries(self, tokens, keys, values, rng):
+    """The query tail [QUERY, key, value] x num_queries for distinct stored keys."""
+    asked = rng.choice(self.num_pairs, self.num_queries, replace=False)
+    tail = np.stack([np.full(self.num_queries, self.QUERY), keys[asked], values[asked]], 1)
+    tokens[self.context_len:] = tail.reshape(-1)
+    # The value of query j sits at context_len + 3j + 2; its target index is one less.
+    answer_pos = self.context_len + 3 * np.arange(self.num_queries) + 1
+    return tokens.astype(np.int32), answer_pos, values[asked].astype(np.int32)
 
   def batch(self, start: int, size: int, split: str = "train") -> dict:
     inputs = np.zeros((size, self.seq_len), np.int32)

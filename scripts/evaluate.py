@@ -67,6 +67,10 @@ def add_data_arguments(parser: argparse.ArgumentParser):
                  help="retrieval: store each pair this many times; values of the later "
                       "occurrences are scored targets too (a denser training signal; "
                       "default 1)")
+  g.add_argument("--fused-pairs", action="store_true",
+                 help="retrieval: store each pair as one token naming its key and value "
+                      "(16 values): the lookup is one attention step, no induction circuit "
+                      "to form first (models/data.py)")
   g.add_argument("--text-files", nargs="+", default=[],
                  help="text: .txt (one document per file) and/or .jsonl files")
   g.add_argument("--text-field", default="text", help="text: the .jsonl field (default text)")
@@ -88,7 +92,7 @@ def make_source(args, vocab_size: int, tokenizer_dirs=()):
     try:
       return data_lib.RetrievalTask(vocab_size, args.seq_len, num_pairs=args.num_pairs,
                                     num_queries=args.num_queries, seed=args.data_seed,
-                                    repeats=args.repeats)
+                                    repeats=args.repeats, fused=args.fused_pairs)
     except ValueError as e:
       raise SystemExit(f"retrieval task: {e}")
   if not args.text_files:

@@ -94,8 +94,8 @@ from models import training
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Settings that must not change when resuming (the data and the model they define).
-DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "text_files",
-             "text_field", "eos_id", "eval_fraction", "data_seed", "batch_size")
+DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "fused_pairs",
+             "text_files", "text_field", "eos_id", "eval_fraction", "data_seed", "batch_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,7 +374,8 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   data_settings = {k: getattr(args, k) for k in DATA_KEYS}
   if resume_step is not None:
     state, meta = ckpts.restore(resume_step, trainer.abstract_state())
-    saved = {"repeats": 1, **meta.get("data_settings", {})}  # runs from before --repeats
+    # runs from before --repeats / --fused-pairs
+    saved = {"repeats": 1, "fused_pairs": False, **meta.get("data_settings", {})}
     if saved != data_settings:
       raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
                        f"({saved} vs {data_settings}); resuming would not continue the "

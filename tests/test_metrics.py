@@ -210,6 +210,37 @@ def test_retrieval_task_repeats_score_every_later_occurrence():
     data.RetrievalTask(64, 40, num_pairs=4, repeats=4)
 
 
+def test_retrieval_task_fused_pairs():
+  task = data.RetrievalTask(vocab_size=512, seq_len=96, num_pairs=6, num_queries=4, seed=5,
+                            fused=True)
+  assert task.num_values == task.FUSED_VALUES and task.num_keys >= 6 and task.filler_size > 0
+  pair0 = task.FIRST + task.num_keys + task.num_values
+  filler0 = pair0 + task.num_pair_tokens
+  for i in range(5):
+    tokens, answer_pos, values = task.example(i, "eval")
+    context = tokens[:task.context_len]
+    places = np.flatnonzero((context >= pair0) & (context < filler0))
+    assert len(places) == 6
+    assert not np.isin(context, [task.PAIR, task.QUERY]).any()
+    assert (context[np.setdiff1d(np.arange(len(context)), places)] >= filler0).all()
+    stored = {}  # decode every pair token back into its key and value
+    for p in places:
+      k, v = divmod(int(context[p]) - pair0, task.num_values)
+      stored[task.FIRST + k] = task.FIRST + task.num_keys + v
+      assert task.pair_token(task.FIRST + k, stored[task.FIRST + k]) == context[p]
+    assert len(stored) == 6  # distinct keys
+    np.testing.assert_array_equal(answer_pos, task.context_len + 3 * np.arange(4) + 1)
+    np.testing.assert_array_equal(tokens[answer_pos - 1], task.QUERY)
+    np.testing.assert_array_equal(tokens[answer_pos + 1], values)
+    assert [stored[int(k)] for k in tokens[answer_pos]] == list(values)
+  batch = task.batch(0, 3)
+  assert batch["loss_mask"].sum() == 3 * 4
+  with pytest.raises(ValueError, match="exactly 1"):
+    data.RetrievalTask(512, 96, num_pairs=6, fused=True, repeats=2)
+  with pytest.raises(ValueError, match="too small"):
+    data.RetrievalTask(64, 96, num_pairs=6, fused=True)  # 2 keys fit in 64 tokens
+
+
 def test_text_dataset_packing_and_splits(tmp_path):
   (tmp_path / "a.txt").write_text("hello world " * 20)
   with open(tmp_path / "b.jsonl", "w") as f:
