@@ -459,6 +459,8 @@ def load_params(path: str):
     params = ckpts.restore_params(step)
     ckpts.close()
     return config_lib.from_hf_config(path), {k: np.asarray(v) for k, v in params.items()}
+  if os.path.isdir(os.path.join(path, "model")):  # a run folder copied without checkpoints/
+    return load_params(os.path.join(path, "model"))
   model = checkpoint.load(path, progress=False)
   return model.config, ModelParts(model).params(model)
 
