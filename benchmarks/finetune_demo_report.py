@@ -41,14 +41,16 @@ def table(runs: str, dense_target: float, recall_target: float) -> str:
          f"{data['num_queries']} queries per example, {rows[1][1].get('examples', '?')} "
          f"examples); MSA keeps k·Bk = {conv['topk']}·{conv['block_size']} = {budget} tokens "
          f"= 1/{data['seq_len'] // budget} of the context.", "",
-         "| model / attention | accuracy | loss | block recall | score recall |",
-         "|---|---|---|---|---|"]
+         "| model / attention | accuracy | loss | block recall | score recall | "
+         "block recall at answers |",
+         "|---|---|---|---|---|---|"]
   fmt = lambda x: "-" if x is None else f"{x:.3f}"
   for name, v in rows:
     if v is None:
       continue
     out.append(f"| {name} | {fmt(v['accuracy'])} | {fmt(v['loss'])} | "
-               f"{fmt(v.get('block_recall'))} | {fmt(v.get('score_recall'))} |")
+               f"{fmt(v.get('block_recall'))} | {fmt(v.get('score_recall'))} | "
+               f"{fmt(v.get('block_recall_scored'))} |")
   dense = (evals.get("b_dense_8k") or conv)["variants"]["dense"]["accuracy"]
   msa = conv["variants"]["msa"]
   ratio = msa["accuracy"] / dense if dense else float("nan")

@@ -13,7 +13,10 @@ I* (spec/msa.md §5, research/paper.md §9.2), per query and GQA group:
 * score recall ``Σ_{b ∈ I* ∩ Î} P_b / Σ_{b ∈ I*} P_b``.
 
 Rows are averaged over non-padding (query, group) pairs; the ``*_beyond_k`` variants average
-only over queries with more than k visible blocks, where selection is not trivially all.
+only over queries with more than k visible blocks, where selection is not trivially all; the
+``*_scored`` variants only over the queries whose next token is a scored target (the loss
+mask: on the retrieval task, the queries that must find a stored pair; filler queries attend
+diffusely, and their top-k blocks are near-ties no indexer can be expected to reproduce).
 """
 
 from __future__ import annotations
@@ -120,8 +123,8 @@ def batch_metrics(model, inputs, targets, loss_mask, *, attention: str = "msa",
   """Summed metrics of one batch (add them up over batches, then ``finalize``).
 
   Keys: ``loss_sum``, ``tokens``, ``correct``; and per MSA layer i with ``indexer``:
-  ``block_recall_sum/{i}``, ``score_recall_sum/{i}``, ``rows/{i}`` and the ``_beyond_k``
-  versions. The selection is the index branch's (as MSA would use it) whatever
+  ``block_recall_sum/{i}``, ``score_recall_sum/{i}``, ``rows/{i}`` and the ``_beyond_k`` and
+  ``_scored`` versions. The selection is the index branch's (as MSA would use it) whatever
   ``attention`` is.
   """
   logits, aux = model.train_forward(inputs, attention=attention, capture=indexer,
@@ -141,7 +144,8 @@ def batch_metrics(model, inputs, targets, loss_mask, *, attention: str = "msa",
     block, score, valid, beyond = indexer_recall(
         mass, layer["block_indices"], pos, topk=c.index_topk_blocks,
         block_size=c.index_block_size)
-    for name, rows in (("", valid), ("_beyond_k", beyond)):
+    scored = valid & (loss_mask[:, :, None] > 0)
+    for name, rows in (("", valid), ("_beyond_k", beyond), ("_scored", scored)):
       out[f"block_recall{name}_sum/{i}"] = jnp.sum(jnp.where(rows, block, 0.0))
       out[f"score_recall{name}_sum/{i}"] = jnp.sum(jnp.where(rows, score, 0.0))
       out[f"rows{name}/{i}"] = jnp.sum(rows).astype(jnp.float32)
@@ -160,7 +164,9 @@ def finalize(sums: dict) -> dict:
     per_layer = {}
     for i in layers:
       row = {}
-      for name in ("", "_beyond_k"):
+      for name in ("", "_beyond_k", "_scored"):
+        if f"rows{name}/{i}" not in sums:
+          continue
         n = float(sums[f"rows{name}/{i}"])
         for metric in ("block_recall", "score_recall"):
           row[metric + name] = float(sums[f"{metric}{name}_sum/{i}"]) / n if n else None

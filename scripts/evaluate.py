@@ -10,7 +10,9 @@ Runs the model over held-out examples (the eval split, which training never read
   models/metrics.py): ``block_recall`` = |I* ∩ Î| / |I*| and ``score_recall`` = attention
   mass of I* that Î captures, where Î is the index branch's top-k selection and I* the main
   branch's own top-k blocks by (group-mean) full causal attention mass; averaged over all
-  queries and, as ``*_beyond_k``, over the queries with more than k visible blocks.
+  queries, as ``*_beyond_k`` over the queries with more than k visible blocks, and as
+  ``*_scored`` (``blk_rec@t`` in the table) over the queries whose next token is scored (on
+  the retrieval task: the queries that must find a stored pair).
 
 ``--attention`` takes one or more variants, evaluated on the same examples:
 ``dense`` (every layer dense), ``msa`` (MSA layers select with the index branch) and
@@ -186,12 +188,13 @@ def main(argv=None):
     with open(args.output_json, "w") as f:
       json.dump(results, f, indent=1)
   print(f"{'variant':<20} {'accuracy':>9} {'loss':>8} {'ppl':>10} {'block_rec':>9} "
-        f"{'score_rec':>9} {'blk_rec>k':>9} {'scr_rec>k':>9}")
+        f"{'score_rec':>9} {'blk_rec>k':>9} {'scr_rec>k':>9} {'blk_rec@t':>9}")
   fmt = lambda x: f"{x:9.4f}" if isinstance(x, float) else f"{'-':>9}"
   for name, r in results["variants"].items():
     print(f"{name:<20} {r['accuracy']:9.4f} {r['loss']:8.4f} {r['perplexity']:10.3f} "
           f"{fmt(r.get('block_recall'))} {fmt(r.get('score_recall'))} "
-          f"{fmt(r.get('block_recall_beyond_k'))} {fmt(r.get('score_recall_beyond_k'))}")
+          f"{fmt(r.get('block_recall_beyond_k'))} {fmt(r.get('score_recall_beyond_k'))} "
+          f"{fmt(r.get('block_recall_scored'))}")
   return 0
 
 

@@ -118,10 +118,22 @@ def test_accuracy_and_finalize():
   out = metrics.finalize({"loss_sum": 2.0, "tokens": 4.0, "correct": 3.0,
                           "block_recall_sum/1": 3.0, "score_recall_sum/1": 2.0, "rows/1": 4.0,
                           "block_recall_beyond_k_sum/1": 1.0,
-                          "score_recall_beyond_k_sum/1": 0.5, "rows_beyond_k/1": 2.0})
+                          "score_recall_beyond_k_sum/1": 0.5, "rows_beyond_k/1": 2.0,
+                          "block_recall_scored_sum/1": 1.0,
+                          "score_recall_scored_sum/1": 0.5, "rows_scored/1": 1.0,
+                          "block_recall_sum/2": 1.0, "score_recall_sum/2": 1.0, "rows/2": 4.0,
+                          "block_recall_beyond_k_sum/2": 0.0,
+                          "score_recall_beyond_k_sum/2": 0.0, "rows_beyond_k/2": 0.0,
+                          "block_recall_scored_sum/2": 0.0,
+                          "score_recall_scored_sum/2": 0.0, "rows_scored/2": 0.0})
   assert out["accuracy"] == 0.75 and out["loss"] == 0.5
   assert out["perplexity"] == pytest.approx(np.exp(0.5))
-  assert out["block_recall"] == 0.75 and out["score_recall_beyond_k"] == 0.25
+  assert out["layers"]["1"]["block_recall"] == 0.75
+  assert out["layers"]["1"]["score_recall_beyond_k"] == 0.25
+  assert out["layers"]["1"]["block_recall_scored"] == 1.0
+  assert out["layers"]["2"]["block_recall_scored"] is None  # no rows: no value
+  assert out["block_recall"] == (0.75 + 0.25) / 2  # mean over layers with rows
+  assert out["block_recall_scored"] == 1.0 and out["score_recall_scored"] == 0.5
 
 
 # ----------------------------------------------------------------------------- losses
