@@ -267,10 +267,16 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
   k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
   if impl == "pallas_gpu":
-    from msa_jax.kernels.gpu import sparse_decode
-    if sparse_decode.supports(t, hq // g):
-      partial_out, partial_lse = sparse_decode.sparse_decode_partials(
-          q, k, v, jnp.where(valid, block_indices, -1), q_positions, kv_lengths,
+    from msa_jax import paged_api
+    if t <= paged_api.MAX_DECODE_QUERIES:  # decode: query-outer split-K, the paged kernel's
+      from msa_jax.kernels.gpu import paged_sparse_decode
+      # The contiguous cache seen as pages of one block each: block j of row i is page
+      # i * nb + j (a reshape, no copy).
+      as_pages = lambda x: x.reshape(b * nb, block_size, *x.shape[2:])
+      table = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
+      ids, counts = paged_api.compact_selection(block_indices, nb)
+      partial_out, partial_lse = paged_sparse_decode.paged_sparse_decode_partials(
+          q, as_pages(k), as_pages(v), table, ids, counts, q_positions, kv_lengths,
           block_size=block_size, scale=scale, interpret=interpret)
       written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
       return sched.combine(partial_out, partial_lse, written, q.dtype)

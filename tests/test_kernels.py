@@ -241,20 +241,25 @@ def test_kernels_under_jit():
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_decode_kernel_split_k(num_splits):
-  """The GPU query-outer split-K kernel: any split count merges to the reference."""
-  from msa_jax.kernels.gpu import sparse_decode
+  """The GPU query-outer split-K decode kernel on a contiguous cache seen as pages (as
+  ``msa_attention`` runs it): any split count merges to the reference."""
+  from msa_jax import paged_api
+  from msa_jax.kernels.gpu import paged_sparse_decode
   case = C.CASES["decode8_gqa16"]
   x = C.make_inputs(case, jnp.float32, seed=22)
   ids = C.random_selection(case, x, seed=22, holes=True)
   nb = reference.cdiv(case.kv_len, case.block_size)
-  valid = reference.valid_block_mask(ids, nb)
   pad = nb * case.block_size - case.kv_len
-  kp = jnp.pad(x["k"], ((0, 0), (0, pad), (0, 0), (0, 0)))
-  vp = jnp.pad(x["v"], ((0, 0), (0, pad), (0, 0), (0, 0)))
+  b, g = x["k"].shape[0], x["k"].shape[2]
+  pages = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+      b * nb, case.block_size, g, a.shape[-1])
+  table = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
+  compact, counts = paged_api.compact_selection(ids, nb)
   scale = 1 / np.sqrt(case.head_dim)
-  p_out, p_lse = sparse_decode.sparse_decode_partials(
-      x["q"], kp, vp, jnp.where(valid, ids, -1), x["q_positions"], x["kv_lengths"],
-      block_size=case.block_size, scale=scale, num_splits=num_splits, interpret=True)
+  p_out, p_lse = paged_sparse_decode.paged_sparse_decode_partials(
+      x["q"], pages(x["k"]), pages(x["v"]), table, compact, counts, x["q_positions"],
+      x["kv_lengths"], block_size=case.block_size, scale=scale, num_splits=num_splits,
+      interpret=True)
   assert p_out.shape[0] == num_splits
   out, lse = sched.combine(p_out, p_lse, jnp.ones((*ids.shape[:3], num_splits), bool),
                            jnp.float32)

@@ -1,12 +1,17 @@
-"""Paged sparse decode, GPUs (Pallas, Triton lowering): split-K over the selected pages.
+"""Sparse decode, GPUs (Pallas, Triton lowering): query-outer split-K over selected pages.
 
-``sparse_decode.py`` with the page table in the middle: each program takes one (sequence,
-query token, group) and a contiguous share of its selected blocks (split-K), maps each block id
+With 1-16 query tokens per sequence there is nothing to share across queries, so the KV-outer
+inversion buys nothing: each program takes one (sequence, query token, group) and a
+contiguous share of its selected blocks (split-K, flash-decoding style), maps each block id
 to its page through ``page_table[b, block]``, loads that page's ``[Bk, D]`` keys and values of
 the group, and keeps an online softmax for the group's query heads (padded to the 16-row GEMM
 minimum). Selections are compacted (valid ids first) outside the kernel, so a program loops
 only over its live slots: short sequences and idle rows read nothing. Each program writes one
-float32 partial output and LSE; ``schedule.combine`` merges the splits.
+float32 partial output and LSE; ``schedule.combine`` merges the splits. Splits are sized so
+the grid fills the GPU even at batch 1.
+
+The contiguous decode of ``msa_attention`` runs this kernel too, on the cache seen as pages
+of one block each (page ``b * num_blocks + j`` is block j of sequence b: a reshape).
 
 Keys at or past ``kv_lengths[b]`` are masked in the logits and their values zeroed before the
 ``P @ V`` product, so stale or poisoned page contents (NaN, inf) never reach an output.
