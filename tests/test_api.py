@@ -107,6 +107,7 @@ def test_indexer_kl_loss_validation():
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_validation_happens_before_kernels(impl, monkeypatch):
   """Bad input fails with ValueError even if the kernels would blow up when traced."""
+  from msa_jax.kernels.gpu import paged_sparse_decode as gpu_decode
   from msa_jax.kernels.gpu import sparse_attention as gpu_sa
   from msa_jax.kernels.tpu import sparse_attention as tpu_sa
 
@@ -114,6 +115,7 @@ def test_validation_happens_before_kernels(impl, monkeypatch):
     raise AssertionError("kernel traced before validation")
 
   monkeypatch.setattr(gpu_sa, "sparse_attention_partials", boom)
+  monkeypatch.setattr(gpu_decode, "paged_sparse_decode_partials", boom)  # few queries (GPU)
   monkeypatch.setattr(tpu_sa, "sparse_attention_partials", boom)
   with pytest.raises(ValueError, match="block id"):
     msa_jax.sparse_attention(X["q"], X["k"], X["v"], _ids(7), block_size=BS,
