@@ -11,11 +11,12 @@ repeat either flag for a batch.
 
 Continuous batching (``--max-batch N``): the prompts become a queue of requests served by N
 batch rows over a paged KV / index-key cache (``--num-pages`` pages of ``Bk`` tokens, handed out
-by ``msa_jax.PageAllocator``). A request is admitted when a row is free and pages for its
-prompt plus ``--max-new-tokens`` can be reserved; it is prefilled into its pages in chunks of
+by ``msa_jax.PageAllocator``). A request is admitted when a row is free and pages for its prompt
+plus ``--max-new-tokens`` can be reserved; it is prefilled into its pages in chunks of
 ``--prefill-chunk`` tokens while the others wait, then decodes with them, and leaves (its pages
-freed) when it has its tokens or produced ``--stop-id``. A request that waits for pages is admitted later; one that could never fit is
-refused with a message, and the others go on. MSA layers decode from the selected pages only.
+freed) when it has its tokens or produced ``--stop-id``. A request that waits for pages is
+admitted later; one that could never fit is refused with a message, and the others go on. MSA
+layers decode from the selected pages only.
 
 Multi-host: call with the usual ``jax.distributed`` environment variables set
 (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) on every host;

@@ -20,77 +20,116 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-p = argparse.ArgumentParser(description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--theta", type=float, default=1e4)
-p.add_argument("--rot", type=int, default=32)
-p.add_argument("--qknorm", type=int, default=0)
-p.add_argument("--steps", type=int, default=1500)
-p.add_argument("--lr", type=float, default=1e-3)
-p.add_argument("--layers", type=int, default=2)
-p.add_argument("--mlp", type=int, default=0)
-p.add_argument("--T", type=int, default=256)
-a = p.parse_args()
-V, T, D, H, Dh, B, SEG = 256, a.T, 128, 4, 32, 32, 8
-def example(rng):
-  n = T + 1
-  tok = rng.integers(4, V, size=n)
-  tg = []
-  for _ in range(4):
-    dst = int(rng.integers(n // 2, n - SEG)); src = int(rng.integers(0, dst - SEG))
-    tok[dst:dst + SEG] = tok[src:src + SEG]; tg += range(dst, dst + SEG - 1)
-  m = np.zeros(T, np.float32); m[np.unique(tg)] = 1
-  return tok[:-1], tok[1:], m
-def batch(i):
-  rng = np.random.default_rng(i)
-  xs = [example(rng) for _ in range(B)]
-  return tuple(np.stack(z) for z in zip(*xs))
-def init(key):
-  ks = iter(jax.random.split(key, 100))
-  n = lambda *s: jax.random.normal(next(ks), s) * 0.02
-  P = {"emb": n(V, D), "out": n(D, V), "layers": []}
-  for _ in range(a.layers):
-    L = {"wq": n(D, H * Dh), "wk": n(D, H * Dh), "wv": n(D, H * Dh), "wo": n(H * Dh, D),
-         "qn": jnp.ones(Dh), "kn": jnp.ones(Dh), "ln1": jnp.ones(D), "ln2": jnp.ones(D)}
-    if a.mlp: L |= {"w1": n(D, 4 * D), "w2": n(4 * D, D)}
-    P["layers"].append(L)
-  P["lnf"] = jnp.ones(D)
-  return P
-def rms(x, w): return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
-def rope(x):
-  r = a.rot; pos = jnp.arange(T)[:, None]
-  f = a.theta ** (-jnp.arange(0, r, 2) / r); ang = pos * f
-  c, s = jnp.cos(ang)[:, None], jnp.sin(ang)[:, None]
+VOCAB, WIDTH, HEADS, HEAD_DIM, BATCH, SEGMENT, SEGMENTS = 256, 128, 4, 32, 32, 8, 4
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--theta", type=float, default=1e4, help="RoPE base (M3: 5e6)")
+  p.add_argument("--rot", type=int, default=32, help="rotary dims of the 32 (M3: half)")
+  p.add_argument("--qknorm", type=int, default=0, help="1: per-head QK RMSNorm (as M3)")
+  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--mlp", type=int, default=0, help="1: a GELU MLP after each attention")
+  p.add_argument("--T", type=int, default=256, help="tokens per example")
+  return p.parse_args(argv)
+
+
+def example(rng, t):
+  """(inputs, targets, mask): random tokens with SEGMENTS copied segments, copies scored."""
+  n = t + 1
+  tokens = rng.integers(4, VOCAB, size=n)
+  scored = []
+  for _ in range(SEGMENTS):
+    dst = int(rng.integers(n // 2, n - SEGMENT))
+    src = int(rng.integers(0, dst - SEGMENT))
+    tokens[dst:dst + SEGMENT] = tokens[src:src + SEGMENT]
+    scored += range(dst, dst + SEGMENT - 1)  # target index i predicts tokens[i + 1]
+  mask = np.zeros(t, np.float32)
+  mask[np.unique(scored)] = 1
+  return tokens[:-1], tokens[1:], mask
+
+
+def batch(step, t):
+  rng = np.random.default_rng(step)
+  return tuple(np.stack(z) for z in zip(*[example(rng, t) for _ in range(BATCH)]))
+
+
+def init(key, args):
+  keys = iter(jax.random.split(key, 100))
+  normal = lambda *shape: jax.random.normal(next(keys), shape) * 0.02
+  inner = HEADS * HEAD_DIM
+  params = {"emb": normal(VOCAB, WIDTH), "out": normal(WIDTH, VOCAB), "lnf": jnp.ones(WIDTH),
+            "layers": []}
+  for _ in range(args.layers):
+    layer = {"wq": normal(WIDTH, inner), "wk": normal(WIDTH, inner), "wv": normal(WIDTH, inner),
+             "wo": normal(inner, WIDTH), "qn": jnp.ones(HEAD_DIM), "kn": jnp.ones(HEAD_DIM),
+             "ln1": jnp.ones(WIDTH), "ln2": jnp.ones(WIDTH)}
+    if args.mlp:
+      layer |= {"w1": normal(WIDTH, 4 * WIDTH), "w2": normal(4 * WIDTH, WIDTH)}
+    params["layers"].append(layer)
+  return params
+
+
+def rms(x, w):
+  return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
+
+
+def rope(x, args):
+  r = args.rot
+  angle = jnp.arange(x.shape[1])[:, None] * args.theta ** (-jnp.arange(0, r, 2) / r)
+  cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]
   x1, x2 = x[..., :r // 2], x[..., r // 2:r]
-  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, x[..., r:]], -1)
-def fwd(P, x):
-  h = P["emb"][x]
-  mask = jnp.tril(jnp.ones((T, T), bool))
-  for L in P["layers"]:
-    y = rms(h, L["ln1"])
-    q = (y @ L["wq"]).reshape(B, T, H, Dh); k = (y @ L["wk"]).reshape(B, T, H, Dh)
-    v = (y @ L["wv"]).reshape(B, T, H, Dh)
-    if a.qknorm: q, k = rms(q, L["qn"]), rms(k, L["kn"])
-    q, k = rope(q), rope(k)
-    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(Dh)
-    s = jnp.where(mask, s, -1e30)
-    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v).reshape(B, T, H * Dh)
-    h = h + o @ L["wo"]
-    if a.mlp: h = h + jax.nn.gelu(rms(h, L["ln2"]) @ L["w1"]) @ L["w2"]
-  return rms(h, P["lnf"]) @ P["out"]
-def loss(P, x, y, m):
-  lg = fwd(P, x); lp = jax.nn.log_softmax(lg)
-  nll = -jnp.take_along_axis(lp, y[..., None], -1)[..., 0]
-  acc = (lg.argmax(-1) == y)
-  return (nll * m).sum() / m.sum(), (acc * m).sum() / m.sum()
-opt = optax.adamw(optax.warmup_cosine_decay_schedule(0, a.lr, 100, a.steps), weight_decay=0.1, b2=0.95)
-P = init(jax.random.key(0)); S = opt.init(P)
-@jax.jit
-def step(P, S, x, y, m):
-  (l, acc), g = jax.value_and_grad(loss, has_aux=True)(P, x, y, m)
-  u, S = opt.update(g, S, P); return optax.apply_updates(P, u), S, l, acc
-t0 = time.time()
-for i in range(a.steps):
-  P, S, l, acc = step(P, S, *batch(i))
-  if i % 500 == 0 or i == a.steps - 1:
-    print(f"{vars(a)} step {i} loss {float(l):.3f} acc {float(acc):.3f} {time.time()-t0:.0f}s", flush=True)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], -1)
+
+
+def forward(params, x, args):
+  b, t = x.shape
+  h = params["emb"][x]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  for layer in params["layers"]:
+    y = rms(h, layer["ln1"])
+    q, k, v = ((y @ layer[w]).reshape(b, t, HEADS, HEAD_DIM) for w in ("wq", "wk", "wv"))
+    if args.qknorm:
+      q, k = rms(q, layer["qn"]), rms(k, layer["kn"])
+    q, k = rope(q, args), rope(k, args)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(HEAD_DIM)
+    p = jax.nn.softmax(jnp.where(causal, s, -1e30), -1)
+    h = h + jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, -1) @ layer["wo"]
+    if args.mlp:
+      h = h + jax.nn.gelu(rms(h, layer["ln2"]) @ layer["w1"]) @ layer["w2"]
+  return rms(h, params["lnf"]) @ params["out"]
+
+
+def main(argv=None):
+  args = parse_args(argv)
+
+  def loss(params, x, y, mask):
+    logits = forward(params, x, args)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1)[..., 0]
+    right = logits.argmax(-1) == y
+    return (nll * mask).sum() / mask.sum(), (right * mask).sum() / mask.sum()
+
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0, args.lr, 100, args.steps),
+                    weight_decay=0.1, b2=0.95)
+
+  @jax.jit
+  def step(params, state, x, y, mask):
+    (value, acc), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y, mask)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value, acc
+
+  params = init(jax.random.key(0), args)
+  state = opt.init(params)
+  t0 = time.time()
+  for i in range(args.steps):
+    params, state, value, acc = step(params, state, *batch(i, args.T))
+    if i % 500 == 0 or i == args.steps - 1:
+      print(f"{vars(args)} step {i} loss {float(value):.3f} acc {float(acc):.3f} "
+            f"{time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+  main()
