@@ -57,8 +57,8 @@ stage b_dense_8k --init-from "$runs/a2_dense_1k" --sparse-layers none --attentio
     --kl-weight 0 --dense-implementation cudnn $long --steps "${STEPS_B:-1000}" --lr 5e-4 \
     --lr-warmup-steps 50 --eval-every 250 --eval-examples 32 || exit 1
 stage c_msa_8k --init-from "$runs/b_dense_8k" --sparse-layers all --block-size 128 --topk 8 \
-    --dense-implementation cudnn $long --mode indexer-only --dense-warmup-steps "${STEPS_C:-1000}" \
-    --steps "${STEPS_C:-1000}" --lr 1e-3 --lr-warmup-steps 50 --eval-every 250 \
+    --dense-implementation cudnn $long --mode indexer-only --dense-warmup-steps "${STEPS_C:-800}" \
+    --steps "${STEPS_C:-800}" --lr 1e-3 --lr-warmup-steps 50 --eval-every 250 \
     --eval-examples 32 || exit 1
 
 # E: the same held-out examples for every variant (evaluate.py's eval split)
@@ -67,7 +67,7 @@ for name in b_dense_8k c_msa_8k; do
   variants=dense; [ $name = c_msa_8k ] && variants=dense,msa,msa-random-indexer
   python3 scripts/evaluate.py --checkpoint "$runs/$name" --seq-len 8192 --num-pairs 64 \
       --num-queries 32 --fused-pairs --attention $variants \
-      --num-examples "${EVAL_EXAMPLES:-256}" --dtype bfloat16 --dense-implementation cudnn --quiet \
+      --num-examples "${EVAL_EXAMPLES:-128}" --dtype bfloat16 --dense-implementation cudnn --quiet \
       --output-json "$runs/eval_$name.json" > "$runs/eval_$name.log" 2>&1 \
     || { echo "eval $name failed: $runs/eval_$name.log"; exit 1; }
   tail -5 "$runs/eval_$name.log"
