@@ -22,7 +22,7 @@
 # finished stages are skipped, an interrupted one continues (--resume). STAGE_MINUTES bounds
 # each invocation of a stage, so a piece of work fits a short GPU lease.
 # Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A1, STEPS_A2, STEPS_B,
-#        WARMUP_C, STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call)
+#        STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call)
 set -uo pipefail
 runs=${1:?usage: finetune_demo.sh RUNS_DIR}
 mkdir -p "$runs"
