@@ -15,8 +15,7 @@ I* (spec/msa.md §5, research/paper.md §9.2), per query and GQA group:
 Rows are averaged over non-padding (query, group) pairs; the ``*_beyond_k`` variants average
 only over queries with more than k visible blocks, where selection is not trivially all; the
 ``*_scored`` variants only over the queries whose next token is a scored target (the loss
-mask: on the retrieval task, the queries that must find a stored pair; filler queries attend
-diffusely, and their top-k blocks are near-ties no indexer can be expected to reproduce).
+mask: on the retrieval task, the queries that must find a stored pair).
 """
 
 from __future__ import annotations
