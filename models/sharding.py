@@ -10,6 +10,7 @@ missing from the mesh are ignored, so one table serves every mesh.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -114,12 +115,16 @@ def shard_model(model: nnx.Module, mesh, rules: Mapping = RULES) -> nnx.Module:
   return model
 
 
+def _sharding_of(x, axes, *, mesh, rules):
+  """NamedSharding of array ``x`` by its logical ``axes`` (None for a missing array)."""
+  return None if x is None else NamedSharding(mesh, _fits(x.shape, spec(axes, mesh, rules),
+                                                          mesh))
+
+
 def cache_shardings(cache, mesh, rules: Mapping = RULES):
   """NamedShardings for a ``models.Cache``: batch over data, KV heads over tensor."""
 
-  def one(x, axes):
-    return None if x is None else NamedSharding(mesh, _fits(x.shape, spec(axes, mesh, rules),
-                                                            mesh))
+  one = functools.partial(_sharding_of, mesh=mesh, rules=rules)
 
   kv = ("batch", "seq", "cache_heads", "head_dim")
   return type(cache)(
@@ -132,9 +137,7 @@ def paged_cache_shardings(cache, mesh, rules: Mapping = RULES):
   """NamedShardings for a ``models.PagedCache``: KV pages' heads over tensor, the rest
   replicated (pages are shared by all batch rows, so nothing is split over data)."""
 
-  def one(x, axes):
-    return None if x is None else NamedSharding(mesh, _fits(x.shape, spec(axes, mesh, rules),
-                                                            mesh))
+  one = functools.partial(_sharding_of, mesh=mesh, rules=rules)
 
   kv = (None, None, "cache_heads", "head_dim")
   return type(cache)(
