@@ -22,7 +22,8 @@
 # finished stages are skipped, an interrupted one continues (--resume). STAGE_MINUTES bounds
 # each invocation of a stage, so a piece of work fits a short GPU lease.
 # Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A1, STEPS_A2, STEPS_B,
-#        STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call)
+#        STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call, STOP_AFTER: a
+#        stage name to stop after, e.g. b_dense_8k for the dense model alone)
 set -uo pipefail
 runs=${1:?usage: finetune_demo.sh RUNS_DIR}
 mkdir -p "$runs"
@@ -35,7 +36,7 @@ long="--seq-len 8192 --num-pairs 64 --num-queries 32 --fused-pairs --batch-size 
 
 stage() {  # name, then finetune.py flags; returns 1 when the stage is not finished yet
   local name=$1; shift
-  if [ -d "$runs/$name/model" ]; then echo "$name: done"; return 0; fi
+  if [ -d "$runs/$name/model" ]; then echo "$name: done"; stop_after "$name"; return 0; fi
   echo "$name: training"
   python3 scripts/finetune.py --output-dir "$runs/$name" $common "$@" \
       > "$runs/$name.log" 2>&1
@@ -43,6 +44,10 @@ stage() {  # name, then finetune.py flags; returns 1 when the stage is not finis
   tail -1 "$runs/$name.log"
   if [ $rc -ne 0 ]; then echo "$name failed (rc=$rc): $runs/$name.log"; return 1; fi
   [ -d "$runs/$name/model" ] || { echo "$name: not finished; rerun to continue"; return 1; }
+  stop_after "$name"
+}
+stop_after() {
+  if [ "${STOP_AFTER:-}" = "$1" ]; then echo "stopping after $1 (STOP_AFTER)"; exit 0; fi
 }
 
 stage a1_dense_256 $model --sparse-layers none --attention dense --kl-weight 0 \

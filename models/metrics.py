@@ -12,6 +12,17 @@ I* (spec/msa.md §5, research/paper.md §9.2), per query and GQA group:
 * block recall ``|I* ∩ Î| / |I*|``;
 * score recall ``Σ_{b ∈ I* ∩ Î} P_b / Σ_{b ∈ I*} P_b``.
 
+Two diagnostics put the block recall in context:
+
+* ``block_recall_maxpool``: the same recall against I*_max, the main branch's top-k blocks
+  ranked the way MSA ranks the index scores: by the block's **largest** token probability
+  (max-pool, spec §3) instead of its summed mass. The paper's "top-k block set induced by the
+  main-branch scores" does not say which pool; the summed mass is the headline.
+* ``oracle_block_recall`` / ``oracle_score_recall``: the recall of I*_max itself against I*.
+  I*_max is what an indexer whose token distribution equals the KL teacher exactly would select,
+  so this is the block recall that perfect KL training reaches under MSA's max-pool selection:
+  where it is below 1, the gap is the pool, not the indexer.
+
 Rows are averaged over non-padding (query, group) pairs; the ``*_beyond_k`` variants average
 only over queries with more than k visible blocks, where selection is not trivially all; the
 ``*_scored`` variants only over the queries whose next token is a scored target (the loss
@@ -20,6 +31,7 @@ mask: on the retrieval task, the queries that must find a stored pair).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,14 +40,18 @@ import jax.numpy as jnp
 from models import losses
 
 MASS_QUERY_CHUNK = 256
+RECALL_METRICS = ("block_recall", "score_recall", "block_recall_maxpool",
+                  "oracle_block_recall", "oracle_score_recall")
 
 
 def block_attention_mass(q, k, *, block_size: int, q_positions=None, scale=None,
-                         chunk_size: int = MASS_QUERY_CHUNK) -> jax.Array:
+                         chunk_size: int = MASS_QUERY_CHUNK, with_peak: bool = False):
   """Group-mean main-branch attention mass per KV block: float32 [B, T, G, ceil(S/Bk)].
 
   q [B, T, Hq, D], k [B, S, G, D]; full causal softmax over keys j <= p (q_positions default
-  bottom-right aligned). A padding query (no visible key) gets all zeros.
+  bottom-right aligned). A padding query (no visible key) gets all zeros. With ``with_peak``
+  returns (mass, peak): ``peak`` is the block's largest group-mean token probability (0 for a
+  block with no visible key).
   """
   b, t, hq, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
@@ -57,11 +73,13 @@ def block_attention_mass(q, k, *, block_size: int, q_positions=None, scale=None,
     p = jax.nn.softmax(jnp.where(vis, s, -jnp.inf), axis=-1)
     p = jnp.mean(jnp.where(vis, p, 0.0), axis=3)  # [B,c,G,S]
     p = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - s_len)))
-    return jnp.sum(p.reshape(b, c, g, nb, block_size), axis=-1)
+    p = p.reshape(b, c, g, nb, block_size)
+    return jnp.sum(p, axis=-1), (jnp.max(p, axis=-1) if with_peak else None)
 
-  mass = jax.lax.map(chunk, (losses.query_chunks(q_positions, n, size, -1),
-                             losses.query_chunks(q, n, size)))
-  return jnp.moveaxis(mass, 0, 1).reshape(b, n * size, g, nb)[:, :t]
+  mass, peak = jax.lax.map(chunk, (losses.query_chunks(q_positions, n, size, -1),
+                                   losses.query_chunks(q, n, size)))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * size, g, nb)[:, :t]
+  return (unchunk(mass), unchunk(peak)) if with_peak else unchunk(mass)
 
 
 def visible_blocks(q_positions, num_blocks: int, block_size: int) -> jax.Array:
@@ -88,16 +106,21 @@ def selection_mask(block_indices, num_blocks: int) -> jax.Array:
   return jnp.any(block_indices[..., None] == jnp.arange(num_blocks, dtype=jnp.int32), axis=-2)
 
 
-def indexer_recall(mass, block_indices, q_positions, *, topk: int, block_size: int):
+def indexer_recall(mass, block_indices, q_positions, *, topk: int, block_size: int,
+                   rank_by=None):
   """Per (query, group) block recall and score recall of the selection ``block_indices``
-  [B, T, G, k] against the main branch's top-k blocks (module docstring).
+  [B, T, G, k] (or a bool [B, T, G, nb] selection mask) against the main branch's top-k blocks
+  I* ranked by ``rank_by`` (default ``mass``; module docstring). Score recall always weighs
+  blocks by ``mass``.
 
   Returns (block_recall [B, T, G], score_recall [B, T, G], valid bool [B, T, G],
   beyond_k bool [B, T, G]): recall is 0 where not valid (padding queries).
   """
   nb = mass.shape[-1]
-  best = main_topk_blocks(mass, q_positions, topk=topk, block_size=block_size)
-  picked = selection_mask(block_indices, nb)
+  best = main_topk_blocks(mass if rank_by is None else rank_by, q_positions, topk=topk,
+                          block_size=block_size)
+  picked = (block_indices if block_indices.dtype == jnp.bool_
+            else selection_mask(block_indices, nb))
   both = best & picked
   n_best = jnp.sum(best, axis=-1)
   valid = n_best > 0
@@ -136,17 +159,23 @@ def batch_metrics(model, inputs, targets, loss_mask, *, attention: str = "msa",
   c = model.config
   b, t = inputs.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  recall = functools.partial(indexer_recall, q_positions=pos, topk=c.index_topk_blocks,
+                             block_size=c.index_block_size)
   for i, layer in enumerate(aux["layers"]):
     if layer["block_indices"] is None:
       continue
-    mass = block_attention_mass(layer["q"], layer["k"], block_size=c.index_block_size)
-    block, score, valid, beyond = indexer_recall(
-        mass, layer["block_indices"], pos, topk=c.index_topk_blocks,
-        block_size=c.index_block_size)
+    mass, peak = block_attention_mass(layer["q"], layer["k"], block_size=c.index_block_size,
+                                      with_peak=True)
+    block, score, valid, beyond = recall(mass, layer["block_indices"])
+    values = {"block_recall": block, "score_recall": score,
+              "block_recall_maxpool": recall(mass, layer["block_indices"], rank_by=peak)[0]}
+    oracle = main_topk_blocks(peak, pos, topk=c.index_topk_blocks,
+                              block_size=c.index_block_size)
+    values["oracle_block_recall"], values["oracle_score_recall"] = recall(mass, oracle)[:2]
     scored = valid & (loss_mask[:, :, None] > 0)
     for name, rows in (("", valid), ("_beyond_k", beyond), ("_scored", scored)):
-      out[f"block_recall{name}_sum/{i}"] = jnp.sum(jnp.where(rows, block, 0.0))
-      out[f"score_recall{name}_sum/{i}"] = jnp.sum(jnp.where(rows, score, 0.0))
+      for metric, value in values.items():
+        out[f"{metric}{name}_sum/{i}"] = jnp.sum(jnp.where(rows, value, 0.0))
       out[f"rows{name}/{i}"] = jnp.sum(rows).astype(jnp.float32)
   return out
 
@@ -167,8 +196,9 @@ def finalize(sums: dict) -> dict:
         if f"rows{name}/{i}" not in sums:
           continue
         n = float(sums[f"rows{name}/{i}"])
-        for metric in ("block_recall", "score_recall"):
-          row[metric + name] = float(sums[f"{metric}{name}_sum/{i}"]) / n if n else None
+        for metric in RECALL_METRICS:
+          if f"{metric}{name}_sum/{i}" in sums:
+            row[metric + name] = float(sums[f"{metric}{name}_sum/{i}"]) / n if n else None
       per_layer[str(i)] = row
     out["layers"] = per_layer
     for key in per_layer[str(layers[0])]:

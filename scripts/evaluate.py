@@ -12,7 +12,11 @@ Runs the model over held-out examples (the eval split, which training never read
   branch's own top-k blocks by (group-mean) full causal attention mass; averaged over all
   queries, as ``*_beyond_k`` over the queries with more than k visible blocks, and as
   ``*_scored`` (``blk_rec@t`` in the table) over the queries whose next token is scored (on
-  the retrieval task: the queries that must find a stored pair).
+  the retrieval task: the queries that must find a stored pair). Two diagnostics:
+  ``block_recall_maxpool`` (``blk_max``) ranks I* by each block's largest token probability,
+  MSA's own pooling, instead of its summed mass; ``oracle_block_recall`` (``oracle``) is the
+  summed-mass block recall a perfect KL-trained indexer would reach (its selection is the
+  max-pooled I*), so it bounds what indexer training alone can do.
 
 ``--attention`` takes one or more variants, evaluated on the same examples:
 ``dense`` (every layer dense), ``msa`` (MSA layers select with the index branch) and
@@ -188,13 +192,15 @@ def main(argv=None):
     with open(args.output_json, "w") as f:
       json.dump(results, f, indent=1)
   print(f"{'variant':<20} {'accuracy':>9} {'loss':>8} {'ppl':>10} {'block_rec':>9} "
-        f"{'score_rec':>9} {'blk_rec>k':>9} {'scr_rec>k':>9} {'blk_rec@t':>9}")
+        f"{'score_rec':>9} {'blk_rec>k':>9} {'scr_rec>k':>9} {'blk_rec@t':>9} "
+        f"{'blk_max':>9} {'oracle':>9}")
   fmt = lambda x: f"{x:9.4f}" if isinstance(x, float) else f"{'-':>9}"
   for name, r in results["variants"].items():
     print(f"{name:<20} {r['accuracy']:9.4f} {r['loss']:8.4f} {r['perplexity']:10.3f} "
           f"{fmt(r.get('block_recall'))} {fmt(r.get('score_recall'))} "
           f"{fmt(r.get('block_recall_beyond_k'))} {fmt(r.get('score_recall_beyond_k'))} "
-          f"{fmt(r.get('block_recall_scored'))}")
+          f"{fmt(r.get('block_recall_scored'))} {fmt(r.get('block_recall_maxpool'))} "
+          f"{fmt(r.get('oracle_block_recall'))}")
   return 0
 
 

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -91,6 +92,7 @@ from models import config as config_lib
 from models import metrics
 from models import sharding
 from models import training
+from msa_jax import profiling
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Settings that must not change when resuming (the data and the model they define).
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes of wall time for this invocation: stop with a checkpoint "
                         "when the next step would exceed it (leave a margin for start-up "
                         "outside Python)")
+  run.add_argument("--profile-step", type=int, default=None,
+                   help="trace this step (after compilation) with jax.profiler and print the "
+                        "device time per kernel (GPU); the trace and profile_step.md go to "
+                        "--output-dir/profile")
   run.add_argument("--eval-every", type=int, default=0,
                    help="evaluate on held-out examples every N steps and at the end (0 = "
                         "never): accuracy, loss, block/score recall")
@@ -236,7 +242,7 @@ def truncate_log(path: str, step: int):
 
 # Flags that control one invocation, not what is computed.
 RUN_CONTROL = {"resume", "stop_at", "time_limit", "quiet", "eval_every", "eval_examples",
-               "save_every", "keep", "output_dir", "init_from", "mesh"}
+               "save_every", "keep", "output_dir", "init_from", "mesh", "profile_step"}
 
 
 def changed_flags(path: str, now: dict) -> dict:
@@ -428,6 +434,20 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   # The next batch is built on a host thread while the device runs the current step (batches
   # are a pure function of the step, so this changes nothing but the wall time).
   loader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+  @contextlib.contextmanager
+  def profiler(n):  # --profile-step: trace step n, then print device time per kernel
+    if n != args.profile_step:
+      yield
+      return
+    trace_dir = os.path.join(out_dir, "profile")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      yield
+    table = profiling.markdown(f"training step {n}", profiling.kernel_table(trace_dir, 1))
+    with open(os.path.join(trace_dir, "profile_step.md"), "w") as f:
+      f.write(table + "\n")
+    say(table)
+
   fetch = lambda s: loader.submit(source.batch, s * args.batch_size, args.batch_size, "train")
   pending = fetch(step) if step < stop else None
   try:
@@ -437,8 +457,9 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
         t0 = time.perf_counter()
         batch = pending.result()
         pending = fetch(step + 1) if step + 1 < stop else None
-        state, met = trainer.step(state, batch, step)
-        met = jax.device_get(met)
+        with profiler(step + 1):
+          state, met = trainer.step(state, batch, step)
+          met = jax.device_get(met)
         dt = time.perf_counter() - t0
         step += 1
         first = (attention, indexer_loss) not in compiled

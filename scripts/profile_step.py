@@ -1,8 +1,9 @@
 """Profile one MSA decode step and one prefill chunk: time per GPU kernel, from a jax trace.
 
 Runs ``msa_attention`` at MiniMax-M3 shapes (bf16) under ``jax.profiler.trace`` and sums the
-device time of every kernel by name (from the Perfetto trace the profiler writes), so the
-launches of a step and their share of its time can be read without TensorBoard. Use it to see
+device time of every kernel by name (``msa_jax.profiling``), so the launches of a step and
+their share of its time can be read without TensorBoard. For a whole training step:
+scripts/finetune.py --profile-step. Use it to see
 where a step's time goes before optimising; numbers for claims come from scripts/benchmark.py.
 
 Example:  python3 scripts/profile_step.py --decode-context 1048576 --prefill-context 131072
@@ -11,9 +12,6 @@ Example:  python3 scripts/profile_step.py --decode-context 1048576 --prefill-con
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import msa_jax
+from msa_jax import profiling
 
 
 def _inputs(key, b, t, s, hq=64, g=4, d=128, di=128, dtype=jnp.bfloat16):
@@ -32,33 +31,6 @@ def _inputs(key, b, t, s, hq=64, g=4, d=128, di=128, dtype=jnp.bfloat16):
           jax.random.normal(ks[4], (b, s, di), dtype))
 
 
-def kernel_table(trace_dir: str, calls: int, top: int = 30, device: str = "GPU") -> list[dict]:
-  """Kernel name -> total device microseconds per call, from the profiler's Perfetto trace.
-
-  Only events of processes whose name contains ``device`` count ("GPU": the device streams).
-  """
-  paths = (glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-           or glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-  if not paths:
-    return []
-  with gzip.open(sorted(paths)[-1]) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {e["pid"]: e["args"]["name"] for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  totals, counts = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") != "X":
-      continue
-    if device not in names.get(e.get("pid"), ""):
-      continue
-    totals[e["name"]] += float(e.get("dur", 0))
-    counts[e["name"]] += 1
-  rows = [{"kernel": n[:90], "us_per_call": totals[n] / calls, "launches_per_call": counts[n] / calls}
-          for n, _ in totals.most_common(top)]
-  return rows
-
-
 def profile(name, fn, args, calls, out_dir):
   jax.block_until_ready(fn(*args))  # compile
   trace_dir = os.path.join(out_dir, name)
@@ -66,12 +38,8 @@ def profile(name, fn, args, calls, out_dir):
     for _ in range(calls):
       out = fn(*args)
     jax.block_until_ready(out)
-  rows = kernel_table(trace_dir, calls)
-  total = sum(r["us_per_call"] for r in rows)
-  print(f"\n## {name}: {total:.1f} us of device time per call in the top kernels")
-  print("| kernel | us per call | launches per call |\n|---|---|---|")
-  for r in rows:
-    print(f"| {r['kernel']} | {r['us_per_call']:.1f} | {r['launches_per_call']:.1f} |")
+  rows = profiling.kernel_table(trace_dir, calls)
+  print("\n" + profiling.markdown(name, rows))
   return {"name": name, "kernels": rows}
 
 

@@ -183,7 +183,10 @@ def test_retrieval_run_end_to_end_and_evaluate(tmp_path, capsys):
   assert finetune.main(SMALL_FLAGS + data_flags + [
       "--output-dir", run, "--steps", "40", "--dense-warmup-steps", "10", "--batch-size", "8",
       "--lr", "3e-3", "--lr-warmup-steps", "3", "--save-every", "20", "--keep", "1",
-      "--eval-every", "40", "--eval-examples", "8", "--quiet"]) == 0
+      "--eval-every", "40", "--eval-examples", "8", "--profile-step", "12", "--quiet"]) == 0
+  # The traced step's kernel table (empty of GPU kernels on CPU) is written.
+  assert open(os.path.join(run, "profile", "profile_step.md")).read().startswith(
+      "## training step 12")
   records = _records(run)
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == list(range(1, 41))
@@ -219,6 +222,8 @@ def test_retrieval_run_end_to_end_and_evaluate(tmp_path, capsys):
   np.testing.assert_allclose(result["msa"]["loss"], ev["eval"]["loss"], rtol=1e-5)
   for name, r in result.items():
     assert r["tokens"] == 32 and 0.0 <= r["block_recall"] <= 1.0, name
+    for key in ("block_recall_maxpool", "oracle_block_recall", "oracle_score_recall"):
+      assert 0.0 < r[key] <= 1.0, (name, key)
     assert r["perplexity"] == pytest.approx(np.exp(r["loss"]))
 
 

@@ -111,6 +111,54 @@ def test_mass_and_recall_match_numpy_on_random_data():
   np.testing.assert_allclose(np.asarray(score), 1.0, atol=1e-6)
 
 
+def _numpy_peak(q, k, block_size):
+  """Largest group-mean token probability per block (float64)."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, hq, d = q.shape
+  g = k.shape[2]
+  hpg = hq // g
+  out = np.zeros((b, t, g, -(-t // block_size)))
+  for bi in range(b):
+    for ti in range(t):
+      for gi in range(g):
+        p = np.zeros(ti + 1)
+        for h in range(gi * hpg, (gi + 1) * hpg):
+          s = k[bi, :ti + 1, gi] @ q[bi, ti, h] / np.sqrt(d)
+          e = np.exp(s - s.max())
+          p += e / e.sum() / hpg
+        for j in range(ti + 1):
+          out[bi, ti, gi, j // block_size] = max(out[bi, ti, gi, j // block_size], p[j])
+  return out
+
+
+def test_peak_and_oracle_recall():
+  b, t, hq, g, d, bs, k = 1, 45, 4, 2, 8, 8, 3
+  ks = jax.random.split(jax.random.PRNGKey(3), 2)
+  q = jax.random.normal(ks[0], (b, t, hq, d))
+  kk = jax.random.normal(ks[1], (b, t, g, d))
+  mass, peak = jax.jit(functools.partial(metrics.block_attention_mass, block_size=bs,
+                                         chunk_size=8, with_peak=True))(q, kk)
+  np.testing.assert_allclose(np.asarray(mass), _numpy_mass(q, kk, bs), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(peak), _numpy_peak(q, kk, bs), atol=1e-5)
+  assert np.all(np.asarray(peak) <= np.asarray(mass) + 1e-6)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  # I*_max is what MSA's selection rule (the reference's) picks from index scores equal to the
+  # log of the teacher's token probabilities: their block max is log(peak).
+  oracle = metrics.main_topk_blocks(peak, pos, topk=k, block_size=bs)
+  ids = msa_jax.reference.select_blocks(jnp.log(peak), pos // bs, k)
+  np.testing.assert_array_equal(np.asarray(metrics.selection_mask(ids, oracle.shape[-1])),
+                                np.asarray(oracle))
+  block, score, _, _ = metrics.indexer_recall(mass, oracle, pos, topk=k, block_size=bs)
+  maxpool, _, _, _ = metrics.indexer_recall(mass, oracle, pos, topk=k, block_size=bs,
+                                            rank_by=peak)
+  np.testing.assert_allclose(np.asarray(maxpool), 1.0)
+  want_block, want_score = _numpy_recall(np.asarray(mass), np.asarray(
+      jnp.where(oracle, jnp.arange(oracle.shape[-1]), -1)), bs, k)
+  np.testing.assert_allclose(np.asarray(block), want_block, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(score), want_score, atol=1e-5)
+  assert float(block.mean()) < 1.0  # the sum and max pools disagree on some rows
+
+
 def test_accuracy_and_finalize():
   logits = jnp.array([[[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
   right, count = metrics.accuracy(logits, jnp.array([[1, 1, 1]]), jnp.array([[1, 1, 0]]))
