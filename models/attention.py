@@ -185,7 +185,8 @@ class Attention(nnx.Module):
                                  topk=c.index_topk_blocks, implementation=implementation,
                                  interpret=interpret, **index_kw)
     if self.sparse and indexer_loss == "selected":
-      kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, **index_kw)
+      kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, implementation=implementation,
+                                   interpret=interpret, **index_kw)
     elif self.sparse and indexer_loss == "causal":
       # Paper warm-up (research/paper.md §7.3, App. B.4): KL against the full causal
       # main-branch distribution, not only the selected blocks, while attention is dense.

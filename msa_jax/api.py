@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -403,13 +404,18 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
 
 
 def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=None,
-                    q_positions=None, kv_lengths=None):
+                    q_positions=None, kv_lengths=None, implementation=None, interpret=False):
   """KL alignment loss of the index branch (spec §5), a float32 scalar.
 
   ``1/(N*G) * sum_{t,g} KL(P_teacher || P_idx)`` over the visible tokens of the selected blocks,
   N = number of non-padding queries. The teacher is the mean over the group's heads of each
   head's softmax of ``scale * q.k`` renormalised on that support, with q and k detached; the
   student is the softmax of ``q_idx.k_idx / sqrt(Di)``. Gradients reach q_idx and k_idx only.
+
+  The value (and the gradient in q_idx) come from the gather-based reference in query chunks.
+  With a Pallas ``implementation`` the gradient in k_idx goes KV-outer through the sparse
+  attention kernels (``_kl_grad_k_idx``) instead of the reference's scatter-add of every
+  gathered key, which serialises on the GPU (0.88 s of a 1.1 s training step at 8K x 8).
   """
   _check_qkv(q, k, k)
   b, t, _, d = q.shape
@@ -418,9 +424,76 @@ def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=
   _check_static(block_size)
   _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
   scale = _scale(scale, d)
+  impl = _resolve_implementation(implementation, interpret)
   q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
-  return reference.indexer_kl_loss(q, k, q_idx, k_idx, jnp.asarray(block_indices, jnp.int32),
-                                   q_positions, kv_lengths, block_size=block_size, scale=scale)
+  ids = jnp.asarray(block_indices, jnp.int32)
+  if impl == "xla":
+    return reference.indexer_kl_loss(q, k, q_idx, k_idx, ids, q_positions, kv_lengths,
+                                     block_size=block_size, scale=scale)
+  return _pallas_kl_loss(q, k, q_idx, k_idx, ids, q_positions, kv_lengths, block_size, scale,
+                         impl, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _pallas_kl_loss(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, block_size,
+                    scale, impl, interpret):
+  return reference.indexer_kl_loss(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths,
+                                   block_size=block_size, scale=scale)
+
+
+def _pallas_kl_fwd(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, block_size,
+                   scale, impl, interpret):
+  loss = _pallas_kl_loss(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths,
+                         block_size, scale, impl, interpret)
+  return loss, (q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths)
+
+
+def _pallas_kl_bwd(block_size, scale, impl, interpret, residuals, g_loss):
+  q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths = residuals
+  # d/dq_idx: the reference's own gradient with k_idx held fixed (gathers, no scatter).
+  _, vjp_q_idx = jax.vjp(
+      lambda qi: reference.indexer_kl_loss(q, k, qi, lax.stop_gradient(k_idx), block_indices,
+                                           q_positions, kv_lengths, block_size=block_size,
+                                           scale=scale), q_idx)
+  (dq_idx,) = vjp_q_idx(g_loss)
+  dk_idx = _kl_grad_k_idx(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths,
+                          block_size=block_size, scale=scale, impl=impl, interpret=interpret)
+  return (jnp.zeros_like(q), jnp.zeros_like(k), dq_idx, (g_loss * dk_idx).astype(k_idx.dtype),
+          None, None, None)
+
+
+_pallas_kl_loss.defvjp(_pallas_kl_fwd, _pallas_kl_bwd)
+
+
+def _kl_grad_k_idx(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, *, block_size,
+                   scale, impl, interpret):
+  """d(indexer KL)/d k_idx [B, S, Di] as two dV's of sparse attention (float32).
+
+  With c = 1/(N*G*sqrt(Di)) the gradient is ``dk_idx[j] = c * sum_{t,g} (P_idx - P_teacher)
+  [t,g,j] * q_idx[t,g]`` over the support (spec §5). The first sum is the dV of the index
+  attention (queries q_idx, one head per group, keys k_idx, scale 1/sqrt(Di)) for the output
+  gradient ``c * q_idx``; the second the dV of the main attention (q, k, its ``scale``: the
+  teacher's per-head softmaxes on the same support) for ``c * q_idx / (Hq/G)`` given to every
+  head of the group, which averages the heads. Both run the KV-outer backward kernel over the
+  selection's inverse map: each block's dV is accumulated in one place.
+  """
+  b, t, hq, _ = q.shape
+  g, di = k.shape[2], q_idx.shape[-1]
+  f32 = lambda x: lax.stop_gradient(x).astype(jnp.float32)
+  q, k, q_idx = f32(q), f32(k), f32(q_idx)
+  k_idx_g = jnp.broadcast_to(f32(k_idx)[:, :, None, :], (b, k_idx.shape[1], g, di))
+  attend = lambda q, k, v, scale: _pallas_sparse_attention(
+      q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl, interpret)
+  (_, lse_idx), vjp_idx = jax.vjp(
+      lambda v: attend(q_idx, k_idx_g, v, scale=1.0 / math.sqrt(di)), k_idx_g)
+  rows = jnp.any(lse_idx > -jnp.inf, axis=-1)  # [B, T]: queries with a non-empty support
+  c = 1.0 / (jnp.maximum(jnp.sum(rows), 1) * g * math.sqrt(di)).astype(jnp.float32)
+  do_idx = jnp.where((lse_idx > -jnp.inf)[..., None], c * q_idx, 0.0)
+  (dv_idx,) = vjp_idx((do_idx, jnp.zeros_like(lse_idx)))
+  (_, lse_main), vjp_main = jax.vjp(lambda v: attend(q, k, v, scale=scale), k_idx_g)
+  do_main = jnp.repeat(do_idx, hq // g, axis=2) / (hq // g)
+  (dv_main,) = vjp_main((do_main, jnp.zeros_like(lse_main)))
+  return jnp.sum(dv_idx - dv_main, axis=2)
 
 
 __all__: Sequence[str] = ("index_topk", "sparse_attention", "msa_attention", "indexer_kl_loss",

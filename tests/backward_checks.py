@@ -63,3 +63,39 @@ def check(kernel_grads, x, ids, block_size, dtype, seed, d_lse=True, **params):
     errors.append(C.rel_err(a, ref))
   assert max(errors) <= TOL[dtype], dict(zip(("dq", "dk", "dv"), errors))
   return got, want
+
+
+KL_CASES = [("prefill_padding", jnp.float32), ("prefill_padding", jnp.bfloat16),
+            ("partial_block_gqa1", jnp.float32), ("chunked_prefill_gqa8", jnp.float32),
+            ("decode_gqa16", jnp.float32)]
+
+
+def check_kl_grads(implementation, name, dtype, seed, ids=None):
+  """``indexer_kl_loss`` with a Pallas ``implementation`` (interpret mode: its k_idx gradient
+  runs the backward kernels) against the reference's value and autodiff gradient (the "xla"
+  implementation, float32): same loss, gradients in q_idx and k_idx, none in q and k.
+  Returns the kernel path's (d q_idx, d k_idx)."""
+  import msa_jax
+  case = C.CASES[name]
+  x = C.make_inputs(case, dtype, seed=seed)
+  if ids is None:
+    ids = C.random_selection(case, x, seed=seed, holes=True)
+
+  def loss_and_grads(impl, *inputs):
+    f = lambda q, k, qi, ki: msa_jax.indexer_kl_loss(
+        q, k, qi, ki, ids, block_size=case.block_size, implementation=impl,
+        interpret=impl != "xla", **C.position_kwargs(x))
+    return jax.jit(jax.value_and_grad(f, (0, 1, 2, 3)))(*inputs)
+
+  inputs = [x[n] for n in ("q", "k", "q_idx", "k_idx")]
+  loss, (dq, dk, dqi, dki) = loss_and_grads(implementation, *inputs)
+  want, (_, _, want_dqi, want_dki) = loss_and_grads(
+      "xla", *[jnp.asarray(a, jnp.float32) for a in inputs])
+  assert float(want) > 0
+  np.testing.assert_allclose(float(loss), float(want), rtol=TOL[dtype])
+  assert np.all(np.asarray(dq) == 0) and np.all(np.asarray(dk) == 0)
+  for got, ref, like in ((dqi, want_dqi, x["q_idx"]), (dki, want_dki, x["k_idx"])):
+    assert got.shape == like.shape and got.dtype == like.dtype
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    assert C.rel_err(got, ref) <= TOL[dtype], C.rel_err(got, ref)
+  return dqi, dki

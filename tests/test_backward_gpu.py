@@ -132,3 +132,25 @@ def test_public_api_gradient_uses_the_kernels(monkeypatch):
   assert calls, "the custom_vjp did not call the Pallas backward"
   for a, b in zip(got, want):
     assert C.rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("name,dtype", B.KL_CASES, ids=lambda v: getattr(v, "__name__", v))
+def test_indexer_kl_loss_gradient(name, dtype):
+  B.check_kl_grads("pallas_gpu", name, dtype, seed=31)
+
+
+def test_indexer_kl_loss_unselected_keys_get_exact_zero():
+  """Every query selects its own block and block 0: keys of the other blocks get exactly zero
+  gradient in k_idx; the selected ones do not."""
+  case = C.CASES["chunked_prefill_gqa8"]
+  x = C.make_inputs(case, jnp.float32, seed=32)
+  own = np.asarray(reference.own_block(x["q_positions"], x["kv_lengths"], case.block_size))
+  ids = np.full((case.batch, case.q_len, case.groups, case.topk), -1, np.int32)
+  ids[..., 0], ids[..., 1] = own[:, :, None], 0
+  _, dki = B.check_kl_grads("pallas_gpu", "chunked_prefill_gqa8", jnp.float32, seed=32,
+                            ids=jnp.asarray(ids))
+  block = np.arange(case.kv_len) // case.block_size
+  for b in range(case.batch):
+    picked = np.isin(block, np.append(np.unique(own[b]), 0))
+    assert np.all(np.asarray(dki)[b, ~picked] == 0)
+    assert np.abs(np.asarray(dki)[b, picked]).max() > 0

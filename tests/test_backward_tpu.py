@@ -183,3 +183,8 @@ def test_tpu_tiling_restrictions_raise():
     bwd.sparse_attention_bwd(x["q"], x["k"], x["v"], ids[:, :1], x["q_positions"],
                              x["kv_lengths"], out, lse, out, block_size=16, scale=0.1,
                              interpret=True)
+
+
+@pytest.mark.parametrize("name,dtype", B.KL_CASES[:3], ids=lambda v: getattr(v, "__name__", v))
+def test_indexer_kl_loss_gradient(name, dtype):
+  B.check_kl_grads("pallas_tpu", name, dtype, seed=33)
