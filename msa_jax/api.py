@@ -412,10 +412,11 @@ def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=
   head's softmax of ``scale * q.k`` renormalised on that support, with q and k detached; the
   student is the softmax of ``q_idx.k_idx / sqrt(Di)``. Gradients reach q_idx and k_idx only.
 
-  The value (and the gradient in q_idx) come from the gather-based reference in query chunks.
-  With a Pallas ``implementation`` the gradient in k_idx goes KV-outer through the sparse
-  attention kernels (``_kl_grad_k_idx``) instead of the reference's scatter-add of every
-  gathered key, which serialises on the GPU (0.88 s of a 1.1 s training step at 8K x 8).
+  The value comes from the gather-based reference in query chunks. With a Pallas
+  ``implementation`` the gradient runs through the sparse attention kernels (``_kl_grads``):
+  autodiff of the reference would scatter-add every gathered key into k_idx, which serialises
+  on the GPU (0.88 s of a 1.1 s training step at 8K x 8), and keep every chunk's gathered keys
+  for the backward (over 100 GB at 8K x 8 with Di = 128).
   """
   _check_qkv(q, k, k)
   b, t, _, d = q.shape
@@ -450,50 +451,52 @@ def _pallas_kl_fwd(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, b
 
 def _pallas_kl_bwd(block_size, scale, impl, interpret, residuals, g_loss):
   q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths = residuals
-  # d/dq_idx: the reference's own gradient with k_idx held fixed (gathers, no scatter).
-  _, vjp_q_idx = jax.vjp(
-      lambda qi: reference.indexer_kl_loss(q, k, qi, lax.stop_gradient(k_idx), block_indices,
-                                           q_positions, kv_lengths, block_size=block_size,
-                                           scale=scale), q_idx)
-  (dq_idx,) = vjp_q_idx(g_loss)
-  dk_idx = _kl_grad_k_idx(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths,
-                          block_size=block_size, scale=scale, impl=impl, interpret=interpret)
-  return (jnp.zeros_like(q), jnp.zeros_like(k), dq_idx, (g_loss * dk_idx).astype(k_idx.dtype),
-          None, None, None)
+  dq_idx, dk_idx = _kl_grads(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths,
+                             block_size=block_size, scale=scale, impl=impl, interpret=interpret)
+  return (jnp.zeros_like(q), jnp.zeros_like(k), (g_loss * dq_idx).astype(q_idx.dtype),
+          (g_loss * dk_idx).astype(k_idx.dtype), None, None, None)
 
 
 _pallas_kl_loss.defvjp(_pallas_kl_fwd, _pallas_kl_bwd)
 
 
-def _kl_grad_k_idx(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, *, block_size,
-                   scale, impl, interpret):
-  """d(indexer KL)/d k_idx [B, S, Di] as two dV's of sparse attention (float32).
+def _kl_grads(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, *, block_size,
+              scale, impl, interpret):
+  """(d/d q_idx, d/d k_idx) of the indexer KL (float32) from two sparse attentions.
 
-  With c = 1/(N*G*sqrt(Di)) the gradient is ``dk_idx[j] = c * sum_{t,g} (P_idx - P_teacher)
-  [t,g,j] * q_idx[t,g]`` over the support (spec §5). The first sum is the dV of the index
-  attention (queries q_idx, one head per group, keys k_idx, scale 1/sqrt(Di)) for the output
-  gradient ``c * q_idx``; the second the dV of the main attention (q, k, its ``scale``: the
-  teacher's per-head softmaxes on the same support) for ``c * q_idx / (Hq/G)`` given to every
-  head of the group, which averages the heads. Both run the KV-outer backward kernel over the
-  selection's inverse map: each block's dV is accumulated in one place.
+  With c = 1/(N*G*sqrt(Di)) the gradients are (spec §5), over the support:
+    ``dq_idx[t,g] = c * sum_j (P_idx - P_teacher)[t,g,j] * k_idx[j]``
+    ``dk_idx[j] = c * sum_{t,g} (P_idx - P_teacher)[t,g,j] * q_idx[t,g]``.
+  Attend with the index queries (one head per group, keys k_idx, scale 1/sqrt(Di)) and with
+  the main queries (q, k, ``scale``: each head's softmax on the same support), both with
+  values k_idx: the outputs are sum_j P k_idx[j], so dq_idx is c times the index output minus
+  the group mean of the main outputs. dk_idx is the dV of the index attention for the output
+  gradient ``c * q_idx`` minus that of the main attention for ``c * q_idx / (Hq/G)`` given to
+  every head of the group (which averages the heads): the KV-outer backward kernel over the
+  selection's inverse map, each block's dV accumulated in one place. Kernels run in q's dtype
+  (float32 accumulation inside).
   """
   b, t, hq, _ = q.shape
   g, di = k.shape[2], q_idx.shape[-1]
-  f32 = lambda x: lax.stop_gradient(x).astype(jnp.float32)
-  q, k, q_idx = f32(q), f32(k), f32(q_idx)
-  k_idx_g = jnp.broadcast_to(f32(k_idx)[:, :, None, :], (b, k_idx.shape[1], g, di))
+  cast = lambda x: lax.stop_gradient(x).astype(q.dtype)
+  q, k, q_idx = cast(q), cast(k), cast(q_idx)
+  k_idx_g = jnp.broadcast_to(cast(k_idx)[:, :, None, :], (b, k_idx.shape[1], g, di))
   attend = lambda q, k, v, scale: _pallas_sparse_attention(
       q, k, v, block_indices, q_positions, kv_lengths, block_size, scale, impl, interpret)
-  (_, lse_idx), vjp_idx = jax.vjp(
-      lambda v: attend(q_idx, k_idx_g, v, scale=1.0 / math.sqrt(di)), k_idx_g)
-  rows = jnp.any(lse_idx > -jnp.inf, axis=-1)  # [B, T]: queries with a non-empty support
-  c = 1.0 / (jnp.maximum(jnp.sum(rows), 1) * g * math.sqrt(di)).astype(jnp.float32)
-  do_idx = jnp.where((lse_idx > -jnp.inf)[..., None], c * q_idx, 0.0)
-  (dv_idx,) = vjp_idx((do_idx, jnp.zeros_like(lse_idx)))
-  (_, lse_main), vjp_main = jax.vjp(lambda v: attend(q, k, v, scale=scale), k_idx_g)
-  do_main = jnp.repeat(do_idx, hq // g, axis=2) / (hq // g)
+  (out_idx, lse_idx), vjp_idx = jax.vjp(
+      lambda v: attend(q_idx, k_idx_g, v, 1.0 / math.sqrt(di)), k_idx_g)
+  (out_main, lse_main), vjp_main = jax.vjp(lambda v: attend(q, k, v, scale), k_idx_g)
+  supported = (lse_idx > -jnp.inf)[..., None]  # [B, T, G, 1]: a non-empty support
+  n = jnp.sum(jnp.any(supported[..., 0], axis=-1))  # queries counted by the loss
+  c = 1.0 / (jnp.maximum(n, 1) * g * math.sqrt(di)).astype(jnp.float32)
+  teacher = jnp.mean(out_main.astype(jnp.float32).reshape(b, t, g, hq // g, di), axis=3)
+  dq_idx = jnp.where(supported, c * (out_idx.astype(jnp.float32) - teacher), 0.0)
+  do_idx = jnp.where(supported, c * q_idx.astype(jnp.float32), 0.0)
+  (dv_idx,) = vjp_idx((do_idx.astype(q.dtype), jnp.zeros_like(lse_idx)))
+  do_main = jnp.repeat(do_idx / (hq // g), hq // g, axis=2).astype(q.dtype)
   (dv_main,) = vjp_main((do_main, jnp.zeros_like(lse_main)))
-  return jnp.sum(dv_idx - dv_main, axis=2)
+  dk_idx = jnp.sum(dv_idx.astype(jnp.float32) - dv_main.astype(jnp.float32), axis=2)
+  return dq_idx, dk_idx
 
 
 __all__: Sequence[str] = ("index_topk", "sparse_attention", "msa_attention", "indexer_kl_loss",
