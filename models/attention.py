@@ -146,8 +146,10 @@ class Attention(nnx.Module):
         causal attention in every layer: the warm-up and dense-training mode).
       indexer_loss: None (no KL), "selected" (KL over the visible tokens of the index
         branch's own top-k blocks, spec §5; in dense mode the selection comes from
-        ``msa_jax.index_topk`` while attention stays dense) or "causal" (KL over the whole
-        causal context: the paper's warm-up stage 1, research/paper.md §7.3 / App. B.4).
+        ``msa_jax.index_topk`` while attention stays dense), "causal" (KL over the whole
+        causal context: the paper's warm-up stage 1, research/paper.md §7.3 / App. B.4) or
+        "causal_block" (the same context, KL over block masses against max-pooled index
+        scores: ``models.losses`` ``pool="block"``, an extension beyond the paper).
       capture: also return q, k, q_idx, k_idx and the selection (evaluation metrics).
       dense_implementation: ``implementation=`` of ``jax.nn.dot_product_attention``
         (None = XLA; "cudnn" for flash attention on GPU with bf16).
@@ -161,9 +163,9 @@ class Attention(nnx.Module):
     b, t, _ = h.shape
     if attention not in ("msa", "dense"):
       raise ValueError(f"attention must be 'msa' or 'dense'; got {attention!r}")
-    if indexer_loss not in (None, "selected", "causal"):
-      raise ValueError(f"indexer_loss must be None, 'selected' or 'causal'; got "
-                       f"{indexer_loss!r}")
+    if indexer_loss not in (None, "selected", "causal", "causal_block"):
+      raise ValueError(f"indexer_loss must be None, 'selected', 'causal' or 'causal_block'; "
+                       f"got {indexer_loss!r}")
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     kv_lengths = jnp.full((b,), t, jnp.int32)
     q, k, v = self.project(h, positions)
@@ -187,10 +189,13 @@ class Attention(nnx.Module):
     if self.sparse and indexer_loss == "selected":
       kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, implementation=implementation,
                                    interpret=interpret, **index_kw)
-    elif self.sparse and indexer_loss == "causal":
+    elif self.sparse and indexer_loss in ("causal", "causal_block"):
       # Paper warm-up (research/paper.md §7.3, App. B.4): KL against the full causal
-      # main-branch distribution, not only the selected blocks, while attention is dense.
-      kl = losses.causal_indexer_kl_loss(q, k, iq, ik, q_positions=positions)
+      # main-branch distribution, not only the selected blocks, while attention is dense
+      # ("causal_block": over block masses with max-pooled index scores, an extension).
+      kl = losses.causal_indexer_kl_loss(
+          q, k, iq, ik, q_positions=positions, block_size=c.index_block_size,
+          pool="block" if indexer_loss == "causal_block" else "token")
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     aux = {"kl": kl.astype(jnp.float32)}
     if capture:

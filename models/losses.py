@@ -7,6 +7,13 @@ gathers the selected blocks per query, which with every block selected is a copy
 chunk; this version scores queries chunk by chunk against K directly, under ``jax.checkpoint``,
 so forward and backward memory stay O(chunk * S). Tests check it equals msa_jax's loss with all
 blocks selected, value and gradient.
+
+``pool="block"`` is an extension beyond the paper: the KL between the teacher's attention mass
+per KV block (summed over the block's tokens) and a student distribution over blocks whose
+logit is the block's **largest** index score (MSA's max-pool, spec §3). It trains the block
+ranking that selection uses against the block ranking the recall metrics use, instead of the
+token distribution (models/metrics.py: a perfect token-level indexer's selection is not the
+main branch's top-k blocks by mass when attention is diffuse).
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array |
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def _blocks(x: jax.Array, block_size: int, fill) -> jax.Array:
+  """[..., S] -> [..., ceil(S/Bk), Bk], padding S with ``fill``."""
+  pad = -x.shape[-1] % block_size
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
+  return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
 def query_chunks(x: jax.Array, n: int, size: int, fill=0) -> jax.Array:
   """[B, T, ...] -> [n, B, size, ...], padding T up to n * size with ``fill``."""
   pad = n * size - x.shape[1]
@@ -40,7 +54,8 @@ def query_chunks(x: jax.Array, n: int, size: int, fill=0) -> jax.Array:
 
 
 def causal_indexer_kl_loss(q, k, q_idx, k_idx, *, q_positions=None, scale=None,
-                           chunk_size: int = KL_QUERY_CHUNK):
+                           chunk_size: int = KL_QUERY_CHUNK, pool: str = "token",
+                           block_size: int = 128):
   """Indexer KL over the whole visible causal context (float32 scalar).
 
   ``1/(N*G) * sum_{t,g} KL(P_teacher[g,t] || P_idx[g,t])`` over the keys j <= p_t, N = queries
@@ -52,7 +67,12 @@ def causal_indexer_kl_loss(q, k, q_idx, k_idx, *, q_positions=None, scale=None,
     q_positions: int [B, T] (default bottom-right aligned: S - T + t); p < 0 = padding.
     scale: main-branch logit scale (default 1/sqrt(D)).
     chunk_size: queries per chunk.
+    pool: "token" (the paper's loss) or "block" (KL over KV blocks of ``block_size`` tokens:
+      teacher = summed mass, student = softmax of the max-pooled index scores; module
+      docstring).
   """
+  if pool not in ("token", "block"):
+    raise ValueError(f"pool must be 'token' or 'block'; got {pool!r}")
   q = jax.lax.stop_gradient(q)
   k = jax.lax.stop_gradient(k)
   b, t, hq, d = q.shape
@@ -78,6 +98,10 @@ def causal_indexer_kl_loss(q, k, q_idx, k_idx, *, q_positions=None, scale=None,
     s_idx = jnp.einsum("bcgd,bsd->bcgs", qic, k_idx,
                        preferred_element_type=jnp.float32) * index_scale
     s_idx = jnp.where(vis, s_idx, -jnp.inf)
+    if pool == "block":  # [.., S] -> [.., nb]: teacher mass summed, index scores max-pooled
+      teacher = jnp.sum(_blocks(teacher, block_size, 0.0), axis=-1)
+      s_idx = jnp.max(_blocks(s_idx, block_size, -jnp.inf), axis=-1)
+      vis = jnp.any(_blocks(vis, block_size, False), axis=-1)
     m = jax.lax.stop_gradient(jnp.max(s_idx, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     lse = m + jnp.log(jnp.maximum(jnp.sum(jnp.exp(s_idx - m), axis=-1, keepdims=True),

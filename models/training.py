@@ -103,6 +103,12 @@ class ModelParts:
 # ----------------------------------------------------------------------------- configuration
 
 
+# KL while attention is dense (the warm-up): the whole causal context (the paper's), the
+# index branch's top-k blocks, or the causal context pooled to blocks (an extension; the
+# indexer_loss "causal_block" of models.attention).
+DENSE_KL_SUPPORTS = ("causal", "selected", "causal_block")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   total_steps: int
@@ -127,8 +133,8 @@ class TrainConfig:
       raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
     if self.attention not in ("msa", "dense"):
       raise ValueError(f"attention must be 'msa' or 'dense'; got {self.attention!r}")
-    if self.dense_kl_support not in ("causal", "selected"):
-      raise ValueError(f"dense_kl_support must be 'causal' or 'selected'; got "
+    if self.dense_kl_support not in DENSE_KL_SUPPORTS:
+      raise ValueError(f"dense_kl_support must be one of {DENSE_KL_SUPPORTS}; got "
                        f"{self.dense_kl_support!r}")
     if self.mode == "indexer-only" and self.kl_weight <= 0:
       raise ValueError("indexer-only mode trains on the KL loss alone: kl_weight must be > 0")

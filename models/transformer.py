@@ -133,7 +133,7 @@ class MiniMaxM3(nnx.Module):
                     remat: bool = False, dense_implementation: str | None = None):
     """Training/evaluation forward of ``tokens [B, T]`` from position 0, without a cache.
 
-    ``attention`` ("msa" or "dense") and ``indexer_loss`` (None, "selected", "causal") are as
+    ``attention`` ("msa" or "dense") and ``indexer_loss`` (None, "selected", "causal", "causal_block") are as
     in ``Attention.train_forward``; ``remat`` recomputes each layer in the backward pass
     (activation memory of one layer instead of all). Returns ``(logits [B, T, V] float32,
     aux)`` with ``aux["kl"]`` float32 [num_layers] (0 for full-attention layers) and, with

@@ -11,8 +11,10 @@ L_LM never reaches the index projections and L_KL reaches nothing else (paper Eq
 Attention schedule:
   --dense-warmup-steps N  steps 1..N run dense attention while the indexer learns (paper §7.3
                           stage 1: KL over the whole causal context; --dense-kl-support
-                          selected uses the indexer's own top-k blocks instead); later steps
-                          run --attention.
+                          selected uses the indexer's own top-k blocks instead, and
+                          causal_block the causal context pooled to KV blocks: teacher block
+                          mass against max-pooled index scores, beyond the paper); later
+                          steps run --attention.
   --attention msa|dense   after the warm-up: MSA (KL over the selected blocks, stage 2) or
                           dense (dense training, e.g. from scratch before a conversion).
 
@@ -181,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--dense-warmup-steps", type=int, default=0,
                      help="first N steps with dense attention while the indexer learns "
                           "(paper §7.3; default 0)")
-  train.add_argument("--dense-kl-support", choices=["causal", "selected"], default="causal",
-                     help="KL support while attention is dense: the whole causal context "
-                          "(the paper's warm-up) or the indexer's top-k blocks")
+  train.add_argument("--dense-kl-support", choices=list(training.DENSE_KL_SUPPORTS),
+                     default="causal",
+                     help="KL while attention is dense: over the whole causal context (the "
+                          "paper's warm-up), the indexer's top-k blocks, or causal_block: the "
+                          "whole context pooled to KV blocks (teacher block mass against "
+                          "max-pooled index scores; an extension beyond the paper)")
   train.add_argument("--kl-weight", type=float, default=1.0,
                      help="λ of L_LM + λ·Σ L_KL (default 1; 0 = no KL, and the index "
                           "projections stay as they are, e.g. for dense pre-training)")

@@ -211,6 +211,37 @@ def test_causal_kl_equals_msa_kl_with_every_block(t, chunk):
   assert float(jnp.abs(gq).max()) == 0.0
 
 
+def test_block_pooled_causal_kl_matches_numpy():
+  """pool="block": KL(teacher block mass || softmax over visible blocks of the max-pooled
+  index scores), against float64 NumPy; gradients finite, none into q or k."""
+  b, t, hq, g, d, di, bs = 1, 37, 4, 2, 8, 8, 8
+  ks = jax.random.split(jax.random.PRNGKey(5), 4)
+  q = jax.random.normal(ks[0], (b, t, hq, d)) * 2
+  k = jax.random.normal(ks[1], (b, t, g, d)) * 2
+  qi = jax.random.normal(ks[2], (b, t, g, di))
+  ki = jax.random.normal(ks[3], (b, t, di))
+  f = jax.jit(jax.value_and_grad(lambda q, qi, ki: losses.causal_indexer_kl_loss(
+      q, k, qi, ki, chunk_size=16, pool="block", block_size=bs), argnums=(0, 1, 2)))
+  got, (gq, gqi, gki) = f(q, qi, ki)
+  mass = _numpy_mass(q, k, bs)  # [B, T, G, nb] teacher block mass
+  qi64, ki64 = np.asarray(qi, np.float64), np.asarray(ki, np.float64)
+  total = 0.0
+  for ti in range(t):
+    for gi in range(g):
+      s = ki64[0, :ti + 1] @ qi64[0, ti, gi] / np.sqrt(di)
+      nvis = ti // bs + 1
+      pooled = np.array([s[j * bs:(j + 1) * bs].max() for j in range(nvis)])
+      log_p = pooled - pooled.max() - np.log(np.exp(pooled - pooled.max()).sum())
+      p_t = mass[0, ti, gi, :nvis]
+      total += np.sum(np.where(p_t > 0, p_t * (np.log(np.where(p_t > 0, p_t, 1)) - log_p), 0))
+  np.testing.assert_allclose(float(got), total / (t * g), rtol=1e-5)
+  assert float(jnp.abs(gq).max()) == 0.0
+  assert np.all(np.isfinite(gqi)) and float(jnp.abs(gqi).max()) > 0
+  assert np.all(np.isfinite(gki)) and float(jnp.abs(gki).max()) > 0
+  with pytest.raises(ValueError, match="pool"):
+    losses.causal_indexer_kl_loss(q, k, qi, ki, pool="mean")
+
+
 def test_token_cross_entropy():
   logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75]]]))
   total, count = losses.token_cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[0, 1]]))
