@@ -9,12 +9,13 @@
 #   A1 dense from scratch at 256 tokens (16 pairs, 16 queries)
 #   A2 dense at 1K (continues A1's weights)
 #   B  dense at 8K context (continues A2's weights)
-#   C  conversion: index projections added to every layer, trained alone (backbone frozen) on
-#      the KL to the main branch's attention over the whole causal context while attention
-#      stays dense (paper §7.3 stage 1); then attention switches to MSA with k*Bk = 8*128 =
-#      1024 tokens = 1/8 of the context. (Sparse fine-tuning of the whole model with the KL
-#      over the selected blocks, stage 2, is finetune.py's --attention msa: 1.3 s per step at
-#      8K x 8 on the H200 (fourth session), too slow for this demo's GPU budget.)
+#   C  conversion, stage 1: index projections (one 128-dim index head per group, M3's size)
+#      added to every layer and trained alone (backbone frozen) on the KL to the main branch's
+#      attention over the whole causal context while attention stays dense (paper §7.3
+#      stage 1; 400 steps: the KL and the recall plateau by step ~300)
+#   D  conversion, stage 2: the whole model trained with MSA (k*Bk = 8*128 = 1024 tokens =
+#      1/8 of the context), the LM loss plus the KL over the selected blocks (0.18 s/step at
+#      8K x 8 on the H200)
 #   E  held-out evaluation at 8K: dense, MSA after conversion, MSA with a random indexer;
 #      block and score recall of the indexer against the main branch's own top-k blocks
 #
@@ -22,7 +23,7 @@
 # finished stages are skipped, an interrupted one continues (--resume). STAGE_MINUTES bounds
 # each invocation of a stage, so a piece of work fits a short GPU lease.
 # Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A1, STEPS_A2, STEPS_B,
-#        STEPS_C, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call, STOP_AFTER: a
+#        STEPS_C, STEPS_D, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call, STOP_AFTER: a
 #        stage name to stop after, e.g. b_dense_8k for the dense model alone)
 set -uo pipefail
 runs=${1:?usage: finetune_demo.sh RUNS_DIR}
@@ -61,15 +62,18 @@ stage a2_dense_1k --init-from "$runs/a1_dense_256" --sparse-layers none --attent
 stage b_dense_8k --init-from "$runs/a2_dense_1k" --sparse-layers none --attention dense \
     --kl-weight 0 --dense-implementation cudnn $long --steps "${STEPS_B:-1000}" --lr 5e-4 \
     --lr-warmup-steps 50 --eval-every 250 --eval-examples 32 || exit 1
-stage c_msa_8k --init-from "$runs/b_dense_8k" --sparse-layers all --block-size 128 --topk 8 \
-    --dense-implementation cudnn $long --mode indexer-only --dense-warmup-steps "${STEPS_C:-800}" \
-    --steps "${STEPS_C:-800}" --lr 1e-3 --lr-warmup-steps 50 --eval-every 250 \
-    --eval-examples 32 || exit 1
+stage c_msa_8k --init-from "$runs/b_dense_8k" --index-head-dim 128 --sparse-layers all \
+    --block-size 128 --topk 8 --dense-implementation cudnn $long --mode indexer-only \
+    --dense-warmup-steps "${STEPS_C:-400}" --steps "${STEPS_C:-400}" --lr 1e-3 \
+    --lr-warmup-steps 50 || exit 1
+stage d_msa_8k --init-from "$runs/c_msa_8k" --sparse-layers all --block-size 128 --topk 8 \
+    --dense-implementation cudnn $long --mode full --attention msa --steps "${STEPS_D:-500}" \
+    --lr 1e-4 --lr-warmup-steps 20 --eval-every 250 --eval-examples 16 || exit 1
 
 # E: the same held-out examples for every variant (evaluate.py's eval split)
-for name in b_dense_8k c_msa_8k; do
+for name in b_dense_8k d_msa_8k; do
   [ -f "$runs/eval_$name.json" ] && continue
-  variants=dense; [ $name = c_msa_8k ] && variants=dense,msa,msa-random-indexer
+  variants=dense; [ $name = d_msa_8k ] && variants=dense,msa,msa-random-indexer
   python3 scripts/evaluate.py --checkpoint "$runs/$name" --seq-len 8192 --num-pairs 64 \
       --num-queries 32 --fused-pairs --attention $variants \
       --num-examples "${EVAL_EXAMPLES:-128}" --dtype bfloat16 --dense-implementation cudnn --quiet \

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-STAGES = ("a1_dense_256", "a2_dense_1k", "b_dense_8k", "c_msa_8k")
+STAGES = ("a1_dense_256", "a2_dense_1k", "b_dense_8k", "c_msa_8k", "d_msa_8k")
 
 
 def read_jsonl(path):
@@ -27,9 +27,9 @@ def read_jsonl(path):
 def table(runs: str, dense_target: float, recall_target: float) -> str:
   evals = {os.path.basename(p)[5:-5]: json.load(open(p))
            for p in sorted(glob.glob(os.path.join(runs, "eval_*.json")))}
-  if "c_msa_8k" not in evals:
-    raise SystemExit(f"{runs}: no eval_c_msa_8k.json yet (the demo has not finished)")
-  conv = evals["c_msa_8k"]
+  if "d_msa_8k" not in evals:
+    raise SystemExit(f"{runs}: no eval_d_msa_8k.json yet (the demo has not finished)")
+  conv = evals["d_msa_8k"]
   data = conv["data"]
   rows = [("dense model before conversion", evals.get("b_dense_8k", {}).get("variants", {})
            .get("dense"))]
@@ -68,11 +68,33 @@ def table(runs: str, dense_target: float, recall_target: float) -> str:
   return "\n".join(out)
 
 
+def recall_bars(runs: str, ax):
+  """Per-layer block recall of the converted model's indexer, of a random indexer and of the
+  oracle (a perfect KL-trained indexer), from eval_d_msa_8k.json."""
+  path = os.path.join(runs, "eval_d_msa_8k.json")
+  if not os.path.exists(path):
+    return
+  variants = json.load(open(path))["variants"]
+  bars = [("trained indexer (MSA)", variants.get("msa"), "block_recall"),
+          ("random indexer", variants.get("msa-random-indexer"), "block_recall"),
+          ("oracle: perfect KL fit", variants.get("msa"), "oracle_block_recall"),
+          ("trained, vs max-pool I*", variants.get("msa"), "block_recall_maxpool")]
+  bars = [b for b in bars if b[1] and b[2] in b[1]]
+  layers = sorted(bars[0][1]["layers"], key=int) if bars else []
+  width = 0.8 / max(len(bars), 1)
+  for i, (label, v, key) in enumerate(bars):
+    ax.bar([int(l) + (i - (len(bars) - 1) / 2) * width for l in layers],
+           [v["layers"][l][key] for l in layers], width, label=label)
+  ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+  ax.set(xlabel="layer", ylabel="block recall (all queries)", ylim=(0, 1),
+         xticks=[int(l) for l in layers])
+
+
 def plot(runs: str, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, (ax_loss, ax_acc, ax_rec) = plt.subplots(1, 3, figsize=(17, 4.5))
   offset = 0
   for stage in STAGES:
     log = os.path.join(runs, stage, "metrics.jsonl")
@@ -96,7 +118,8 @@ def plot(runs: str, path: str):
               yscale="log")
   ax_acc.set(xlabel="step (stages one after another)", ylabel="held-out retrieval accuracy",
              ylim=(0, 1))
-  for ax in (ax_loss, ax_acc):
+  recall_bars(runs, ax_rec)
+  for ax in (ax_loss, ax_acc, ax_rec):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   fig.tight_layout()
