@@ -450,7 +450,7 @@ def tune(w: Workload, args, interpret):
       # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
       "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
                      items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3],
-                     pingpong=[False, True]),
+                     pingpong=[False, True], kv_reuse=[False, True]),
       "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
   }
@@ -503,7 +503,8 @@ def tune(w: Workload, args, interpret):
       for name in ("items_per_program", "num_warps", "num_stages"):  # Triton's only
         cfg.pop(name, None)
     else:
-      cfg.pop("pingpong", None)  # the Mosaic kernel's only
+      for name in MOSAIC_ONLY:
+        cfg.pop(name, None)
     tile_rows = api.INTERPRET_TILE_ROWS if interpret else cfg.pop("tile_rows", None)
     cfg.pop("tile_rows", None)
     per_tile, per_item = module.work_item_size(
@@ -540,7 +541,7 @@ def tune(w: Workload, args, interpret):
     if kernel != "sparse":
       return False
     ignored = (("items_per_program", "num_warps", "num_stages")
-               if cfg.get("kernel") == "mosaic" else ("pingpong",))
+               if cfg.get("kernel") == "mosaic" else MOSAIC_ONLY)
     return any(n in cfg and cfg[n] != grid[n][0] for n in ignored)
 
   runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner}
@@ -570,6 +571,10 @@ def tune(w: Workload, args, interpret):
   return report
 
 
+# Keys of the "sparse" tuning grid that only the Mosaic GPU kernel reads.
+MOSAIC_ONLY = ("pingpong", "kv_reuse", "kv_stages")
+
+
 def _sparse_best(ok):
   """The "sparse" entry (Triton's best launch parameters, "kernel" = the faster kernel) and
   the "sparse_mosaic" entry (the Mosaic kernel's best tiles), from the timed sparse trials."""
@@ -585,7 +590,7 @@ def _sparse_best(ok):
     cfg = fastest(mosaic)
     best["sparse_mosaic"] = dict(tuning.DEFAULTS["sparse_mosaic"], tile_rows=cfg["tile_rows"],
                                  tiles_per_item=cfg["tiles_per_item"],
-                                 pingpong=cfg.get("pingpong", False))
+                                 **{k: cfg[k] for k in MOSAIC_ONLY if k in cfg})
   return best
 
 

@@ -69,13 +69,19 @@ def interpreted(seconds=300):
   assert not gpu_interpret.get_races().races_found, "data race in the Mosaic GPU kernel"
 
 
-@pytest.mark.parametrize("name,tiles_per_item,num_ctas,pingpong", [
-    ("chunked_gqa8", 2, 3, False),   # 2 compute warpgroups; more CTAs than some chunks need
-    ("chunked_gqa8", 2, 3, True),    # the same, alternating through the schedule barrier
-    ("prefill_gqa16", 1, 2, False),  # 1 compute warpgroup
+@pytest.mark.parametrize("name,tiles_per_item,num_ctas,pingpong,kv_stages,kv_reuse", [
+    # 2 compute warpgroups; more CTAs than some chunks need; items of one block share K/V.
+    ("chunked_gqa8", 2, 3, False, 2, True),
+    ("chunked_gqa8", 2, 3, True, 2, True),    # alternating through the schedule barrier
+    ("chunked_gqa8", 2, 2, False, 2, False),  # a K/V load per item
+    ("prefill_gqa16", 1, 2, False, 3, True),  # 1 compute warpgroup; 3 K/V slots
 ])
-def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong):
-  """Each selected (query, block) slot holds that block's attention (bf16, NaN-filled memory)."""
+def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, kv_stages,
+                                    kv_reuse):
+  """Each selected (query, block) slot holds that block's attention (bf16, NaN-filled memory).
+
+  The K/V ring is checked by the interpreter's barrier and race checks: a slot released before
+  its last wgmma read it, or a block change missed, fails here (tried by injecting both)."""
   case = CASES[name]
   x = C.make_inputs(case, jnp.bfloat16, seed=21)
   ids = C.random_selection(case, x, seed=21)
@@ -88,12 +94,17 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong):
   kp = jnp.pad(x["k"], ((0, 0), (0, pad), (0, 0), (0, 0)))
   vp = jnp.pad(x["v"], ((0, 0), (0, pad), (0, 0), (0, 0)))
   schedule = sched.build_schedule(ids, valid, x["q_positions"], nb, per_item)
+  # The case exercises K/V reuse: some consecutive live items share (batch, group, block).
+  items = np.asarray(schedule.items)[:int(schedule.num_items)]
+  keys = items[:, [sched.ITEM_BATCH, sched.ITEM_GROUP, sched.ITEM_BLOCK]]
+  assert np.any(np.all(keys[1:] == keys[:-1], axis=1))
   scale = 1 / np.sqrt(case.head_dim)
   with interpreted() as params:
     p_out, p_lse = mgpu.sparse_attention_partials(
         x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
         topk=case.topk, queries_per_tile=per_tile, tiles_per_item=tiles_per_item,
-        num_ctas=num_ctas, pingpong=pingpong, interpret=params)
+        num_ctas=num_ctas, pingpong=pingpong, kv_stages=kv_stages, kv_reuse=kv_reuse,
+        interpret=params)
     p_out.block_until_ready()
   f32 = lambda a: a.astype(jnp.float32)
   for s in range(case.topk):

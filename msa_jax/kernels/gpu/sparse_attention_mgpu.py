@@ -136,8 +136,8 @@ def _interpret_params(interpret):
 
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
-            *schedule_barrier, num_ctas, stages, compute_wgs, queries_per_tile, heads,
-            block_size, scale):
+            kv_loaded, kv_consumed, *schedule_barrier, num_ctas, stages, kv_stages, kv_reuse,
+            compute_wgs, queries_per_tile, heads, block_size, scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   dtype = q_smem.dtype
@@ -155,11 +155,26 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
   def field(item, f):
     return items_ref[item, f]
 
+  def kv_step(item, i, loads):
+    """(does item i start a new K/V load, the K/V ring index it uses, loads after it).
+
+    ``loads``: K/V loads before item i. Consecutive items of one (batch, group, block) share
+    one load (``kv_reuse``; the items of a hot block are consecutive within a CTA's chunk).
+    Producer and compute warpgroups run the same recurrence over the same items."""
+    if kv_reuse:
+      new = i == 0
+      for f in (sched.ITEM_BATCH, sched.ITEM_GROUP, sched.ITEM_BLOCK):
+        new = new | (field(item, f) != field(jnp.maximum(item - 1, 0), f))
+    else:
+      new = i >= 0  # every item loads (a traced True)
+    loads = loads + new.astype(jnp.int32)
+    return new, lax.rem(loads - 1, jnp.int32(kv_stages)), loads
+
   @pl.when(wg == nc)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    def produce(i, carry):
+    def produce(i, loads):
       slot = slot_of(i)
       # Scalars first: their latency overlaps the wait for the slot.
       item = first + i
@@ -167,14 +182,24 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
           item, sched.ITEM_BLOCK)
       start, count = field(item, sched.ITEM_START), field(item, sched.ITEM_COUNT)
       q_rows = [q_rows_ref[start + lane] for lane in range(nc * qpt)]  # padded: in range
+      new, kv_slot, loads_after = kv_step(item, i, loads)
+
+      @pl.when(new)
+      def _():  # the item's block is not the previous item's: load its K/V
+        @pl.when(loads >= kv_stages)
+        def _():
+          plgpu.barrier_wait(kv_consumed.at[kv_slot])
+
+        keys = pl.ds(blk * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[kv_slot],
+                                kv_loaded.at[kv_slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[kv_slot],
+                                kv_loaded.at[kv_slot])
 
       @pl.when(i >= stages)
       def _():
         plgpu.barrier_wait(consumed.at[slot])
 
-      keys = pl.ds(blk * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[slot], loaded.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[slot], loaded.at[slot])
       for w in range(nc):
         for p in range(qpt):
           lane = w * qpt + p
@@ -188,15 +213,21 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
           @pl.when(jnp.logical_not(live))
           def _():  # nothing to gather: arrive in place of the copy
             plgpu.barrier_arrive(loaded.at[slot])
-      return carry
+      return loads_after
 
-    lax.fori_loop(0, n, produce, 0)
+    loads = lax.fori_loop(0, n, produce, jnp.int32(0))
 
     def drain(i, carry):  # observe the last releases, so no barrier phase goes unobserved
       plgpu.barrier_wait(consumed.at[slot_of(i)])
       return carry
 
     lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, 0)
+
+    def drain_kv(m, carry):
+      plgpu.barrier_wait(kv_consumed.at[lax.rem(m, jnp.int32(kv_stages))])
+      return carry
+
+    lax.fori_loop(jnp.maximum(loads - kv_stages, 0), loads, drain_kv, 0)
 
   def sync_compute_wgs():
     """Ping-pong (``pingpong``): with two compute warpgroups, one runs its softmax while the
@@ -221,7 +252,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.barrier_arrive(consumed.at[slot_of(j - 1)])
 
-    def consume(j, carry):
+    def consume(j, loads):
       slot = slot_of(j)
       item = first + j
       b, blk = field(item, sched.ITEM_BATCH), field(item, sched.ITEM_BLOCK)
@@ -233,12 +264,24 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
       # Read before the wait, so their latency overlaps it (entries are padded: in range).
       limits = [jnp.minimum(pos_ref[entry0 + p], kv_len - 1) - blk * bk for p in range(qpt)]
       out_rows = [out_rows_ref[entry0 + p] for p in range(qpt)]
+      new, kv_slot, loads_after = kv_step(item, j, loads)
+
+      @pl.when(new)
+      def _():
+        # The previous item's wgmmas are complete (their results were read): its K/V slot is
+        # free once this warpgroup moves to another block.
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_arrive(kv_consumed.at[lax.rem(loads - 1, jnp.int32(kv_stages))])
+
+        plgpu.barrier_wait(kv_loaded.at[kv_slot])
+
       plgpu.barrier_wait(loaded.at[slot])
 
       @pl.when(live_lanes > 0)
       def _():
         _attend_tile(
-            j, q_tile=q_smem.at[slot, w], k_tile=k_smem.at[slot], v_tile=v_smem.at[slot],
+            j, q_tile=q_smem.at[slot, w], k_tile=k_smem.at[kv_slot], v_tile=v_smem.at[kv_slot],
             lse_tile=lse_smem.at[slot, w], o_ref=o_ref, lse_ref=lse_ref, limits=limits,
             out_rows=out_rows, live_lanes=live_lanes, release_previous=release_previous,
             sync=sync_compute_wgs, heads=h, rows=rows, block_size=bk, scale=scale,
@@ -249,9 +292,9 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         release_previous(j)
         sync_compute_wgs()  # the two rounds _attend_tile takes part in
         sync_compute_wgs()
-      return carry
+      return loads_after
 
-    lax.fori_loop(0, n, consume, 0)
+    loads = lax.fori_loop(0, n, consume, jnp.int32(0))
     if schedule_barrier:
       pl.when(w == 0)(sync_compute_wgs)  # balance warpgroup 1's head start
 
@@ -259,6 +302,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
     def _():
       plgpu.wait_smem_to_gmem(0)
       plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
+      plgpu.barrier_arrive(kv_consumed.at[lax.rem(loads - 1, jnp.int32(kv_stages))])
 
 
 def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits, out_rows,
@@ -313,40 +357,46 @@ def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits,
       plgpu.copy_smem_to_gmem(lse_tile.at[lanes], lse_ref.at[out_rows[p]])
 
 
-def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2) -> int:
-  """Shared memory the kernel allocates (barriers and Mosaic's own scratch not included)."""
-  per_slot = (compute_wgs * rows * head_dim + 2 * block_size * head_dim) * itemsize
-  return stages * (per_slot + compute_wgs * rows * 4)
+def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
+               kv_stages=None) -> int:
+  """Shared memory the kernel allocates (barriers and Mosaic's own scratch not included):
+  ``stages`` q/O slots and ``kv_stages`` (default ``stages``) K/V slots."""
+  kv_stages = stages if kv_stages is None else kv_stages
+  q_slot = compute_wgs * rows * (head_dim * itemsize + 4)  # q tiles / O staging, LSE staging
+  return stages * q_slot + kv_stages * 2 * block_size * head_dim * itemsize
 
 
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
-                              num_ctas=None, pingpong=None, interpret=False):
+                              kv_stages=None, kv_reuse=None, num_ctas=None, pingpong=None,
+                              interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
   ``queries_per_tile * tiles_per_item`` entries per item (``work_item_size``);
   ``tiles_per_item`` is the number of compute warpgroups; ``pingpong`` (two of them only)
-  alternates their wgmmas and softmaxes through a schedule barrier. ``interpret``: False (compiled),
+  alternates their wgmmas and softmaxes through a schedule barrier. ``num_stages`` q/O slots
+  and ``kv_stages`` K/V slots; ``kv_reuse``: consecutive items of one block share a K/V load. ``interpret``: False (compiled),
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
-  cfg = tuning.config("sparse_mosaic", num_stages=num_stages, num_ctas=num_ctas,
-                      pingpong=pingpong)
+  cfg = tuning.config("sparse_mosaic", num_stages=num_stages, kv_stages=kv_stages,
+                      kv_reuse=kv_reuse, num_ctas=num_ctas, pingpong=pingpong)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
   heads = hq // g
   rows = queries_per_tile * heads
-  stages = cfg["num_stages"]
+  stages, kv_stages = cfg["num_stages"], cfg["kv_stages"]
   if not supports(q, k, v, block_size):
     raise ValueError(f"sparse_attention_mgpu does not support q {q.shape} {q.dtype}, "
                      f"k {k.shape}, v {v.shape}, block_size {block_size}")
-  if rows % WGMMA_ROWS or tiles_per_item not in (1, 2) or stages < 2:
+  if rows % WGMMA_ROWS or tiles_per_item not in (1, 2) or stages < 2 or kv_stages < 2:
     raise ValueError(f"need tile rows ({rows}) a multiple of {WGMMA_ROWS}, tiles_per_item "
-                     f"(compute warpgroups, {tiles_per_item}) 1 or 2, num_stages >= 2")
+                     f"(compute warpgroups, {tiles_per_item}) 1 or 2, num_stages and "
+                     f"kv_stages >= 2")
   need = smem_bytes(stages=stages, compute_wgs=tiles_per_item, rows=rows, head_dim=d,
-                    block_size=block_size, itemsize=q.dtype.itemsize)
+                    block_size=block_size, itemsize=q.dtype.itemsize, kv_stages=kv_stages)
   if need > SMEM_BYTES:
     raise ValueError(f"{need} bytes of shared memory > {SMEM_BYTES}: fewer rows or stages")
   params = _interpret_params(interpret)
@@ -360,15 +410,18 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   nc = tiles_per_item
   scratch = [
       plgpu.SMEM((stages, nc, rows, d), q.dtype, transforms=transforms),  # q tiles / O staging
-      plgpu.SMEM((stages, block_size, d), k.dtype, transforms=transforms),
-      plgpu.SMEM((stages, block_size, dv), v.dtype, transforms=transforms),
+      plgpu.SMEM((kv_stages, block_size, d), k.dtype, transforms=transforms),
+      plgpu.SMEM((kv_stages, block_size, dv), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, nc, rows), jnp.float32),  # LSE staging
-      plgpu.Barrier(num_arrivals=2 + nc * queries_per_tile, num_barriers=stages),  # loaded
-      plgpu.Barrier(num_arrivals=nc, num_barriers=stages),  # consumed
+      plgpu.Barrier(num_arrivals=nc * queries_per_tile, num_barriers=stages),  # q loaded
+      plgpu.Barrier(num_arrivals=nc, num_barriers=stages),  # q slot consumed
+      plgpu.Barrier(num_arrivals=2, num_barriers=kv_stages),  # K/V loaded
+      plgpu.Barrier(num_arrivals=nc, num_barriers=kv_stages),  # K/V slot consumed
   ]
   if cfg["pingpong"] and nc == 2:
     scratch.append(plgpu.Barrier(num_arrivals=nc))  # the compute warpgroups' schedule
-  body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, compute_wgs=nc,
+  body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, kv_stages=kv_stages,
+                           kv_reuse=bool(cfg["kv_reuse"]), compute_wgs=nc,
                            queries_per_tile=queries_per_tile, heads=heads,
                            block_size=block_size, scale=float(scale))
   kernel_kwargs = dict(
