@@ -502,6 +502,8 @@ def tune(w: Workload, args, interpret):
       from msa_jax.kernels.gpu import sparse_attention_mgpu as module
       for name in ("items_per_program", "num_warps", "num_stages"):  # Triton's only
         cfg.pop(name, None)
+      if "q_stages" in cfg:  # the Mosaic kernel's q/O slots (its num_stages)
+        cfg["num_stages"] = cfg.pop("q_stages")
     else:
       for name in MOSAIC_ONLY:
         cfg.pop(name, None)
@@ -572,7 +574,7 @@ def tune(w: Workload, args, interpret):
 
 
 # Keys of the "sparse" tuning grid that only the Mosaic GPU kernel reads.
-MOSAIC_ONLY = ("pingpong", "kv_reuse", "kv_stages")
+MOSAIC_ONLY = ("pingpong", "kv_reuse", "kv_stages", "q_stages")
 
 
 def _sparse_best(ok):
@@ -583,7 +585,9 @@ def _sparse_best(ok):
   winner = fastest(ok).get("kernel", "triton")
   triton = [t for t in ok if t["config"].get("kernel", "triton") == "triton"]
   mosaic = [t for t in ok if t["config"].get("kernel") == "mosaic"]
-  launch = {k: v for k, v in (fastest(triton) if triton else {}).items() if k != "pingpong"}
+  # Without Triton trials (a --tune-grid of the Mosaic kernel alone) its table entry stays.
+  launch = ({k: v for k, v in fastest(triton).items() if k not in MOSAIC_ONLY} if triton
+            else tuning.config("sparse"))
   best = {"sparse": dict(tuning.DEFAULTS["sparse"], **launch)}
   best["sparse"]["kernel"] = winner
   if mosaic:
@@ -591,6 +595,8 @@ def _sparse_best(ok):
     best["sparse_mosaic"] = dict(tuning.DEFAULTS["sparse_mosaic"], tile_rows=cfg["tile_rows"],
                                  tiles_per_item=cfg["tiles_per_item"],
                                  **{k: cfg[k] for k in MOSAIC_ONLY if k in cfg})
+    if "q_stages" in best["sparse_mosaic"]:
+      best["sparse_mosaic"]["num_stages"] = best["sparse_mosaic"].pop("q_stages")
   return best
 
 
