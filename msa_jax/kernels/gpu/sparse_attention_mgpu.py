@@ -12,19 +12,31 @@ a warp-specialised persistent kernel overlaps them:
 * Warpgroups: ``NC = tiles_per_item`` compute warpgroups (1 or 2) + 1 producer warpgroup. An
   item is NC tiles of ``queries_per_tile`` positions x ``Hq/G`` heads = ``R`` rows (64: one
   wgmma M); compute warpgroup ``w`` takes tile ``w`` of every item, against the item's K/V.
-* Shared memory, ``S = num_stages`` (>= 2) slots, per slot: K ``[Bk, D]``, V ``[Bk, D]``, one
-  q tile ``[R, D]`` per compute warpgroup (all (8, 64)-tiled, 128-byte swizzled, as wgmma
-  wants them), and an LSE row buffer ``[R]`` f32 per compute warpgroup. M3 shapes, S = 2,
-  NC = 2: 192 KB + 1 KB.
-* Producer (warpgroup NC), per item i in slot s = i % S: waits ``consumed[s]`` (i >= S),
-  then issues TMA copies onto ``loaded[s]``: K and V (``k[b, blk*Bk:(blk+1)*Bk, g, :]``, one
-  strided [Bk, D] slab each) and, for every live lane, the gather of that query's
-  ``[Hq/G, D]`` slab (one contiguous 4 KB copy of ``q.reshape(B*T*G, Hq/G, D)[q_row]``) into
-  rows ``lane*Hq/G ...`` of the compute warpgroup's q tile. Dead lanes (past the item's count)
-  copy nothing and arrive on ``loaded[s]`` instead, so its arrival count stays fixed
-  (2 + NC * queries_per_tile). After its last item it waits out the last ``consumed``
-  phases (keeps every barrier phase observed).
-* Compute warpgroup, per item: waits ``loaded[s]``; S = q K^T (wgmma, A and B from shared
+* Shared memory, two rings. ``S = num_stages`` (>= 2) q slots, each one q tile ``[R, D]``
+  per compute warpgroup and an LSE row buffer ``[R]`` f32 per compute warpgroup;
+  ``kv_stages`` (>= 2) K/V slots of K ``[Bk, D]`` and V ``[Bk, D]`` (tiles (8, 64)-tiled,
+  128-byte swizzled, as wgmma wants them). M3 shapes, 2 + 2 slots, NC = 2: 192 KB + 1 KB
+  (3 q slots exceed the 227 KB by 1 KB).
+* K/V loads: item i loads its block's K/V into K/V slot ``m % kv_stages`` (m = loads so far)
+  unless ``kv_reuse`` is on and item i-1 of the CTA's chunk had the same (batch, group,
+  block), in which case it reads the slot already there. Producer and compute warpgroups
+  run the same recurrence over the items, so they agree on every slot. (Measured on the
+  H200, 16K-query chunk at 128K: 3.84-4.01 ms with reuse vs 3.88-3.94 ms without, within
+  run-to-run noise: K/V reloads of a hot block hit L2 and are not what bounds the kernel;
+  off by default.)
+* Producer (warpgroup NC), per item i: for a new K/V load, waits ``kv_consumed`` of its K/V
+  slot (after the first ``kv_stages`` loads) and issues K and V
+  (``k[b, blk*Bk:(blk+1)*Bk, g, :]``, one strided [Bk, D] slab each) onto ``kv_loaded``;
+  then, in q slot s = i % S, waits ``consumed[s]`` (i >= S) and issues, for every live lane,
+  the gather of that query's ``[Hq/G, D]`` slab (one contiguous 4 KB copy of
+  ``q.reshape(B*T*G, Hq/G, D)[q_row]``) into rows ``lane*Hq/G ...`` of the compute
+  warpgroup's q tile onto ``loaded[s]``. Dead lanes (past the item's count) copy nothing and
+  arrive on ``loaded[s]`` instead, so its arrival count stays fixed (NC * queries_per_tile).
+  After its last item it waits out the last ``consumed`` and ``kv_consumed`` phases (keeps
+  every barrier phase observed).
+* Compute warpgroup, per item: on a new K/V load, releases the previous K/V slot (the previous
+  item's wgmmas have completed: their results were read) and waits ``kv_loaded``; waits
+  ``loaded[s]``; S = q K^T (wgmma, A and B from shared
   memory, f32 accumulator); while that runs, releases the *previous* item's slot (waits until
   the previous item's output stores have read shared memory, then arrives on ``consumed``);
   causal / length mask from each lane's position and ``kv_len``; exact softmax over the one
@@ -598,10 +610,9 @@ def _install_shims_jax_0_10(gcb):
 # Done on the H200 (aed32cc): it compiles and runs at M3 shapes (192 KB + LSE of shared
 # memory, 2 compute warpgroups), tests/test_sparse_mgpu.py passes uninterpreted, and the
 # tuner's correctness check against the Triton kernel passed before timing.
-# Next levers, short of 330 TFLOP/s (60% of cuDNN; 208 now, benchmarks/NOTES.md):
-#  1. ``pingpong`` (written, interpreter-checked, not timed): `--tune` sweeps it.
-#  2. Skip the K/V reload when the slot's previous item had the same (b, g, block)
-#     (consecutive items of a hot list; K/V is 2/3 of the bytes a step loads), with a
-#     separate K/V ring so the q ring can be deeper.
-#  3. Prefetch the next item's scalars (items, positions, out_rows) under the current wgmma;
-#     3 stages with Bk 64; partial O only where a query's blocks span several items.
+# Levers tried, short of 330 TFLOP/s (60% of cuDNN; 205 now, benchmarks/NOTES.md):
+#  1. ``pingpong``: timed, no gain (4.08 vs 4.14 ms).
+#  2. ``kv_reuse`` (a K/V ring of its own, one load per run of items of a block): timed, no
+#     gain (within noise); a third q slot does not fit shared memory at M3 shapes.
+# Next: prefetch the next item's scalars (items, positions, out_rows) under the current
+# wgmma; partial O only where a query's blocks span several items.
