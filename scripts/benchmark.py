@@ -450,7 +450,7 @@ def tune(w: Workload, args, interpret):
       # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
       "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
                      items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3],
-                     pingpong=[False, True], kv_reuse=[False, True]),
+                     pingpong=[False, True]),  # kv_reuse, kv_stages, q_stages: --tune-grid
       "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
   }
