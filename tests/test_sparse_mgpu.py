@@ -69,14 +69,14 @@ def interpreted(seconds=300):
   assert not gpu_interpret.get_races().races_found, "data race in the Mosaic GPU kernel"
 
 
-@pytest.mark.parametrize("name,tiles_per_item,num_ctas,pingpong,kv_stages,kv_reuse", [
+@pytest.mark.parametrize("name,tiles_per_item,num_ctas,pingpong,stages,kv_stages,kv_reuse", [
     # 2 compute warpgroups; more CTAs than some chunks need; items of one block share K/V.
-    ("chunked_gqa8", 2, 3, False, 2, True),
-    ("chunked_gqa8", 2, 3, True, 2, True),    # alternating through the schedule barrier
-    ("chunked_gqa8", 2, 2, False, 2, False),  # a K/V load per item
-    ("prefill_gqa16", 1, 2, False, 3, True),  # 1 compute warpgroup; 3 K/V slots
+    ("chunked_gqa8", 2, 3, False, 2, 2, True),
+    ("chunked_gqa8", 2, 3, True, 2, 2, True),    # alternating through the schedule barrier
+    ("chunked_gqa8", 2, 2, False, 3, 2, False),  # a K/V load per item; 3 q slots
+    ("prefill_gqa16", 1, 2, False, 2, 3, True),  # 1 compute warpgroup; 3 K/V slots
 ])
-def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, kv_stages,
+def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, stages, kv_stages,
                                     kv_reuse):
   """Each selected (query, block) slot holds that block's attention (bf16, NaN-filled memory).
 
@@ -103,8 +103,8 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, kv
     p_out, p_lse = mgpu.sparse_attention_partials(
         x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
         topk=case.topk, queries_per_tile=per_tile, tiles_per_item=tiles_per_item,
-        num_ctas=num_ctas, pingpong=pingpong, kv_stages=kv_stages, kv_reuse=kv_reuse,
-        interpret=params)
+        num_ctas=num_ctas, pingpong=pingpong, num_stages=stages, kv_stages=kv_stages,
+        kv_reuse=kv_reuse, interpret=params)
     p_out.block_until_ready()
   f32 = lambda a: a.astype(jnp.float32)
   for s in range(case.topk):

@@ -86,6 +86,7 @@ the no-live-lane path deadlocks, which the test's watchdog reports).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -102,6 +103,15 @@ WGMMA_ROWS = 64  # rows of one warpgroup's wgmma tile (M)
 SMEM_BYTES = 227 * 1024  # Hopper: shared memory one CTA may use
 _LOG2E = math.log2(math.e)
 _NO_KEYS = -1e30  # floor for the row max, so rows without a visible key give p = 0, not NaN
+
+# Code-path switches read at trace time, for experiments (benchmarks/probes/
+# sparse_mgpu_ablation.py), not for users:
+#   prefetch: the compute warpgroups read item j+1's scalars while item j runs (else at the
+#     start of item j, where their global-memory latency is exposed);
+#   ablate: parts of the work left out, to see what bounds the kernel. Results are wrong with
+#     any of them: "q" (no q gathers), "kv" (no K/V loads), "softmax" (P = S: no mask, no
+#     exponentials), "store" (no output stores).
+_OPTIONS = {"prefetch": True, "ablate": frozenset()}
 
 
 def supports(q, k, v, block_size: int) -> bool:
@@ -152,6 +162,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
             compute_wgs, queries_per_tile, heads, block_size, scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
+  ablate = _OPTIONS["ablate"]
   dtype = q_smem.dtype
   wg = lax.axis_index("wg")
 
@@ -203,6 +214,10 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
           plgpu.barrier_wait(kv_consumed.at[kv_slot])
 
         keys = pl.ds(blk * bk, bk)
+        if "kv" in ablate:
+          plgpu.barrier_arrive(kv_loaded.at[kv_slot])
+          plgpu.barrier_arrive(kv_loaded.at[kv_slot])
+          return
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[kv_slot],
                                 kv_loaded.at[kv_slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[kv_slot],
@@ -216,6 +231,9 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         for p in range(qpt):
           lane = w * qpt + p
           live = lane < count
+          if "q" in ablate:
+            plgpu.barrier_arrive(loaded.at[slot])
+            continue
 
           @pl.when(live)
           def _():
@@ -264,18 +282,31 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.barrier_arrive(consumed.at[slot_of(j - 1)])
 
-    def consume(j, loads):
-      slot = slot_of(j)
-      item = first + j
+    def read_item(j):
+      """The scalars item j needs: (live lanes, per lane the block-local last visible key
+      and the partial row to write). j is clamped into the chunk (a prefetch past the last
+      item reads the last one; entries are padded, so every read is in range)."""
+      item = jnp.clip(first + jnp.minimum(j, n - 1), 0, items_ref.shape[0] - 1)
       b, blk = field(item, sched.ITEM_BATCH), field(item, sched.ITEM_BLOCK)
       start, count = field(item, sched.ITEM_START), field(item, sched.ITEM_COUNT)
       kv_len = kv_len_ref[b]
-      live_lanes = jnp.clip(count - w * qpt, 0, qpt)
       entry0 = start + w * qpt
-      # Per lane: last visible key of the block (block-local), and the partial row to write.
-      # Read before the wait, so their latency overlaps it (entries are padded: in range).
       limits = [jnp.minimum(pos_ref[entry0 + p], kv_len - 1) - blk * bk for p in range(qpt)]
       out_rows = [out_rows_ref[entry0 + p] for p in range(qpt)]
+      return (jnp.clip(count - w * qpt, 0, qpt), *limits, *out_rows)
+
+    def consume(j, carry):
+      loads, scalars = carry
+      slot = slot_of(j)
+      item = first + j
+      if _OPTIONS["prefetch"]:
+        # This item's scalars were read during the previous item; read the next item's now,
+        # so their global-memory latency hides under this item's wgmmas.
+        live_lanes, *rest = scalars
+        scalars = read_item(j + 1)
+      else:
+        live_lanes, *rest = read_item(j)
+      limits, out_rows = rest[:qpt], rest[qpt:]
       new, kv_slot, loads_after = kv_step(item, j, loads)
 
       @pl.when(new)
@@ -304,9 +335,9 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         release_previous(j)
         sync_compute_wgs()  # the two rounds _attend_tile takes part in
         sync_compute_wgs()
-      return loads_after
+      return loads_after, scalars
 
-    loads = lax.fori_loop(0, n, consume, jnp.int32(0))
+    loads, _ = lax.fori_loop(0, n, consume, (jnp.int32(0), read_item(0)))
     if schedule_barrier:
       pl.when(w == 0)(sync_compute_wgs)  # balance warpgroup 1's head start
 
@@ -329,22 +360,12 @@ def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits,
 
   s = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
 
-  # Key c of the block is visible to lane p iff c <= limits[p].
-  row_ids = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
-                                   layout=plgpu.Layout.WGMMA.reduce(1))
-  limit = row_ids * 0 + limits[0]
-  for p in range(1, qpt):
-    limit = jnp.where(row_ids >= p * heads, limits[p], limit)
-  cols = plgpu.broadcasted_iota(jnp.int32, (rows, block_size), 1, layout=plgpu.Layout.WGMMA)
-  visible = cols <= lax.broadcast_in_dim(limit, (rows, block_size), [0])
-  s = jnp.where(visible, s, -jnp.inf)
-
-  # Exact softmax over this block; base 2 with the scale folded into one multiply.
-  c = scale * _LOG2E
-  m = jnp.maximum(s.max(axis=1), _NO_KEYS)
-  probs = jnp.exp2(s * c - lax.broadcast_in_dim(m * c, (rows, block_size), [0]))
-  l = probs.sum(axis=1)
-  p16 = probs.astype(dtype)
+  if "softmax" in _OPTIONS["ablate"]:  # timing experiments only: P = S
+    m = l = s.sum(axis=1)
+    p16 = s.astype(dtype)
+  else:
+    m, l, p16 = _softmax(s, limits=limits, heads=heads, rows=rows, block_size=block_size,
+                         scale=scale, dtype=dtype)
   sync()  # ping-pong round 2: softmax done; wait until the tensor cores are ours
 
   def pv(acc_ref):
@@ -361,12 +382,32 @@ def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits,
   q_tile[...] = o.astype(dtype)
   lse_tile[...] = lse
   plgpu.commit_smem()
-  for p in range(qpt):
+  for p in range(qpt if "store" not in _OPTIONS["ablate"] else 0):
     @pl.when(p < live_lanes)
     def _():
       lanes = pl.ds(p * heads, heads)
       plgpu.copy_smem_to_gmem(q_tile.at[lanes], o_ref.at[out_rows[p]])
       plgpu.copy_smem_to_gmem(lse_tile.at[lanes], lse_ref.at[out_rows[p]])
+
+
+def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
+  """(row max, row sum, P in ``dtype``) of the exact softmax of ``s`` over one block.
+
+  Key c of the block is visible to lane p (rows ``p*heads ...``) iff c <= limits[p]. Base 2,
+  the scale folded into one multiply; the row max is floored at ``_NO_KEYS`` so a row without
+  a visible key gives P = 0 and sum 0, not NaN."""
+  row_ids = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
+                                   layout=plgpu.Layout.WGMMA.reduce(1))
+  limit = row_ids * 0 + limits[0]
+  for p in range(1, len(limits)):
+    limit = jnp.where(row_ids >= p * heads, limits[p], limit)
+  cols = plgpu.broadcasted_iota(jnp.int32, (rows, block_size), 1, layout=plgpu.Layout.WGMMA)
+  visible = cols <= lax.broadcast_in_dim(limit, (rows, block_size), [0])
+  s = jnp.where(visible, s, -jnp.inf)
+  c = scale * _LOG2E
+  m = jnp.maximum(s.max(axis=1), _NO_KEYS)
+  probs = jnp.exp2(s * c - lax.broadcast_in_dim(m * c, (rows, block_size), [0]))
+  return m, probs.sum(axis=1), probs.astype(dtype)
 
 
 def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
@@ -444,7 +485,7 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
       grid_names=("cta",),
       num_threads=nc + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_compiler_params(),
   )
   if params is not None:
     kernel_kwargs["interpret"] = params
@@ -455,6 +496,16 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   partial_out = partial_out[:rows_out].reshape(topk, b, t, hq, dv)
   partial_lse = partial_lse[:rows_out].reshape(topk, b, t, hq)
   return partial_out, partial_lse
+
+
+def _compiler_params():
+  """approx_math, and no shared memory reserved for cross-warp reductions: the kernel's
+  reductions (softmax rows in the WGMMA layout) stay within a warp, and the 2 KB Mosaic
+  reserves by default is what a third q slot lacks at M3 shapes."""
+  params = dict(approx_math=True)
+  if "reduction_scratch_bytes" in {f.name for f in dataclasses.fields(plgpu.CompilerParams)}:
+    params["reduction_scratch_bytes"] = 0
+  return plgpu.CompilerParams(**params)
 
 
 def _num_sms() -> int:
