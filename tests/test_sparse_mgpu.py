@@ -69,15 +69,22 @@ def interpreted(seconds=300):
   assert not gpu_interpret.get_races().races_found, "data race in the Mosaic GPU kernel"
 
 
-@pytest.mark.parametrize("name,tiles_per_item,num_ctas,pingpong,stages,kv_stages,kv_reuse", [
-    # 2 compute warpgroups; more CTAs than some chunks need; items of one block share K/V.
-    ("chunked_gqa8", 2, 3, False, 2, 2, True),
-    ("chunked_gqa8", 2, 3, True, 2, 2, True),    # alternating through the schedule barrier
-    ("chunked_gqa8", 2, 2, False, 3, 2, False),  # a K/V load per item; 3 q slots
-    ("prefill_gqa16", 1, 2, False, 2, 3, True),  # 1 compute warpgroup; 3 K/V slots
-])
+DEFERRED = {"deferred_stores": True, "skip_mask": True}
+
+
+@pytest.mark.parametrize(
+    "name,tiles_per_item,num_ctas,pingpong,stages,kv_stages,kv_reuse,options", [
+        # 2 compute warpgroups; more CTAs than some chunks need; items of a block share K/V.
+        ("chunked_gqa8", 2, 3, False, 2, 2, True, {}),
+        ("chunked_gqa8", 2, 3, True, 2, 2, True, {}),  # alternating (schedule barrier)
+        ("chunked_gqa8", 2, 2, False, 3, 2, False, {}),  # a K/V load per item; 3 q slots
+        ("prefill_gqa16", 1, 2, False, 2, 3, True, {}),  # 1 compute warpgroup; 3 K/V slots
+        # Stores issued under the next item's QK; the mask only where a lane needs it.
+        ("chunked_gqa8", 2, 3, False, 3, 2, False, DEFERRED),
+        ("prefill_gqa16", 1, 2, False, 2, 2, True, DEFERRED),
+    ])
 def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, stages, kv_stages,
-                                    kv_reuse):
+                                    kv_reuse, options, monkeypatch):
   """Each selected (query, block) slot holds that block's attention (bf16, NaN-filled memory).
 
   The K/V ring is checked by the interpreter's barrier and race checks: a slot released before
@@ -99,6 +106,7 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, st
   keys = items[:, [sched.ITEM_BATCH, sched.ITEM_GROUP, sched.ITEM_BLOCK]]
   assert np.any(np.all(keys[1:] == keys[:-1], axis=1))
   scale = 1 / np.sqrt(case.head_dim)
+  monkeypatch.setattr(mgpu, "_OPTIONS", dict(mgpu._OPTIONS, **options))
   with interpreted() as params:
     p_out, p_lse = mgpu.sparse_attention_partials(
         x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,

@@ -48,10 +48,17 @@ VARIANTS = [
     ("before (no prefetch, 2 q slots)", {"prefetch": False}, {}),
     ("prefetch scalars", {}, {}),
     ("prefetch + 3 q slots", {}, {"num_stages": 3}),
-    ("prefetch + 3 q slots + pingpong", {}, {"num_stages": 3, "pingpong": True}),
-    ("prefetch + pingpong", {}, {"pingpong": True}),
+    ("skip mask", {"skip_mask": True}, {}),
+    ("deferred stores", {"deferred_stores": True}, {}),
+    ("deferred stores + 3 q slots", {"deferred_stores": True}, {"num_stages": 3}),
+    ("deferred + skip mask + 3 q slots", {"deferred_stores": True, "skip_mask": True},
+     {"num_stages": 3}),
+    ("deferred + skip mask + 3 q slots + pingpong",
+     {"deferred_stores": True, "skip_mask": True}, {"num_stages": 3, "pingpong": True}),
 ]
-ABLATIONS = [("q",), ("kv",), ("store",), ("softmax",), ("q", "kv"), ("q", "kv", "store"),
+# Ablations, on the kernel with these switches and launch parameters.
+ABLATION_BASE = ({"deferred_stores": True, "skip_mask": True}, {"num_stages": 3})
+ABLATIONS = [("q",), ("kv",), ("store",), ("softmax",), ("q", "kv", "store"),
              ("q", "kv", "store", "softmax")]
 
 
@@ -81,7 +88,7 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--context", type=int, default=131072)
   parser.add_argument("--chunk", type=int, default=16384)
-  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--iters", type=int, default=50)
   parser.add_argument("--out", default="out/ablation")
   parser.add_argument("--interpret", action="store_true",
                       help="CPU smoke test of this script: tiny sizes through the interpreters "
@@ -164,9 +171,10 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
         continue
       record(label, fn, result)
+  base_opts, base_cfg = ABLATION_BASE
   for parts in ABLATIONS:
-    with options(ablate=frozenset(parts)):
-      fn, _, _ = runner(mgpu)
+    with options(ablate=frozenset(parts), **base_opts):
+      fn, _, _ = runner(mgpu, **base_cfg)
       record("ablate " + "+".join(parts), fn)
 
   # The rest of the sparse path on this chunk, for the kernel's share of it.

@@ -108,10 +108,15 @@ _NO_KEYS = -1e30  # floor for the row max, so rows without a visible key give p 
 # sparse_mgpu_ablation.py), not for users:
 #   prefetch: the compute warpgroups read item j+1's scalars while item j runs (else at the
 #     start of item j, where their global-memory latency is exposed);
+#   deferred_stores: item j's output stores are issued under item j+1's QK wgmma and its slot
+#     released after item j+1's PV wgmma (else: stores issued at the end of item j, slot
+#     released under item j+1's QK wgmma once the stores have read it);
+#   skip_mask: the causal/length mask only for items where some lane needs it (lax.cond);
 #   ablate: parts of the work left out, to see what bounds the kernel. Results are wrong with
 #     any of them: "q" (no q gathers), "kv" (no K/V loads), "softmax" (P = S: no mask, no
 #     exponentials), "store" (no output stores).
-_OPTIONS = {"prefetch": True, "ablate": frozenset()}
+_OPTIONS = {"prefetch": True, "deferred_stores": False, "skip_mask": False,
+            "ablate": frozenset()}
 
 
 def supports(q, k, v, block_size: int) -> bool:
@@ -163,6 +168,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   ablate = _OPTIONS["ablate"]
+  deferred = _OPTIONS["deferred_stores"]
   dtype = q_smem.dtype
   wg = lax.axis_index("wg")
 
@@ -295,8 +301,17 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
       out_rows = [out_rows_ref[entry0 + p] for p in range(qpt)]
       return (jnp.clip(count - w * qpt, 0, qpt), *limits, *out_rows)
 
+    def issue_stores(slot, live_lanes, *out_rows):
+      """One TMA store of the staged O rows and one of the LSE rows per live lane."""
+      for p in range(qpt if "store" not in ablate else 0):
+        @pl.when(p < live_lanes)
+        def _():
+          lanes = pl.ds(p * h, h)
+          plgpu.copy_smem_to_gmem(q_smem.at[slot, w, lanes], o_ref.at[out_rows[p]])
+          plgpu.copy_smem_to_gmem(lse_smem.at[slot, w, lanes], lse_ref.at[out_rows[p]])
+
     def consume(j, carry):
-      loads, scalars = carry
+      loads, scalars, previous = carry
       slot = slot_of(j)
       item = first + j
       if _OPTIONS["prefetch"]:
@@ -320,46 +335,57 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         plgpu.barrier_wait(kv_loaded.at[kv_slot])
 
       plgpu.barrier_wait(loaded.at[slot])
+      if deferred:  # item j-1's stores go out under this item's QK wgmma
+        flush = lambda: pl.when(j > 0)(lambda: issue_stores(slot_of(j - 1), *previous))
+        under_qk, after_pv = flush, lambda: release_previous(j)
+        store = lambda: None
+      else:
+        under_qk, after_pv = lambda: release_previous(j), lambda: None
+        store = lambda: issue_stores(slot, live_lanes, *out_rows)
 
       @pl.when(live_lanes > 0)
       def _():
-        _attend_tile(
-            j, q_tile=q_smem.at[slot, w], k_tile=k_smem.at[kv_slot], v_tile=v_smem.at[kv_slot],
-            lse_tile=lse_smem.at[slot, w], o_ref=o_ref, lse_ref=lse_ref, limits=limits,
-            out_rows=out_rows, live_lanes=live_lanes, release_previous=release_previous,
-            sync=sync_compute_wgs, heads=h, rows=rows, block_size=bk, scale=scale,
-            dtype=dtype)
+        _attend_tile(q_tile=q_smem.at[slot, w], k_tile=k_smem.at[kv_slot],
+                     v_tile=v_smem.at[kv_slot], lse_tile=lse_smem.at[slot, w], limits=limits,
+                     under_qk=under_qk, after_pv=after_pv, store=store, sync=sync_compute_wgs,
+                     heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype)
 
       @pl.when(live_lanes <= 0)
       def _():
-        release_previous(j)
+        under_qk()
+        after_pv()
         sync_compute_wgs()  # the two rounds _attend_tile takes part in
         sync_compute_wgs()
-      return loads_after, scalars
+      return loads_after, scalars, (live_lanes, *out_rows)
 
-    loads, _ = lax.fori_loop(0, n, consume, (jnp.int32(0), read_item(0)))
+    first_scalars = read_item(0)
+    no_previous = (jnp.int32(0), *first_scalars[1 + qpt:])
+    loads, _, last = lax.fori_loop(0, n, consume, (jnp.int32(0), first_scalars, no_previous))
     if schedule_barrier:
       pl.when(w == 0)(sync_compute_wgs)  # balance warpgroup 1's head start
 
     @pl.when(n > 0)
     def _():
+      if deferred:
+        issue_stores(slot_of(n - 1), *last)
       plgpu.wait_smem_to_gmem(0)
       plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
       plgpu.barrier_arrive(kv_consumed.at[lax.rem(loads - 1, jnp.int32(kv_stages))])
 
 
-def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits, out_rows,
-                 live_lanes, release_previous, sync, heads, rows, block_size, scale, dtype):
-  qpt = len(limits)
+def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv, store, sync,
+                 heads, rows, block_size, scale, dtype):
+  """One tile: S = q K^T, softmax over the block, O = P V; O and LSE staged in shared memory
+  (O in the q tile, whose rows are dead). ``under_qk`` runs while the QK wgmma does,
+  ``after_pv`` after the PV wgmma, ``store`` issues the tile's output stores."""
 
   def qk(acc_ref):
     plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
-    release_previous(j)  # overlaps the wgmma
+    under_qk()  # overlaps the wgmma
     sync()  # ping-pong round 1: the other warpgroup's softmax runs under this wgmma
     return acc_ref[...]
 
   s = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
-
   if "softmax" in _OPTIONS["ablate"]:  # timing experiments only: P = S
     m = l = s.sum(axis=1)
     p16 = s.astype(dtype)
@@ -373,21 +399,15 @@ def _attend_tile(j, *, q_tile, k_tile, v_tile, lse_tile, o_ref, lse_ref, limits,
     return acc_ref[...]
 
   o = pl.run_scoped(pv, plgpu.ACC((rows, v_tile.shape[-1]), jnp.float32))
+  after_pv()
   has_keys = l > 0
   l_safe = jnp.where(has_keys, l, 1.0)
   o = o / lax.broadcast_in_dim(l_safe, o.shape, [0])
   lse = jnp.where(has_keys, m * scale + jnp.log(l_safe), -jnp.inf)
-
-  # The q rows are dead: stage O in the q tile, then one TMA store per live lane.
   q_tile[...] = o.astype(dtype)
   lse_tile[...] = lse
   plgpu.commit_smem()
-  for p in range(qpt if "store" not in _OPTIONS["ablate"] else 0):
-    @pl.when(p < live_lanes)
-    def _():
-      lanes = pl.ds(p * heads, heads)
-      plgpu.copy_smem_to_gmem(q_tile.at[lanes], o_ref.at[out_rows[p]])
-      plgpu.copy_smem_to_gmem(lse_tile.at[lanes], lse_ref.at[out_rows[p]])
+  store()
 
 
 def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
@@ -396,14 +416,22 @@ def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
   Key c of the block is visible to lane p (rows ``p*heads ...``) iff c <= limits[p]. Base 2,
   the scale folded into one multiply; the row max is floored at ``_NO_KEYS`` so a row without
   a visible key gives P = 0 and sum 0, not NaN."""
-  row_ids = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
-                                   layout=plgpu.Layout.WGMMA.reduce(1))
-  limit = row_ids * 0 + limits[0]
-  for p in range(1, len(limits)):
-    limit = jnp.where(row_ids >= p * heads, limits[p], limit)
-  cols = plgpu.broadcasted_iota(jnp.int32, (rows, block_size), 1, layout=plgpu.Layout.WGMMA)
-  visible = cols <= lax.broadcast_in_dim(limit, (rows, block_size), [0])
-  s = jnp.where(visible, s, -jnp.inf)
+  def mask(s):
+    row_ids = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
+                                     layout=plgpu.Layout.WGMMA.reduce(1))
+    limit = row_ids * 0 + limits[0]
+    for p in range(1, len(limits)):
+      limit = jnp.where(row_ids >= p * heads, limits[p], limit)
+    cols = plgpu.broadcasted_iota(jnp.int32, (rows, block_size), 1,
+                                  layout=plgpu.Layout.WGMMA)
+    visible = cols <= lax.broadcast_in_dim(limit, (rows, block_size), [0])
+    return jnp.where(visible, s, -jnp.inf)
+
+  if _OPTIONS["skip_mask"]:  # most items see their whole block: mask only where needed
+    needed = functools.reduce(jnp.minimum, limits) < block_size - 1
+    s = lax.cond(needed, mask, lambda s: s, s)
+  else:
+    s = mask(s)
   c = scale * _LOG2E
   m = jnp.maximum(s.max(axis=1), _NO_KEYS)
   probs = jnp.exp2(s * c - lax.broadcast_in_dim(m * c, (rows, block_size), [0]))
