@@ -214,12 +214,18 @@ def prefill_row(n, w: Workload, args, impl, interpret):
 
 
 def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
-  """Times the KV-outer path's three stages on one chunk (the last: the longest prefix)."""
+  """Times the KV-outer path's three stages on the last queries of one chunk (the last: the
+  longest prefix): the chunk's last piece where the path runs in pieces of ``query_chunk``
+  queries (the tuning table), else the whole chunk; with the kernel the API picks."""
   from msa_jax import api
   from msa_jax import reference
   from msa_jax import schedule as sched
-  from msa_jax.kernels.gpu import sparse_attention as kernel
+  from msa_jax.kernels.gpu import tuning
   pos, kvl = pos_len
+  piece = tuning.config("sparse").get("query_chunk") or q_c.shape[1]
+  start = (q_c.shape[1] - 1) // piece * piece
+  q_c, ids, pos = q_c[:, start:], ids[:, start:], pos[:, start:]
+  kernel = api.gpu_sparse_kernel(q_c, k, v, w.block_size)
   nb = reference.cdiv(k.shape[1], w.block_size)
   per_tile, per_item = kernel.work_item_size(
       w.q_heads // w.groups, tile_rows=api.INTERPRET_TILE_ROWS if interpret else None)
@@ -246,6 +252,8 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
                                          iters=args.iters, budget_s=args.budget_s / 3)
   out["last_chunk_combine_ms"], _ = timed(lambda: block(combine(p_out, p_lse, valid)),
                                           iters=args.iters, budget_s=args.budget_s / 3)
+  out["breakdown_queries"] = q_c.shape[1]
+  out["breakdown_kernel"] = kernel.__name__.rsplit(".", 1)[-1]
   out["work_items_used"] = int(schedule.num_items)
   out["work_items_max"] = schedule.max_items
   return out
@@ -453,18 +461,22 @@ def tune(w: Workload, args, interpret):
                      pingpong=[False, True]),  # kv_reuse, kv_stages, q_stages: --tune-grid
       "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
+      # The whole sparse path (schedule, kernel, combine) on the last --tune-path-chunk
+      # queries, run in pieces of query_chunk queries (after "sparse": its best kernel).
+      "sparse_path": dict(query_chunk=[None, 32768, 16384, 8192, 4096]),
   }
   if args.tune_grid:  # only the named kernels, over the given values
     grids = {name: {key: list(vals) for key, vals in grid.items()}
              for name, grid in json.loads(args.tune_grid).items()}
-    unknown = set(grids) - {"index", "sparse", "index_decode"}
+    unknown = set(grids) - {"index", "sparse", "index_decode", "sparse_path"}
     if unknown:
       raise SystemExit(f"--tune-grid: unknown kernels {sorted(unknown)}")
   elif args.smoke:
     grids = {"index": dict(selection=["scores", "tile", "fused"], block_rows=[16, 32],
                            blocks_per_tile=[4]),
              "sparse": dict(tiles_per_item=[1, 2], items_per_program=[1, 2]),
-             "index_decode": dict(selection=["scores", "tile"])}
+             "index_decode": dict(selection=["scores", "tile"]),
+             "sparse_path": dict(query_chunk=[None, 32])}
   ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
                            q_positions=pos, kv_lengths=kvl, implementation="pallas_gpu",
                            interpret=interpret)
@@ -546,7 +558,29 @@ def tune(w: Workload, args, interpret):
                if cfg.get("kernel") == "mosaic" else MOSAIC_ONLY)
     return any(n in cfg and cfg[n] != grid[n][0] for n in ignored)
 
-  runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner}
+  # The sparse path on a longer chunk: the query pieces only matter for long query ranges.
+  path_inputs = {}
+
+  def path_runner(cfg):
+    if not path_inputs:
+      cp = min(args.tune_path_chunk, n)
+      pos_p = (n - cp + jnp.arange(cp, dtype=jnp.int32))[None]
+      q_idx_p = _random(keys[3], (1, cp, w.groups, w.index_dim), dtype)
+      path_inputs.update(q=_random(keys[0], (1, cp, w.q_heads, w.head_dim), dtype), pos=pos_p,
+                         ids=msa_jax.index_topk(q_idx_p, k_idx, block_size=w.block_size,
+                                                topk=w.topk, q_positions=pos_p,
+                                                kv_lengths=kvl, implementation="pallas_gpu",
+                                                interpret=interpret))
+    x = path_inputs
+    f = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
+        q, k, v, ids, q_positions=x["pos"], kv_lengths=kvl, block_size=w.block_size,
+        implementation="pallas_gpu", interpret=interpret))
+    with tuning.override("sparse", **cfg):  # traced (and compiled) with these pieces
+      block(f(x["q"], k, v, x["ids"]))
+    return lambda: block(f(x["q"], k, v, x["ids"]))
+
+  runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner,
+             "sparse_path": path_runner}
   report, best = {}, {}
   for kernel, grid in grids.items():
     trials = []
@@ -563,7 +597,11 @@ def tune(w: Workload, args, interpret):
       trials.append({"config": cfg, "ms": ms})
       print(json.dumps({"kernel": kernel, **trials[-1]}), flush=True)
     ok = [t for t in trials if "ms" in t]
-    if ok:
+    if ok and kernel == "sparse_path":  # a key of the "sparse" entry
+      best["sparse"] = dict(best.get("sparse") or tuning.config("sparse"),
+                            **min(ok, key=lambda t: t["ms"])["config"])
+      _store_tuned(best, args)
+    elif ok:
       best[kernel] = dict(tuning.DEFAULTS[kernel], **min(ok, key=lambda t: t["ms"])["config"])
       if kernel == "sparse":
         best.update(_sparse_best(ok))
@@ -749,6 +787,8 @@ def main(argv=None):
                            'defaults)')
   parser.add_argument("--tune-context", type=int, default=131072)
   parser.add_argument("--tune-chunk", type=int, default=16384)
+  parser.add_argument("--tune-path-chunk", type=int, default=65536,
+                      help="queries of the sparse-path sweep (query_chunk)")
   parser.add_argument("--tune-decode-context", type=int, default=1048576,
                       help="cached tokens of the decode step the index_decode sweep times")
   parser.add_argument("--skip-prefill", action="store_true")
@@ -779,6 +819,7 @@ def main(argv=None):
     args.iters = min(args.iters, 2)
     args.decode_loop_steps = 2
     args.tune_context, args.tune_chunk, args.tune_decode_context = 256, 64, 256
+    args.tune_path_chunk = 64
   device = jax.devices()[0]
   meta = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
           "commit": _commit(), "date": datetime.date.today().isoformat(),

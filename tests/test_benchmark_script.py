@@ -32,4 +32,5 @@ def test_benchmark_smoke(tmp_path):
   assert "| N |" in proc.stdout  # the table is printed last
   tuned = json.loads((tmp_path / "tuned_configs.json").read_text())
   assert set(tuned["cpu"]) == {"index", "sparse", "index_decode"}
+  assert tuned["cpu"]["sparse"]["query_chunk"] in (None, 32)  # the sparse-path sweep
   assert all(t["ms"] > 0 for t in result["tuning"]["index"]["trials"])

@@ -90,6 +90,8 @@ def main(argv=None):
   parser.add_argument("--chunk", type=int, default=16384)
   parser.add_argument("--iters", type=int, default=50)
   parser.add_argument("--out", default="out/ablation")
+  parser.add_argument("--no-ablations", action="store_true",
+                      help="time the variants only (and the Triton kernel, schedule, combine)")
   parser.add_argument("--interpret", action="store_true",
                       help="CPU smoke test of this script: tiny sizes through the interpreters "
                            "(the times mean nothing)")
@@ -172,7 +174,7 @@ def main(argv=None):
         continue
       record(label, fn, result)
   base_opts, base_cfg = ABLATION_BASE
-  for parts in ABLATIONS:
+  for parts in ABLATIONS if not args.no_ablations else ():
     with options(ablate=frozenset(parts), **base_opts):
       fn, _, _ = runner(mgpu, **base_cfg)
       record("ablate " + "+".join(parts), fn)

@@ -32,8 +32,10 @@ DEFAULTS = {
     # that share one load of a block's K/V (the schedule's item size).
     # kernel: "triton" (sparse_attention.py) or "mosaic" (sparse_attention_mgpu.py, Hopper
     # TMA + wgmma; bf16/f16 only, other inputs stay on Triton). The other keys are Triton's.
+    # query_chunk: prefill query ranges longer than this run as pieces of this many queries
+    # (schedule -> kernel -> combine each; None: one piece).
     "sparse": {"tile_rows": 128, "tiles_per_item": 1, "items_per_program": 1, "num_warps": 4,
-               "num_stages": 2, "kernel": "triton"},
+               "num_stages": 2, "kernel": "triton", "query_chunk": None},
     # The Mosaic GPU kernel: tile_rows per compute warpgroup (a multiple of 64 rows),
     # tiles_per_item = compute warpgroups (1 or 2), num_stages = shared-memory slots (>= 2),
     # num_ctas = persistent CTAs (None: one per SM), pingpong = the two compute warpgroups
