@@ -84,7 +84,7 @@ DEFERRED = {"deferred_stores": True, "skip_mask": True}
         ("prefill_gqa16", 1, 2, False, 2, 2, True, DEFERRED),
     ])
 def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, stages, kv_stages,
-                                    kv_reuse, options, monkeypatch):
+                                    kv_reuse, options):
   """Each selected (query, block) slot holds that block's attention (bf16, NaN-filled memory).
 
   The K/V ring is checked by the interpreter's barrier and race checks: a slot released before
@@ -106,13 +106,12 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, st
   keys = items[:, [sched.ITEM_BATCH, sched.ITEM_GROUP, sched.ITEM_BLOCK]]
   assert np.any(np.all(keys[1:] == keys[:-1], axis=1))
   scale = 1 / np.sqrt(case.head_dim)
-  monkeypatch.setattr(mgpu, "_OPTIONS", dict(mgpu._OPTIONS, **options))
   with interpreted() as params:
     p_out, p_lse = mgpu.sparse_attention_partials(
         x["q"], kp, vp, schedule, x["kv_lengths"], block_size=case.block_size, scale=scale,
         topk=case.topk, queries_per_tile=per_tile, tiles_per_item=tiles_per_item,
         num_ctas=num_ctas, pingpong=pingpong, num_stages=stages, kv_stages=kv_stages,
-        kv_reuse=kv_reuse, interpret=params)
+        kv_reuse=kv_reuse, interpret=params, **options)
     p_out.block_until_ready()
   f32 = lambda a: a.astype(jnp.float32)
   for s in range(case.topk):

@@ -108,15 +108,10 @@ _NO_KEYS = -1e30  # floor for the row max, so rows without a visible key give p 
 # sparse_mgpu_ablation.py), not for users:
 #   prefetch: the compute warpgroups read item j+1's scalars while item j runs (else at the
 #     start of item j, where their global-memory latency is exposed);
-#   deferred_stores: item j's output stores are issued under item j+1's QK wgmma and its slot
-#     released after item j+1's PV wgmma (else: stores issued at the end of item j, slot
-#     released under item j+1's QK wgmma once the stores have read it);
-#   skip_mask: the causal/length mask only for items where some lane needs it (lax.cond);
 #   ablate: parts of the work left out, to see what bounds the kernel. Results are wrong with
 #     any of them: "q" (no q gathers), "kv" (no K/V loads), "softmax" (P = S: no mask, no
-#     exponentials), "store" (no output stores).
-_OPTIONS = {"prefetch": True, "deferred_stores": False, "skip_mask": False,
-            "ablate": frozenset()}
+#     exponentials), "store" (no output stores), "o_store" / "lse_store" (no O / LSE stores).
+_OPTIONS = {"prefetch": True, "ablate": frozenset()}
 
 
 def supports(q, k, v, block_size: int) -> bool:
@@ -164,11 +159,12 @@ def _interpret_params(interpret):
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
             kv_loaded, kv_consumed, *schedule_barrier, num_ctas, stages, kv_stages, kv_reuse,
-            compute_wgs, queries_per_tile, heads, block_size, scale):
+            deferred_stores, skip_mask, compute_wgs, queries_per_tile, heads, block_size,
+            scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   ablate = _OPTIONS["ablate"]
-  deferred = _OPTIONS["deferred_stores"]
+  deferred = deferred_stores
   dtype = q_smem.dtype
   wg = lax.axis_index("wg")
 
@@ -307,8 +303,10 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         @pl.when(p < live_lanes)
         def _():
           lanes = pl.ds(p * h, h)
-          plgpu.copy_smem_to_gmem(q_smem.at[slot, w, lanes], o_ref.at[out_rows[p]])
-          plgpu.copy_smem_to_gmem(lse_smem.at[slot, w, lanes], lse_ref.at[out_rows[p]])
+          if "o_store" not in ablate:
+            plgpu.copy_smem_to_gmem(q_smem.at[slot, w, lanes], o_ref.at[out_rows[p]])
+          if "lse_store" not in ablate:
+            plgpu.copy_smem_to_gmem(lse_smem.at[slot, w, lanes], lse_ref.at[out_rows[p]])
 
     def consume(j, carry):
       loads, scalars, previous = carry
@@ -348,7 +346,8 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         _attend_tile(q_tile=q_smem.at[slot, w], k_tile=k_smem.at[kv_slot],
                      v_tile=v_smem.at[kv_slot], lse_tile=lse_smem.at[slot, w], limits=limits,
                      under_qk=under_qk, after_pv=after_pv, store=store, sync=sync_compute_wgs,
-                     heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype)
+                     heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype,
+                     skip_mask=skip_mask)
 
       @pl.when(live_lanes <= 0)
       def _():
@@ -374,7 +373,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
 
 
 def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv, store, sync,
-                 heads, rows, block_size, scale, dtype):
+                 heads, rows, block_size, scale, dtype, skip_mask):
   """One tile: S = q K^T, softmax over the block, O = P V; O and LSE staged in shared memory
   (O in the q tile, whose rows are dead). ``under_qk`` runs while the QK wgmma does,
   ``after_pv`` after the PV wgmma, ``store`` issues the tile's output stores."""
@@ -391,7 +390,7 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv
     p16 = s.astype(dtype)
   else:
     m, l, p16 = _softmax(s, limits=limits, heads=heads, rows=rows, block_size=block_size,
-                         scale=scale, dtype=dtype)
+                         scale=scale, dtype=dtype, skip_mask=skip_mask)
   sync()  # ping-pong round 2: softmax done; wait until the tensor cores are ours
 
   def pv(acc_ref):
@@ -410,7 +409,7 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv
   store()
 
 
-def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
+def _softmax(s, *, limits, heads, rows, block_size, scale, dtype, skip_mask):
   """(row max, row sum, P in ``dtype``) of the exact softmax of ``s`` over one block.
 
   Key c of the block is visible to lane p (rows ``p*heads ...``) iff c <= limits[p]. Base 2,
@@ -427,7 +426,7 @@ def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
     visible = cols <= lax.broadcast_in_dim(limit, (rows, block_size), [0])
     return jnp.where(visible, s, -jnp.inf)
 
-  if _OPTIONS["skip_mask"]:  # most items see their whole block: mask only where needed
+  if skip_mask:  # most items see their whole block: mask only where needed
     needed = functools.reduce(jnp.minimum, limits) < block_size - 1
     s = lax.cond(needed, mask, lambda s: s, s)
   else:
@@ -450,19 +449,24 @@ def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
                               kv_stages=None, kv_reuse=None, num_ctas=None, pingpong=None,
-                              interpret=False):
+                              deferred_stores=None, skip_mask=None, interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
   ``queries_per_tile * tiles_per_item`` entries per item (``work_item_size``);
   ``tiles_per_item`` is the number of compute warpgroups; ``pingpong`` (two of them only)
   alternates their wgmmas and softmaxes through a schedule barrier. ``num_stages`` q/O slots
-  and ``kv_stages`` K/V slots; ``kv_reuse``: consecutive items of one block share a K/V load. ``interpret``: False (compiled),
+  and ``kv_stages`` K/V slots; ``kv_reuse``: consecutive items of one block share a K/V load;
+  ``deferred_stores``: an item's output stores are issued under the next item's QK wgmma (and
+  its slot released after that item's PV wgmma) instead of at the item's end;
+  ``skip_mask``: the causal/length mask only for items where a lane needs it (``lax.cond``).
+  Unset ones come from the tuning table. ``interpret``: False (compiled),
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
   cfg = tuning.config("sparse_mosaic", num_stages=num_stages, kv_stages=kv_stages,
-                      kv_reuse=kv_reuse, num_ctas=num_ctas, pingpong=pingpong)
+                      kv_reuse=kv_reuse, num_ctas=num_ctas, pingpong=pingpong,
+                      deferred_stores=deferred_stores, skip_mask=skip_mask)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
@@ -502,7 +506,9 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   if cfg["pingpong"] and nc == 2:
     scratch.append(plgpu.Barrier(num_arrivals=nc))  # the compute warpgroups' schedule
   body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, kv_stages=kv_stages,
-                           kv_reuse=bool(cfg["kv_reuse"]), compute_wgs=nc,
+                           kv_reuse=bool(cfg["kv_reuse"]),
+                           deferred_stores=bool(cfg["deferred_stores"]),
+                           skip_mask=bool(cfg["skip_mask"]), compute_wgs=nc,
                            queries_per_tile=queries_per_tile, heads=heads,
                            block_size=block_size, scale=float(scale))
   kernel_kwargs = dict(
