@@ -743,6 +743,31 @@ def plot(result, path):
   plt.close(fig)
 
 
+def merge(paths, out_dir, tag):
+  """One result from several invocations' JSON files: rows concatenated in order, meta and
+  ceilings of the first on top and every part's own under "parts"."""
+  parts = []
+  for path in paths:
+    with open(path) as f:
+      parts.append(json.load(f))
+  result = {"meta": parts[0]["meta"], "ceilings": parts[0]["ceilings"],
+            "parts": [{"file": os.path.basename(p), "meta": r["meta"], "ceilings": r["ceilings"]}
+                      for p, r in zip(paths, parts)]}
+  for key in ("prefill", "decode", "paged_decode"):
+    rows = [row for r in parts for row in r.get(key, [])]
+    if rows or key != "paged_decode":
+      result[key] = rows
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, tag)
+  with open(stem + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown(result))
+  plot(result, stem + ".png")
+  print(markdown(result))
+  return result
+
+
 def _commit():
   if os.environ.get("MSA_COMMIT"):
     return os.environ["MSA_COMMIT"]
@@ -804,9 +829,16 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes on CPU: xla + interpreted Pallas kernels (tests the "
                            "script, not the speed)")
+  parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                      help="instead of timing: merge the results of several invocations "
+                           "(e.g. prefill and decode run as two processes under a per-call "
+                           "time limit, each with its baselines) into one JSON/MD/PNG")
   parser.add_argument("--out-dir", default="benchmarks", help="where the JSON/MD/PNG go")
   parser.add_argument("--tag", default=None, help="file name stem (default: card name)")
   args = parser.parse_args(argv)
+  if args.merge:
+    merge(args.merge, args.out_dir, args.tag or "merged")
+    return
 
   workload, interpret, impl = M3, False, args.implementation
   if args.smoke:

@@ -34,3 +34,17 @@ def test_benchmark_smoke(tmp_path):
   assert set(tuned["cpu"]) == {"index", "sparse", "index_decode"}
   assert tuned["cpu"]["sparse"]["query_chunk"] in (None, 32)  # the sparse-path sweep
   assert all(t["ms"] > 0 for t in result["tuning"]["index"]["trials"])
+
+  # --merge: two invocations' results (say prefill and decode, run as two processes) as one.
+  first = dict(result, decode=[])
+  second = dict(result, prefill=[], meta=dict(result["meta"], commit="other"))
+  for name, part in (("a.json", first), ("b.json", second)):
+    (tmp_path / name).write_text(json.dumps(part))
+  proc = subprocess.run([sys.executable, script, "--merge", str(tmp_path / "a.json"),
+                         str(tmp_path / "b.json"), "--out-dir", str(tmp_path), "--tag", "both"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  merged = json.loads((tmp_path / "both.json").read_text())
+  assert merged["prefill"] == result["prefill"] and merged["decode"] == result["decode"]
+  assert [p["meta"]["commit"] for p in merged["parts"]] == [result["meta"]["commit"], "other"]
+  assert (tmp_path / "both.png").stat().st_size > 1000
