@@ -132,6 +132,17 @@ def useful_pairs(n: int, w: Workload) -> float:
   return float(np.minimum(p + 1, (w.topk - 1) * w.block_size + p % w.block_size + 1).sum())
 
 
+def kernel_tflops(row, workload: dict):
+  """The sparse kernel alone, on the last queries of the prefill (``sparse_breakdown``):
+  TFLOP/s of its useful FLOPs (None without a breakdown)."""
+  if not row.get("last_chunk_kernel_ms"):
+    return None
+  w = Workload(**workload)
+  n, q = row["N"], row.get("breakdown_queries", min(row["N"], row["chunk"]))
+  pairs = useful_pairs(n, w) - useful_pairs(n - q, w)
+  return 4 * w.head_dim * w.q_heads * pairs / (row["last_chunk_kernel_ms"] * 1e-3) / 1e12
+
+
 def prefill_row(n, w: Workload, args, impl, interpret):
   dtype = jnp.dtype(w.dtype)
   keys = jax.random.split(jax.random.PRNGKey(n), 5)
@@ -670,19 +681,29 @@ def markdown(result) -> str:
            f"workload {m['workload']}",
            f"Ceilings: bf16 matmul {_fmt(result['ceilings']['matmul_tflops'])} TFLOP/s, "
            f"copy {_fmt(result['ceilings']['copy_tbps'])} TB/s", ""]
+  if len(result.get("parts", [])) > 1:  # merged from several processes (benchmark --merge)
+    lines[-1:-1] = [f"Merged from {len(result['parts'])} processes, each with its baselines: "
+                    + "; ".join(f"{p['file']} (commit {p['meta']['commit']}, "
+                                f"{p['meta']['date']}, matmul "
+                                f"{_fmt(p['ceilings']['matmul_tflops'])} TFLOP/s, copy "
+                                f"{_fmt(p['ceilings']['copy_tbps'])} TB/s)"
+                                for p in result["parts"])]
   if result["prefill"]:
     lines += ["| N | chunk | index+top-k ms | sparse attn ms | MSA total ms | dense cuDNN ms | "
-              "speedup | FLOP ratio | sparse TFLOP/s | index TFLOP/s | dense TFLOP/s | "
-              "peak GB |",
-              "|" + "---|" * 12]
+              "speedup | FLOP ratio | sparse TFLOP/s | sparse kernel TFLOP/s | "
+              "index TFLOP/s | dense TFLOP/s | peak GB |",
+              "|" + "---|" * 13]
     for r in result["prefill"]:
       if "error" in r:
         lines.append(f"| {r['N']} | error: {r['error'][:120]} |")
         continue
       lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
           "N", "chunk", "index_ms", "sparse_ms", "msa_ms", "dense_ms", "speedup", "flop_ratio",
-          "sparse_tflops", "index_tflops", "dense_tflops"]) + " | "
+          "sparse_tflops"]) + " | " + _fmt(kernel_tflops(r, m["workload"])) + " | "
+          + " | ".join(_fmt(r.get(c)) for c in ["index_tflops", "dense_tflops"]) + " | "
           + _fmt(r["peak_bytes"] / 1e9 if r.get("peak_bytes", -1) > 0 else None) + " |")
+    lines += ["", "sparse attn = schedule + kernel + combine over all chunks; sparse kernel = "
+              "the kernel alone on the last chunk (its useful FLOPs over its time)."]
   if result["decode"]:
     lines += ["", "Decode, per call (host dispatch included) and per step inside one jitted loop "
               "(dispatch-free, as in a served model):", "",
