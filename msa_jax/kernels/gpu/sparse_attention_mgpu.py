@@ -15,8 +15,9 @@ a warp-specialised persistent kernel overlaps them:
 * Shared memory, two rings. ``S = num_stages`` (>= 2) q slots, each one q tile ``[R, D]``
   per compute warpgroup and an LSE row buffer ``[R]`` f32 per compute warpgroup;
   ``kv_stages`` (>= 2) K/V slots of K ``[Bk, D]`` and V ``[Bk, D]`` (tiles (8, 64)-tiled,
-  128-byte swizzled, as wgmma wants them). M3 shapes, 2 + 2 slots, NC = 2: 192 KB + 1 KB
-  (3 q slots exceed the 227 KB by 1 KB).
+  128-byte swizzled, as wgmma wants them). M3 shapes, NC = 2: 2 + 2 slots take 192 KB + 1 KB,
+  3 q + 2 K/V slots 224 KB + 1.5 KB (they fit because no shared memory is reserved for
+  cross-warp reductions, which this kernel has none of).
 * K/V loads: item i loads its block's K/V into K/V slot ``m % kv_stages`` (m = loads so far)
   unless ``kv_reuse`` is on and item i-1 of the CTA's chunk had the same (batch, group,
   block), in which case it reads the slot already there. Producer and compute warpgroups
@@ -46,7 +47,11 @@ a warp-specialised persistent kernel overlaps them:
   ``[Hq/G]`` LSE values (stores run asynchronously under the next item's math). Dead lanes
   store nothing (the Triton kernel writes them to the scratch row; that row is never read).
   A compute warpgroup whose tile has no live lane skips the math but keeps the barrier
-  protocol.
+  protocol. The item's scalars (live lanes, per-lane visibility limit and partial row) are
+  read one item ahead, under the previous item's wgmmas.
+* ``deferred_stores``: an item's stores are issued under the *next* item's QK wgmma instead,
+  and its slot released after that item's PV wgmma. ``skip_mask``: the mask runs (under a
+  ``lax.cond``) only for items where some lane does not see the whole block.
 * Registers: compute warpgroups raise their limit to 232, the producer drops to 40.
 * ``pingpong`` (two compute warpgroups): a schedule barrier makes them alternate, one's
   softmax under the other's wgmmas (FlashAttention-3; jax's ``ops/gpu/attention_mgpu.py``).
@@ -58,7 +63,8 @@ row slices of the tiled q buffer stay tile-aligned). Anything else: use the Trit
 On the GPU (H200, jax 0.11.2, 2026-11-28, aed32cc): ``JAX_PLATFORMS=cuda pytest
 tests/test_sparse_mgpu.py`` passed (the compiled kernel against the oracle), and the tuner
 measured 3.96 ms vs the Triton kernel's 5.03 ms on a 16K-query chunk at 256K (two compute
-warpgroups); it is the H200's sparse kernel since. ``pingpong`` is not yet timed on a GPU.
+warpgroups); it is the H200's sparse kernel since (2026-11-29, 3d76294: 14.1 ms = 302 TFLOP/s
+on the last 64K-query chunk of a 128K prefill; Triton 20.1 ms).
 
 Validation on CPU, ``tests/test_sparse_mgpu.py``:
 * Mosaic GPU interpret mode, jax 0.10.2 (here) and 0.11.2 (the GPU machine's; run from a
@@ -164,7 +170,6 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   ablate = _OPTIONS["ablate"]
-  deferred = deferred_stores
   dtype = q_smem.dtype
   wg = lax.axis_index("wg")
 
@@ -333,7 +338,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         plgpu.barrier_wait(kv_loaded.at[kv_slot])
 
       plgpu.barrier_wait(loaded.at[slot])
-      if deferred:  # item j-1's stores go out under this item's QK wgmma
+      if deferred_stores:  # item j-1's stores go out under this item's QK wgmma
         flush = lambda: pl.when(j > 0)(lambda: issue_stores(slot_of(j - 1), *previous))
         under_qk, after_pv = flush, lambda: release_previous(j)
         store = lambda: None
@@ -365,7 +370,7 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
 
     @pl.when(n > 0)
     def _():
-      if deferred:
+      if deferred_stores:
         issue_stores(slot_of(n - 1), *last)
       plgpu.wait_smem_to_gmem(0)
       plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
@@ -695,9 +700,13 @@ def _install_shims_jax_0_10(gcb):
 # Done on the H200 (aed32cc): it compiles and runs at M3 shapes (192 KB + LSE of shared
 # memory, 2 compute warpgroups), tests/test_sparse_mgpu.py passes uninterpreted, and the
 # tuner's correctness check against the Triton kernel passed before timing.
-# Levers tried, short of 330 TFLOP/s (60% of cuDNN; 205 now, benchmarks/NOTES.md):
-#  1. ``pingpong``: timed, no gain (4.08 vs 4.14 ms).
-#  2. ``kv_reuse`` (a K/V ring of its own, one load per run of items of a block): timed, no
-#     gain (within noise); a third q slot does not fit shared memory at M3 shapes.
-# Next: prefetch the next item's scalars (items, positions, out_rows) under the current
-# wgmma; partial O only where a query's blocks span several items.
+# Levers tried, short of 330 TFLOP/s (60% of cuDNN), measured with
+# benchmarks/probes/sparse_mgpu_ablation.py and the tuner (benchmarks/NOTES.md, 2026-11-29):
+#  1. ``pingpong``: no gain (4.08 vs 4.14 ms; 2026-11-29 slower: 4.17-4.22 vs 3.85-3.99).
+#  2. ``kv_reuse``: no gain (within noise): K/V reloads of a hot block hit L2.
+#  3. On a 64K-query chunk: scalar prefetch 15.56 -> 15.21 ms (on, not a switch of the
+#     table); then a third q slot with ``skip_mask`` 15.03 -> 14.59 ms (the H200 table has
+#     both); ``deferred_stores``: no gain (15.3-17.3 ms).
+# Ablations (16K chunk, 3.85 ms): no output stores -17%, no softmax -10%, no q gathers or
+# K/V loads 0-5% each; nothing of the memory traffic or softmax left: 2.2-2.3 ms (464-482
+# TFLOP/s) -- the per-block epilogue (normalise, stage, store) of the KV-outer design.
