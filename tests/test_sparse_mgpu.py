@@ -70,6 +70,7 @@ def interpreted(seconds=300):
 
 
 DEFERRED = {"deferred_stores": True, "skip_mask": True}
+OVERLAP = {"overlap_qk": True, "skip_mask": True}
 
 
 @pytest.mark.parametrize(
@@ -82,6 +83,9 @@ DEFERRED = {"deferred_stores": True, "skip_mask": True}
         # Stores issued under the next item's QK; the mask only where a lane needs it.
         ("chunked_gqa8", 2, 3, False, 3, 2, False, DEFERRED),
         ("prefill_gqa16", 1, 2, False, 2, 2, True, DEFERRED),
+        # The next item's QK wgmma under this item's epilogue.
+        ("chunked_gqa8", 2, 3, False, 3, 2, False, OVERLAP),
+        ("prefill_gqa16", 1, 2, False, 2, 3, True, OVERLAP),
     ])
 def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, stages, kv_stages,
                                     kv_reuse, options):

@@ -53,6 +53,8 @@ VARIANTS = [
     ("deferred + skip mask + 3 q slots", {},
      {"deferred_stores": True, "skip_mask": True, "num_stages": 3}),
     ("skip mask + 3 q slots", {}, {"skip_mask": True, "num_stages": 3}),
+    ("overlap QK + skip mask + 3 q slots", {},
+     {"overlap_qk": True, "skip_mask": True, "num_stages": 3}),
 ]
 # Ablations, on the kernel with these switches and launch parameters.
 ABLATION_BASE = ({}, {"deferred_stores": True, "skip_mask": True, "num_stages": 3})

@@ -165,8 +165,8 @@ def _interpret_params(interpret):
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
             kv_loaded, kv_consumed, *schedule_barrier, num_ctas, stages, kv_stages, kv_reuse,
-            deferred_stores, skip_mask, compute_wgs, queries_per_tile, heads, block_size,
-            scale):
+            deferred_stores, skip_mask, overlap_qk, compute_wgs, queries_per_tile, heads,
+            block_size, scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   ablate = _OPTIONS["ablate"]
@@ -313,6 +313,79 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
           if "lse_store" not in ablate:
             plgpu.copy_smem_to_gmem(lse_smem.at[slot, w, lanes], lse_ref.at[out_rows[p]])
 
+    tile = dict(heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype,
+                skip_mask=skip_mask)
+
+    def await_inputs(j, loads):
+      """Wait until item j's K/V and q rows are in shared memory: (new K/V load?, its K/V
+      slot, K/V loads after it)."""
+      new, kv_slot, loads_after = kv_step(first + j, j, loads)
+      pl.when(new)(lambda: plgpu.barrier_wait(kv_loaded.at[kv_slot]))
+      plgpu.barrier_wait(loaded.at[slot_of(j)])
+      return new, kv_slot, loads_after
+
+    def issue_qk(acc_ref, j, kv_slot):
+      plgpu.wgmma(acc_ref, q_smem.at[slot_of(j), w],
+                  plgpu.transpose_ref(k_smem.at[kv_slot], (1, 0)))
+
+    def finish(j, o, m, l, scalars):
+      """Item j's epilogue: stage O and LSE in item j's slot, store the live lanes."""
+      live_lanes, *rest = scalars
+      _stage_output(o, m, l, q_tile=q_smem.at[slot_of(j), w],
+                    lse_tile=lse_smem.at[slot_of(j), w], scale=scale, dtype=dtype)
+      issue_stores(slot_of(j), live_lanes, *rest[qpt:])
+
+    def _pipelined():
+      """``overlap_qk``: item j+1's QK wgmma runs under item j's epilogue.
+
+      Per item j (S_j computed during item j-1): softmax; PV(j) issued; item j-1's slot
+      released (its stores have read it); item j+1's inputs awaited and QK(j+1) issued; PV(j)
+      awaited (QK(j+1) may still run); item j's K/V slot released if item j+1 loads another;
+      epilogue of j (normalise, stage, stores); S_{j+1} awaited. Tiles without a live lane
+      run the same instructions on whatever the slot holds and store nothing, so the
+      number of wgmmas in flight is static."""
+      acc_s = lambda: plgpu.ACC((rows, bk), jnp.float32)
+      acc_o = lambda: plgpu.ACC((rows, v_smem.shape[-1]), jnp.float32)
+
+      def step(j, carry):
+        loads, kv_slot, s_j, scalars, next_scalars = carry
+        m, l, p16 = _probabilities(s_j, limits=scalars[1:1 + qpt], **tile)
+
+        def overlapped(o_ref, s_ref):
+          plgpu.wgmma(o_ref, p16, v_smem.at[kv_slot])
+          release_previous(j)
+          new, next_kv_slot, loads_after = await_inputs(j + 1, loads)
+          issue_qk(s_ref, j + 1, next_kv_slot)
+          o = plgpu.wgmma_accumulator_load(o_ref, wait_n=1)  # PV(j) done, QK(j+1) may run
+          pl.when(new)(lambda: plgpu.barrier_arrive(kv_consumed.at[kv_slot]))
+          finish(j, o, m, l, scalars)
+          return loads_after, next_kv_slot, s_ref[...]
+
+        loads, kv_slot, s_next = pl.run_scoped(overlapped, acc_o(), acc_s())
+        return loads, kv_slot, s_next, next_scalars, read_item(j + 2)
+
+      @pl.when(n > 0)
+      def _():
+        _, kv_slot, loads = await_inputs(jnp.int32(0), jnp.int32(0))
+
+        def first_qk(s_ref):
+          issue_qk(s_ref, 0, kv_slot)
+          return s_ref[...]
+
+        carry = (loads, kv_slot, pl.run_scoped(first_qk, acc_s()), read_item(0), read_item(1))
+        loads, kv_slot, s_last, scalars, _ = lax.fori_loop(0, n - 1, step, carry)
+        m, l, p16 = _probabilities(s_last, limits=scalars[1:1 + qpt], **tile)
+
+        def last_pv(o_ref):
+          plgpu.wgmma(o_ref, p16, v_smem.at[kv_slot])
+          release_previous(n - 1)
+          return o_ref[...]
+
+        finish(n - 1, pl.run_scoped(last_pv, acc_o()), m, l, scalars)
+        plgpu.wait_smem_to_gmem(0)
+        plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
+        plgpu.barrier_arrive(kv_consumed.at[kv_slot])
+
     def consume(j, carry):
       loads, scalars, previous = carry
       slot = slot_of(j)
@@ -362,6 +435,9 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         sync_compute_wgs()
       return loads_after, scalars, (live_lanes, *out_rows)
 
+    if overlap_qk:
+      _pipelined()
+      return
     first_scalars = read_item(0)
     no_previous = (jnp.int32(0), *first_scalars[1 + qpt:])
     loads, _, last = lax.fori_loop(0, n, consume, (jnp.int32(0), first_scalars, no_previous))
@@ -390,12 +466,8 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv
     return acc_ref[...]
 
   s = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
-  if "softmax" in _OPTIONS["ablate"]:  # timing experiments only: P = S
-    m = l = s.sum(axis=1)
-    p16 = s.astype(dtype)
-  else:
-    m, l, p16 = _softmax(s, limits=limits, heads=heads, rows=rows, block_size=block_size,
-                         scale=scale, dtype=dtype, skip_mask=skip_mask)
+  m, l, p16 = _probabilities(s, limits=limits, heads=heads, rows=rows, block_size=block_size,
+                             scale=scale, dtype=dtype, skip_mask=skip_mask)
   sync()  # ping-pong round 2: softmax done; wait until the tensor cores are ours
 
   def pv(acc_ref):
@@ -404,6 +476,22 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv
 
   o = pl.run_scoped(pv, plgpu.ACC((rows, v_tile.shape[-1]), jnp.float32))
   after_pv()
+  _stage_output(o, m, l, q_tile=q_tile, lse_tile=lse_tile, scale=scale, dtype=dtype)
+  store()
+
+
+def _probabilities(s, **kw):
+  """(row max, row sum, P) of one block's scores: ``_softmax``, or P = S under the
+  "softmax" ablation (timing experiments only)."""
+  if "softmax" in _OPTIONS["ablate"]:
+    m = l = s.sum(axis=1)
+    return m, l, s.astype(kw["dtype"])
+  return _softmax(s, **kw)
+
+
+def _stage_output(o, m, l, *, q_tile, lse_tile, scale, dtype):
+  """Normalise O, stage it in the q tile (its q rows are dead) and the LSE in its buffer, and
+  make both visible to the TMA engine."""
   has_keys = l > 0
   l_safe = jnp.where(has_keys, l, 1.0)
   o = o / lax.broadcast_in_dim(l_safe, o.shape, [0])
@@ -411,7 +499,6 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv
   q_tile[...] = o.astype(dtype)
   lse_tile[...] = lse
   plgpu.commit_smem()
-  store()
 
 
 def _softmax(s, *, limits, heads, rows, block_size, scale, dtype, skip_mask):
@@ -454,7 +541,8 @@ def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
                               kv_stages=None, kv_reuse=None, num_ctas=None, pingpong=None,
-                              deferred_stores=None, skip_mask=None, interpret=False):
+                              deferred_stores=None, skip_mask=None, overlap_qk=None,
+                              interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
@@ -464,14 +552,16 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   and ``kv_stages`` K/V slots; ``kv_reuse``: consecutive items of one block share a K/V load;
   ``deferred_stores``: an item's output stores are issued under the next item's QK wgmma (and
   its slot released after that item's PV wgmma) instead of at the item's end;
-  ``skip_mask``: the causal/length mask only for items where a lane needs it (``lax.cond``).
-  Unset ones come from the tuning table. ``interpret``: False (compiled),
+  ``skip_mask``: the causal/length mask only for items where a lane needs it (``lax.cond``);
+  ``overlap_qk``: the next item's QK wgmma runs under this item's epilogue (not with
+  ``pingpong`` or ``deferred_stores``). Unset ones come from the tuning table. ``interpret``: False (compiled),
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
   cfg = tuning.config("sparse_mosaic", num_stages=num_stages, kv_stages=kv_stages,
                       kv_reuse=kv_reuse, num_ctas=num_ctas, pingpong=pingpong,
-                      deferred_stores=deferred_stores, skip_mask=skip_mask)
+                      deferred_stores=deferred_stores, skip_mask=skip_mask,
+                      overlap_qk=overlap_qk)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
@@ -481,6 +571,8 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   if not supports(q, k, v, block_size):
     raise ValueError(f"sparse_attention_mgpu does not support q {q.shape} {q.dtype}, "
                      f"k {k.shape}, v {v.shape}, block_size {block_size}")
+  if cfg["overlap_qk"] and (cfg["pingpong"] or cfg["deferred_stores"]):
+    raise ValueError("overlap_qk does not combine with pingpong or deferred_stores")
   if rows % WGMMA_ROWS or tiles_per_item not in (1, 2) or stages < 2 or kv_stages < 2:
     raise ValueError(f"need tile rows ({rows}) a multiple of {WGMMA_ROWS}, tiles_per_item "
                      f"(compute warpgroups, {tiles_per_item}) 1 or 2, num_stages and "
@@ -513,7 +605,8 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, kv_stages=kv_stages,
                            kv_reuse=bool(cfg["kv_reuse"]),
                            deferred_stores=bool(cfg["deferred_stores"]),
-                           skip_mask=bool(cfg["skip_mask"]), compute_wgs=nc,
+                           skip_mask=bool(cfg["skip_mask"]),
+                           overlap_qk=bool(cfg["overlap_qk"]), compute_wgs=nc,
                            queries_per_tile=queries_per_tile, heads=heads,
                            block_size=block_size, scale=float(scale))
   kernel_kwargs = dict(
