@@ -51,7 +51,9 @@ a warp-specialised persistent kernel overlaps them:
   read one item ahead, under the previous item's wgmmas.
 * ``deferred_stores``: an item's stores are issued under the *next* item's QK wgmma instead,
   and its slot released after that item's PV wgmma. ``skip_mask``: the mask runs (under a
-  ``lax.cond``) only for items where some lane does not see the whole block.
+  ``lax.cond``) only for items where some lane does not see the whole block. ``overlap_qk``:
+  item j+1's QK wgmma is issued before item j's PV result is read (two accumulators), so it
+  runs under item j's epilogue (measured slower on the H200; off).
 * Registers: compute warpgroups raise their limit to 232, the producer drops to 40.
 * ``pingpong`` (two compute warpgroups): a schedule barrier makes them alternate, one's
   softmax under the other's wgmmas (FlashAttention-3; jax's ``ops/gpu/attention_mgpu.py``).
@@ -799,7 +801,8 @@ def _install_shims_jax_0_10(gcb):
 #  2. ``kv_reuse``: no gain (within noise): K/V reloads of a hot block hit L2.
 #  3. On a 64K-query chunk: scalar prefetch 15.56 -> 15.21 ms (on, not a switch of the
 #     table); then a third q slot with ``skip_mask`` 15.03 -> 14.59 ms (the H200 table has
-#     both); ``deferred_stores``: no gain (15.3-17.3 ms).
+#     both); ``deferred_stores``: no gain (15.3-17.3 ms); ``overlap_qk`` (75cc77f): slower,
+#     15.37-15.47 vs 14.59-14.73 ms.
 # Ablations (16K chunk, 3.85 ms): no output stores -17%, no softmax -10%, no q gathers or
 # K/V loads 0-5% each; nothing of the memory traffic or softmax left: 2.2-2.3 ms (464-482
 # TFLOP/s) -- the per-block epilogue (normalise, stage, store) of the KV-outer design.
