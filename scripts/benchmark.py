@@ -623,8 +623,7 @@ def tune(w: Workload, args, interpret):
 
 
 # Keys of the "sparse" tuning grid that only the Mosaic GPU kernel reads.
-MOSAIC_ONLY = ("pingpong", "kv_reuse", "kv_stages", "q_stages", "deferred_stores", "skip_mask",
-               "overlap_qk")
+MOSAIC_ONLY = ("pingpong", "kv_reuse", "kv_stages", "q_stages", "skip_mask")
 
 
 def _sparse_best(ok):

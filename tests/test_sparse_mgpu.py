@@ -69,10 +69,6 @@ def interpreted(seconds=300):
   assert not gpu_interpret.get_races().races_found, "data race in the Mosaic GPU kernel"
 
 
-DEFERRED = {"deferred_stores": True, "skip_mask": True}
-OVERLAP = {"overlap_qk": True, "skip_mask": True}
-
-
 @pytest.mark.parametrize(
     "name,tiles_per_item,num_ctas,pingpong,stages,kv_stages,kv_reuse,options", [
         # 2 compute warpgroups; more CTAs than some chunks need; items of a block share K/V.
@@ -80,12 +76,9 @@ OVERLAP = {"overlap_qk": True, "skip_mask": True}
         ("chunked_gqa8", 2, 3, True, 2, 2, True, {}),  # alternating (schedule barrier)
         ("chunked_gqa8", 2, 2, False, 3, 2, False, {}),  # a K/V load per item; 3 q slots
         ("prefill_gqa16", 1, 2, False, 2, 3, True, {}),  # 1 compute warpgroup; 3 K/V slots
-        # Stores issued under the next item's QK; the mask only where a lane needs it.
-        ("chunked_gqa8", 2, 3, False, 3, 2, False, DEFERRED),
-        ("prefill_gqa16", 1, 2, False, 2, 2, True, DEFERRED),
-        # The next item's QK wgmma under this item's epilogue.
-        ("chunked_gqa8", 2, 3, False, 3, 2, False, OVERLAP),
-        ("prefill_gqa16", 1, 2, False, 2, 3, True, OVERLAP),
+        # The mask only where a lane needs it.
+        ("chunked_gqa8", 2, 3, False, 3, 2, False, {"skip_mask": True}),
+        ("prefill_gqa16", 1, 2, False, 2, 2, True, {"skip_mask": True}),
     ])
 def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, stages, kv_stages,
                                     kv_reuse, options):

@@ -49,11 +49,8 @@ a warp-specialised persistent kernel overlaps them:
   A compute warpgroup whose tile has no live lane skips the math but keeps the barrier
   protocol. The item's scalars (live lanes, per-lane visibility limit and partial row) are
   read one item ahead, under the previous item's wgmmas.
-* ``deferred_stores``: an item's stores are issued under the *next* item's QK wgmma instead,
-  and its slot released after that item's PV wgmma. ``skip_mask``: the mask runs (under a
-  ``lax.cond``) only for items where some lane does not see the whole block. ``overlap_qk``:
-  item j+1's QK wgmma is issued before item j's PV result is read (two accumulators), so it
-  runs under item j's epilogue (measured slower on the H200; off).
+* ``skip_mask``: the mask runs (under a ``lax.cond``) only for items where some lane does not
+  see the whole block.
 * Registers: compute warpgroups raise their limit to 232, the producer drops to 40.
 * ``pingpong`` (two compute warpgroups): a schedule barrier makes them alternate, one's
   softmax under the other's wgmmas (FlashAttention-3; jax's ``ops/gpu/attention_mgpu.py``).
@@ -167,8 +164,7 @@ def _interpret_params(interpret):
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
             kv_loaded, kv_consumed, *schedule_barrier, num_ctas, stages, kv_stages, kv_reuse,
-            deferred_stores, skip_mask, overlap_qk, compute_wgs, queries_per_tile, heads,
-            block_size, scale):
+            skip_mask, compute_wgs, queries_per_tile, heads, block_size, scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
   ablate = _OPTIONS["ablate"]
@@ -318,78 +314,8 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
     tile = dict(heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype,
                 skip_mask=skip_mask)
 
-    def await_inputs(j, loads):
-      """Wait until item j's K/V and q rows are in shared memory: (new K/V load?, its K/V
-      slot, K/V loads after it)."""
-      new, kv_slot, loads_after = kv_step(first + j, j, loads)
-      pl.when(new)(lambda: plgpu.barrier_wait(kv_loaded.at[kv_slot]))
-      plgpu.barrier_wait(loaded.at[slot_of(j)])
-      return new, kv_slot, loads_after
-
-    def issue_qk(acc_ref, j, kv_slot):
-      plgpu.wgmma(acc_ref, q_smem.at[slot_of(j), w],
-                  plgpu.transpose_ref(k_smem.at[kv_slot], (1, 0)))
-
-    def finish(j, o, m, l, scalars):
-      """Item j's epilogue: stage O and LSE in item j's slot, store the live lanes."""
-      live_lanes, *rest = scalars
-      _stage_output(o, m, l, q_tile=q_smem.at[slot_of(j), w],
-                    lse_tile=lse_smem.at[slot_of(j), w], scale=scale, dtype=dtype)
-      issue_stores(slot_of(j), live_lanes, *rest[qpt:])
-
-    def _pipelined():
-      """``overlap_qk``: item j+1's QK wgmma runs under item j's epilogue.
-
-      Per item j (S_j computed during item j-1): softmax; PV(j) issued; item j-1's slot
-      released (its stores have read it); item j+1's inputs awaited and QK(j+1) issued; PV(j)
-      awaited (QK(j+1) may still run); item j's K/V slot released if item j+1 loads another;
-      epilogue of j (normalise, stage, stores); S_{j+1} awaited. Tiles without a live lane
-      run the same instructions on whatever the slot holds and store nothing, so the
-      number of wgmmas in flight is static."""
-      acc_s = lambda: plgpu.ACC((rows, bk), jnp.float32)
-      acc_o = lambda: plgpu.ACC((rows, v_smem.shape[-1]), jnp.float32)
-
-      def step(j, carry):
-        loads, kv_slot, s_j, scalars, next_scalars = carry
-        m, l, p16 = _probabilities(s_j, limits=scalars[1:1 + qpt], **tile)
-
-        def overlapped(o_ref, s_ref):
-          plgpu.wgmma(o_ref, p16, v_smem.at[kv_slot])
-          release_previous(j)
-          new, next_kv_slot, loads_after = await_inputs(j + 1, loads)
-          issue_qk(s_ref, j + 1, next_kv_slot)
-          o = plgpu.wgmma_accumulator_load(o_ref, wait_n=1)  # PV(j) done, QK(j+1) may run
-          pl.when(new)(lambda: plgpu.barrier_arrive(kv_consumed.at[kv_slot]))
-          finish(j, o, m, l, scalars)
-          return loads_after, next_kv_slot, s_ref[...]
-
-        loads, kv_slot, s_next = pl.run_scoped(overlapped, acc_o(), acc_s())
-        return loads, kv_slot, s_next, next_scalars, read_item(j + 2)
-
-      @pl.when(n > 0)
-      def _():
-        _, kv_slot, loads = await_inputs(jnp.int32(0), jnp.int32(0))
-
-        def first_qk(s_ref):
-          issue_qk(s_ref, 0, kv_slot)
-          return s_ref[...]
-
-        carry = (loads, kv_slot, pl.run_scoped(first_qk, acc_s()), read_item(0), read_item(1))
-        loads, kv_slot, s_last, scalars, _ = lax.fori_loop(0, n - 1, step, carry)
-        m, l, p16 = _probabilities(s_last, limits=scalars[1:1 + qpt], **tile)
-
-        def last_pv(o_ref):
-          plgpu.wgmma(o_ref, p16, v_smem.at[kv_slot])
-          release_previous(n - 1)
-          return o_ref[...]
-
-        finish(n - 1, pl.run_scoped(last_pv, acc_o()), m, l, scalars)
-        plgpu.wait_smem_to_gmem(0)
-        plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
-        plgpu.barrier_arrive(kv_consumed.at[kv_slot])
-
     def consume(j, carry):
-      loads, scalars, previous = carry
+      loads, scalars = carry
       slot = slot_of(j)
       item = first + j
       if _OPTIONS["prefetch"]:
@@ -413,53 +339,37 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         plgpu.barrier_wait(kv_loaded.at[kv_slot])
 
       plgpu.barrier_wait(loaded.at[slot])
-      if deferred_stores:  # item j-1's stores go out under this item's QK wgmma
-        flush = lambda: pl.when(j > 0)(lambda: issue_stores(slot_of(j - 1), *previous))
-        under_qk, after_pv = flush, lambda: release_previous(j)
-        store = lambda: None
-      else:
-        under_qk, after_pv = lambda: release_previous(j), lambda: None
-        store = lambda: issue_stores(slot, live_lanes, *out_rows)
 
       @pl.when(live_lanes > 0)
       def _():
         _attend_tile(q_tile=q_smem.at[slot, w], k_tile=k_smem.at[kv_slot],
                      v_tile=v_smem.at[kv_slot], lse_tile=lse_smem.at[slot, w], limits=limits,
-                     under_qk=under_qk, after_pv=after_pv, store=store, sync=sync_compute_wgs,
-                     heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype,
-                     skip_mask=skip_mask)
+                     under_qk=lambda: release_previous(j), sync=sync_compute_wgs, **tile)
+        issue_stores(slot, live_lanes, *out_rows)  # they run under the next item's math
 
       @pl.when(live_lanes <= 0)
       def _():
-        under_qk()
-        after_pv()
+        release_previous(j)
         sync_compute_wgs()  # the two rounds _attend_tile takes part in
         sync_compute_wgs()
-      return loads_after, scalars, (live_lanes, *out_rows)
+      return loads_after, scalars
 
-    if overlap_qk:
-      _pipelined()
-      return
-    first_scalars = read_item(0)
-    no_previous = (jnp.int32(0), *first_scalars[1 + qpt:])
-    loads, _, last = lax.fori_loop(0, n, consume, (jnp.int32(0), first_scalars, no_previous))
+    loads, _ = lax.fori_loop(0, n, consume, (jnp.int32(0), read_item(0)))
     if schedule_barrier:
       pl.when(w == 0)(sync_compute_wgs)  # balance warpgroup 1's head start
 
     @pl.when(n > 0)
     def _():
-      if deferred_stores:
-        issue_stores(slot_of(n - 1), *last)
       plgpu.wait_smem_to_gmem(0)
       plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
       plgpu.barrier_arrive(kv_consumed.at[lax.rem(loads - 1, jnp.int32(kv_stages))])
 
 
-def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv, store, sync,
-                 heads, rows, block_size, scale, dtype, skip_mask):
+def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, sync, heads, rows,
+                 block_size, scale, dtype, skip_mask):
   """One tile: S = q K^T, softmax over the block, O = P V; O and LSE staged in shared memory
-  (O in the q tile, whose rows are dead). ``under_qk`` runs while the QK wgmma does,
-  ``after_pv`` after the PV wgmma, ``store`` issues the tile's output stores."""
+  (O in the q tile, whose rows are dead) for the caller's stores. ``under_qk`` runs while the
+  QK wgmma does."""
 
   def qk(acc_ref):
     plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
@@ -477,9 +387,7 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, after_pv
     return acc_ref[...]
 
   o = pl.run_scoped(pv, plgpu.ACC((rows, v_tile.shape[-1]), jnp.float32))
-  after_pv()
   _stage_output(o, m, l, q_tile=q_tile, lse_tile=lse_tile, scale=scale, dtype=dtype)
-  store()
 
 
 def _probabilities(s, **kw):
@@ -543,8 +451,7 @@ def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
                               kv_stages=None, kv_reuse=None, num_ctas=None, pingpong=None,
-                              deferred_stores=None, skip_mask=None, overlap_qk=None,
-                              interpret=False):
+                              skip_mask=None, interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
@@ -552,18 +459,14 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   ``tiles_per_item`` is the number of compute warpgroups; ``pingpong`` (two of them only)
   alternates their wgmmas and softmaxes through a schedule barrier. ``num_stages`` q/O slots
   and ``kv_stages`` K/V slots; ``kv_reuse``: consecutive items of one block share a K/V load;
-  ``deferred_stores``: an item's output stores are issued under the next item's QK wgmma (and
-  its slot released after that item's PV wgmma) instead of at the item's end;
-  ``skip_mask``: the causal/length mask only for items where a lane needs it (``lax.cond``);
-  ``overlap_qk``: the next item's QK wgmma runs under this item's epilogue (not with
-  ``pingpong`` or ``deferred_stores``). Unset ones come from the tuning table. ``interpret``: False (compiled),
+  ``skip_mask``: the causal/length mask only for items where a lane needs it (``lax.cond``).
+  Unset ones come from the tuning table. ``interpret``: False (compiled),
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
   cfg = tuning.config("sparse_mosaic", num_stages=num_stages, kv_stages=kv_stages,
                       kv_reuse=kv_reuse, num_ctas=num_ctas, pingpong=pingpong,
-                      deferred_stores=deferred_stores, skip_mask=skip_mask,
-                      overlap_qk=overlap_qk)
+                      skip_mask=skip_mask)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
@@ -573,8 +476,6 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   if not supports(q, k, v, block_size):
     raise ValueError(f"sparse_attention_mgpu does not support q {q.shape} {q.dtype}, "
                      f"k {k.shape}, v {v.shape}, block_size {block_size}")
-  if cfg["overlap_qk"] and (cfg["pingpong"] or cfg["deferred_stores"]):
-    raise ValueError("overlap_qk does not combine with pingpong or deferred_stores")
   if rows % WGMMA_ROWS or tiles_per_item not in (1, 2) or stages < 2 or kv_stages < 2:
     raise ValueError(f"need tile rows ({rows}) a multiple of {WGMMA_ROWS}, tiles_per_item "
                      f"(compute warpgroups, {tiles_per_item}) 1 or 2, num_stages and "
@@ -606,9 +507,7 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
     scratch.append(plgpu.Barrier(num_arrivals=nc))  # the compute warpgroups' schedule
   body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, kv_stages=kv_stages,
                            kv_reuse=bool(cfg["kv_reuse"]),
-                           deferred_stores=bool(cfg["deferred_stores"]),
-                           skip_mask=bool(cfg["skip_mask"]),
-                           overlap_qk=bool(cfg["overlap_qk"]), compute_wgs=nc,
+                           skip_mask=bool(cfg["skip_mask"]), compute_wgs=nc,
                            queries_per_tile=queries_per_tile, heads=heads,
                            block_size=block_size, scale=float(scale))
   kernel_kwargs = dict(
@@ -801,8 +700,10 @@ def _install_shims_jax_0_10(gcb):
 #  2. ``kv_reuse``: no gain (within noise): K/V reloads of a hot block hit L2.
 #  3. On a 64K-query chunk: scalar prefetch 15.56 -> 15.21 ms (on, not a switch of the
 #     table); then a third q slot with ``skip_mask`` 15.03 -> 14.59 ms (the H200 table has
-#     both); ``deferred_stores``: no gain (15.3-17.3 ms); ``overlap_qk`` (75cc77f): slower,
-#     15.37-15.47 vs 14.59-14.73 ms.
+#     both).
+#  4. Removed after measuring (code in git history): stores deferred under the next item's
+#     QK wgmma (04a8768: 15.3-17.3 vs 14.6-15.0 ms) and the next item's QK wgmma under this
+#     item's epilogue with two accumulators (75cc77f: 15.37-15.47 vs 14.59-14.73 ms).
 # Ablations (16K chunk, 3.85 ms): no output stores -17%, no softmax -10%, no q gathers or
 # K/V loads 0-5% each; nothing of the memory traffic or softmax left: 2.2-2.3 ms (464-482
 # TFLOP/s) -- the per-block epilogue (normalise, stage, store) of the KV-outer design.

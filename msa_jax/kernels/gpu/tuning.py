@@ -42,12 +42,10 @@ DEFAULTS = {
     # alternate wgmma and softmax through a schedule barrier (FlashAttention-3 style),
     # kv_stages = K/V slots (a ring of their own), kv_reuse = consecutive items of one block
     # share one K/V load (no measurable gain on the H200: the reloads hit L2),
-    # deferred_stores = an item's output stores go out under the next item's QK wgmma,
-    # skip_mask = the causal/length mask only where a lane needs it, overlap_qk = the next
-    # item's QK wgmma under this item's epilogue.
+    # skip_mask = the causal/length mask only where a lane needs it.
     "sparse_mosaic": {"tile_rows": 64, "tiles_per_item": 2, "num_stages": 2, "num_ctas": None,
                       "pingpong": False, "kv_stages": 2, "kv_reuse": False,
-                      "deferred_stores": False, "skip_mask": False, "overlap_qk": False},
+                      "skip_mask": False},
     "decode": {"num_warps": 4, "num_stages": 2},
     # Backward (sparse_attention_bwd.py): tile_rows = query rows (positions x heads) of a
     # dK/dV tile; tiles_per_item = tiles one dK/dV program walks against its block (bounds
