@@ -189,35 +189,23 @@ def test_full_size_tiles_gpu_kernel():
   assert C.rel_err(out, ref_out) <= 1e-5
 
 
-@pytest.mark.parametrize("case_name,tiles,ipp", [("chunked_prefill_gqa8", 3, 1),
-                                                  ("prefill_padding", 2, 3)])
-def test_gpu_kernel_items_of_several_tiles(case_name, tiles, ipp):
-  """Work items of several tiles (one K/V load streamed over them), through the public API."""
+@pytest.mark.parametrize("case_name,params", [
+    # Work items of several tiles (one K/V load streamed over them).
+    ("chunked_prefill_gqa8", {"tiles_per_item": 3, "items_per_program": 1}),
+    ("prefill_padding", {"tiles_per_item": 2, "items_per_program": 3}),
+    # The query range in pieces (the last one shorter), each its own schedule, kernel and
+    # combine.
+    ("chunked_prefill_gqa8", {"query_chunk": 5}),
+    ("prefill_padding", {"query_chunk": 40}),
+])
+def test_gpu_path_variants(case_name, params):
+  """Launch variants of the GPU KV-outer path, through the public API, against the oracle."""
   case = C.CASES[case_name]
+  if "query_chunk" in params:  # several pieces, a short last one
+    assert case.q_len > params["query_chunk"] and case.q_len % params["query_chunk"]
   x = C.make_inputs(case, jnp.float32, seed=18)
   ids = C.random_selection(case, x, seed=18, holes=True)
-  with tuning.override("sparse", tiles_per_item=tiles, items_per_program=ipp):
-    out, lse = msa_jax.sparse_attention(
-        x["q"], x["k"], x["v"], ids, block_size=case.block_size, q_positions=x["q_positions"],
-        kv_lengths=x["kv_lengths"], return_lse=True, implementation="pallas_gpu",
-        interpret=True)
-  ref_out, ref_lse = C.oracle_attention(case, x, ids)
-  assert C.rel_err(out, ref_out) <= 1e-5
-  fin = np.isfinite(ref_lse)
-  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
-  np.testing.assert_allclose(np.asarray(lse)[fin], ref_lse[fin], atol=1e-4)
-
-
-@pytest.mark.parametrize("case_name,piece", [("chunked_prefill_gqa8", 5),
-                                               ("prefill_padding", 40)])
-def test_gpu_path_in_query_pieces(case_name, piece):
-  """``query_chunk``: the query range in pieces (the last one shorter), each its own schedule,
-  kernel and combine; outputs and LSEs as one piece gives, against the oracle."""
-  case = C.CASES[case_name]
-  assert case.q_len > piece and case.q_len % piece  # several pieces, a short last one
-  x = C.make_inputs(case, jnp.float32, seed=19)
-  ids = C.random_selection(case, x, seed=19, holes=True)
-  with tuning.override("sparse", query_chunk=piece):
+  with tuning.override("sparse", **params):
     out, lse = msa_jax.sparse_attention(
         x["q"], x["k"], x["v"], ids, block_size=case.block_size, q_positions=x["q_positions"],
         kv_lengths=x["kv_lengths"], return_lse=True, implementation="pallas_gpu",
