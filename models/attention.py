@@ -7,7 +7,9 @@ branch: ``index_q_proj`` (one head per group), ``index_k_proj`` (one shared head
 index norms and the same RoPE, on a stop-gradient input (the index branch never sends
 gradient into the backbone; it trains through ``msa_jax.indexer_kl_loss``). Selection and
 sparse attention go through ``msa_jax.msa_attention``. Full-attention layers use
-``jax.nn.dot_product_attention`` with the same visibility rule (j <= p and j < kv_len).
+``msa_jax.full_attention`` with the same visibility rule (j <= p and j < kv_len): flash
+attention that never builds the ``[T, S]`` scores (cuDNN for prefill and a split-K kernel for
+decode on GPUs, an online softmax over key chunks elsewhere).
 
 ``train_forward`` is the cache-free full-sequence path of training and evaluation: attention
 dense or MSA per call, and the per-layer indexer KL loss (selected or whole-causal support).
@@ -101,18 +103,18 @@ class Attention(nnx.Module):
           q, k_all, v_all, iq, index_all.astype(q.dtype), block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, kv_lengths=kv_lengths,
           implementation=implementation, interpret=interpret)
-    key_pos = jnp.arange(k_all.shape[1], dtype=jnp.int32)
-    mask = ((key_pos[None, None, :] <= positions[:, :, None])
-            & (key_pos[None, None, :] < kv_lengths[:, None, None]))
-    return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask[:, None])
+    return msa_jax.full_attention(q, k_all, v_all, q_positions=positions,
+                                  kv_lengths=kv_lengths, implementation=implementation,
+                                  interpret=interpret)
 
   def paged(self, h, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
             implementation="xla", interpret=False):
     """As ``__call__`` on paged caches (``cache_lib.PagedCache``'s per-layer pages and shared
     page table). Decode steps (at most ``msa_jax.paged_api.MAX_DECODE_QUERIES`` new tokens per
-    sequence) of MSA layers read only the selected pages (``msa_jax.paged_msa_decode``);
-    longer chunks (prefill) and full-attention layers gather the sequence's pages into
-    contiguous keys first. Returns (out [B,T,H], k_pages, v_pages, index_pages)."""
+    sequence) read the pages in place: MSA layers only the selected ones
+    (``msa_jax.paged_msa_decode``), full-attention layers all of the sequence's
+    (``msa_jax.paged_full_attention``); longer chunks (prefill) gather the sequence's pages
+    into contiguous keys first. Returns (out [B,T,H], k_pages, v_pages, index_pages)."""
     c = self.config
     b, t, _ = h.shape
     q, k, v = self.project(h, positions)
@@ -128,6 +130,10 @@ class Attention(nnx.Module):
           index_pages.astype(q.dtype), page_table, kv_lengths, block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, implementation=implementation,
           interpret=interpret)
+    elif t <= msa_jax.full.MAX_DECODE_QUERIES:
+      out = msa_jax.paged_full_attention(
+          q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), page_table, kv_lengths,
+          q_positions=positions, implementation=implementation, interpret=interpret)
     else:
       gather = lambda pages: msa_jax.paged.gather_pages(pages, page_table, kv_lengths)
       out = self._attend(q, gather(k_pages), gather(v_pages), iq,

@@ -91,14 +91,16 @@ class MiniMaxM3(nnx.Module):
                           param_dtype=param_dtype)
 
   def __call__(self, tokens: jax.Array, cache: cache_lib.Cache | cache_lib.PagedCache,
-               num_new: jax.Array | None = None):
+               num_new: jax.Array | None = None, *, last_only: bool = False):
     """Run ``tokens [B, T]`` after what ``cache`` holds (prefill, a chunk or decode steps).
 
     ``cache`` is contiguous (``cache_lib.Cache``) or paged (``cache_lib.PagedCache``, whose
     page table must already hold pages for the new tokens). ``num_new [B]`` (optional) says
     how many of the T tokens are real per sequence (ragged batches; the rest are padding and
     leave the cache untouched; 0 leaves a row alone). Returns
-    ``(logits [B, T, V] float32, updated cache)``.
+    ``(logits [B, T, V] float32, updated cache)``; with ``last_only`` the logits of each
+    row's last real token only, ``[B, V]`` (what generation needs: a long prompt's
+    ``[T, V]`` logits would not fit in memory).
     """
     positions = cache_lib.new_positions(cache.lengths, tokens.shape[1], num_new)
     added = tokens.shape[1] if num_new is None else num_new
@@ -117,6 +119,10 @@ class MiniMaxM3(nnx.Module):
       ks.append(k_c)
       vs.append(v_c)
       iks.append(i_c)
+    if last_only:
+      last = (jnp.full((x.shape[0],), tokens.shape[1] - 1, jnp.int32) if num_new is None
+              else jnp.maximum(num_new - 1, 0))
+      x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     logits = self.lm_head(self.norm(x)).astype(jnp.float32)
     if paged:
       return logits, cache._replace(k=tuple(ks), v=tuple(vs), index_k=tuple(iks),

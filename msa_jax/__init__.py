@@ -10,6 +10,8 @@ Public API (``spec/msa.md``, ``design.md``):
 * ``paged_index_topk``, ``paged_sparse_decode``, ``paged_msa_decode``: decode (1-16 query
   tokens per sequence) on paged KV / index-key caches; ``msa_jax.paged`` holds the cache
   (``PagedCache``, ``write``/``append``) and the host-side ``PageAllocator``.
+* ``full_attention``, ``paged_full_attention``: dense attention with the same visibility rule
+  in bounded memory (the full-attention layers of MiniMax-M3), contiguous or paged.
 """
 
 from msa_jax.api import IMPLEMENTATIONS
@@ -17,6 +19,8 @@ from msa_jax.api import index_topk
 from msa_jax.api import indexer_kl_loss
 from msa_jax.api import msa_attention
 from msa_jax.api import sparse_attention
+from msa_jax.full import full_attention
+from msa_jax.full import paged_full_attention
 from msa_jax import paged
 from msa_jax.paged import PageAllocator
 from msa_jax.paged import PagedCache
@@ -26,6 +30,6 @@ from msa_jax.paged_api import paged_sparse_decode
 
 __version__ = "0.1.0"
 
-__all__ = ["IMPLEMENTATIONS", "index_topk", "indexer_kl_loss", "msa_attention",
+__all__ = ["IMPLEMENTATIONS", "full_attention", "paged_full_attention", "index_topk", "indexer_kl_loss", "msa_attention",
            "sparse_attention", "paged", "PageAllocator", "PagedCache", "paged_index_topk",
            "paged_msa_decode", "paged_sparse_decode", "__version__"]
