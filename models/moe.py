@@ -4,17 +4,21 @@
 * ``MoE``: fp32 sigmoid router; ``e_score_correction_bias`` shifts the top-k *selection*
   only; the chosen unbiased sigmoids are renormalised and scaled by ``routed_scaling_factor``;
   the shared expert is added unscaled. Routed experts are stacked ``[E, ...]`` weights run
-  with ``jax.lax.ragged_dot`` on tokens sorted by expert (no loop over experts).
+  as grouped matmuls on tokens sorted by expert (no loop over experts):
+  ``jax.lax.ragged_dot``, or on GPUs for inference ``models.grouped_matmul``'s kernels,
+  which read only the routed experts' weights at decode.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.grouped_matmul import grouped_matmul
 from models.layers import Linear, scaled_normal, swiglu_oai
 
 
@@ -30,7 +34,9 @@ class MLP(nnx.Module):
     self.down_proj = Linear(width, c.hidden_size, axes=(axis, "embed"),
                             init_scale=1.0 / math.sqrt(2 * c.num_layers), **kw)
 
-  def __call__(self, h):
+  def __call__(self, h, *, implementation="xla", interpret=False):
+    """``implementation`` runs the expert matmuls (``models.grouped_matmul``): "xla"
+    (``lax.ragged_dot``, differentiable) or "pallas_gpu" (inference kernels)."""
     c = self.config
     act = swiglu_oai(self.gate_proj(h), self.up_proj(h), alpha=c.swiglu_alpha,
                      limit=c.swiglu_limit)
@@ -68,7 +74,9 @@ class MoE(nnx.Module):
     weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * c.routed_scaling_factor
     return ids.astype(jnp.int32), weights
 
-  def __call__(self, h):
+  def __call__(self, h, *, implementation="xla", interpret=False):
+    """``implementation`` runs the expert matmuls (``models.grouped_matmul``): "xla"
+    (``lax.ragged_dot``, differentiable) or "pallas_gpu" (inference kernels)."""
     c = self.config
     shape = h.shape
     x = h.reshape(-1, shape[-1])
@@ -79,10 +87,12 @@ class MoE(nnx.Module):
     tokens = x[order // k]  # tokens grouped by expert
     group_sizes = jnp.bincount(flat, length=c.num_experts).astype(jnp.int32)
     w = lambda p: p[...].astype(x.dtype)
-    gate = jax.lax.ragged_dot(tokens, w(self.w1), group_sizes)
-    up = jax.lax.ragged_dot(tokens, w(self.w3), group_sizes)
+    gmm = functools.partial(grouped_matmul, group_sizes=group_sizes,
+                            implementation=implementation, interpret=interpret)
+    gate = gmm(tokens, w(self.w1))
+    up = gmm(tokens, w(self.w3))
     act = swiglu_oai(gate, up, alpha=c.swiglu_alpha, limit=c.swiglu_limit)
-    out_sorted = jax.lax.ragged_dot(act, w(self.w2), group_sizes)
+    out_sorted = gmm(act, w(self.w2))
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(n, k, -1)
     y = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
     if self.shared_experts is not None:

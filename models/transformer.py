@@ -34,12 +34,12 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(c, c.dense_intermediate_size, rngs=rngs, param_dtype=param_dtype)
       self.block_sparse_moe = None
 
-  def _block(self, x, attend):
+  def _block(self, x, attend, **moe_kw):
     """``x += attend(rms(x))`` (attend returns (out, state)), then the FFN: (x, state)."""
     attn, state = attend(self.input_layernorm(x))
     x = sharding.constrain(x + attn, ("batch", "seq", "embed_act"))
     h = self.post_attention_layernorm(x)
-    ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h)
+    ffn = self.mlp(h) if self.mlp is not None else self.block_sparse_moe(h, **moe_kw)
     return sharding.constrain(x + ffn, ("batch", "seq", "embed_act")), state
 
   def __call__(self, x, positions, kv_lengths, k_cache, v_cache, index_cache, *,
@@ -49,7 +49,8 @@ class DecoderLayer(nnx.Module):
                                     implementation=implementation, interpret=interpret)
       return out, caches
 
-    x, (k_cache, v_cache, index_cache) = self._block(x, attend)
+    x, (k_cache, v_cache, index_cache) = self._block(
+        x, attend, implementation=implementation, interpret=interpret)
     return x, k_cache, v_cache, index_cache
 
   def paged(self, x, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
@@ -61,7 +62,8 @@ class DecoderLayer(nnx.Module):
                                          implementation=implementation, interpret=interpret)
       return out, pages
 
-    x, (k_pages, v_pages, index_pages) = self._block(x, attend)
+    x, (k_pages, v_pages, index_pages) = self._block(
+        x, attend, implementation=implementation, interpret=interpret)
     return x, k_pages, v_pages, index_pages
 
   def train_forward(self, x, **attention_kw):

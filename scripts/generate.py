@@ -6,8 +6,12 @@ lengths in one call) and decodes with greedy or temperature/top-p sampling, stre
 they come. The last line reports prefill and decode tokens/s and peak device memory.
 
 Prompts: ``--prompt TEXT`` (tokenised with the folder's tokenizer.json through the
-``tokenizers`` library, or as raw bytes when the folder has none) or ``--prompt-ids 5,17,42``;
-repeat either flag for a batch.
+``tokenizers`` library, or as raw bytes when the folder has none), ``--prompt-ids 5,17,42``,
+or from files for long prompts: ``--prompt-file PATH`` (text) and ``--prompt-ids-file PATH``
+(ids separated by commas or whitespace), ``-`` for standard input; repeat any of them for a
+batch. Prompts are prefilled in chunks of ``--prefill-chunk`` tokens (only the last token's
+logits are computed), and decoding runs ``--decode-block`` steps per device call with the
+sampling on the device. Compilation happens before the timed work and is reported apart.
 
 Continuous batching (``--max-batch N``): the prompts become a queue of requests served by N
 batch rows over a paged KV / index-key cache (``--num-pages`` pages of ``Bk`` tokens, handed out
@@ -28,6 +32,8 @@ Examples:
       --mesh data=1,tensor=8,expert=1 --dtype bfloat16
   python3 scripts/generate.py --prompt-ids 5,17,42 --prompt-ids 7,8 --prompt-ids 9 \\
       --max-batch 2 --num-pages 8          # continuous batching over a paged cache
+  python3 scripts/generate.py --checkpoint /data/gen-1b --prompt-ids-file long_prompt.txt \\
+      --dtype bfloat16 --prefill-chunk 16384 --max-new-tokens 64   # a 128K-token prompt
 """
 
 from __future__ import annotations
@@ -47,22 +53,10 @@ from flax import nnx
 import msa_jax
 from models import cache as cache_lib
 from models import checkpoint
+from models import serving
 from models import sharding
 from models.data import ByteTokenizer, load_tokenizer
-
-
-def sample(logits, key, temperature: float, top_p: float):
-  """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-p sampling."""
-  if temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+from models.serving import sample
 
 
 def serve(model, prompts, args, dtype, mesh):
@@ -196,15 +190,62 @@ def serve(model, prompts, args, dtype, mesh):
   return generated, records, timings
 
 
+def _parse_ids(text: str, where: str) -> list[int]:
+  try:
+    return [int(x) for x in text.replace(",", " ").split()]
+  except ValueError:
+    bad = next(x for x in text.replace(",", " ").split() if not x.lstrip("-").isdigit())
+    raise SystemExit(f"{where}: expected comma-separated integers, got {bad!r}")
+
+
+def read_prompts(inputs, tokenizer) -> list[list[int]]:
+  """Token ids of each ``(kind, value)`` prompt argument, in the order given."""
+  prompts = []
+  stdin_used = False
+  for kind, value in inputs:
+    if kind in ("text_file", "ids_file"):
+      flag = "--prompt-file" if kind == "text_file" else "--prompt-ids-file"
+      if value == "-":
+        if stdin_used:
+          raise SystemExit(f"{flag} -: standard input can be read only once")
+        stdin_used = True
+        text = sys.stdin.read()
+      else:
+        try:
+          with open(value, encoding="utf-8") as f:
+            text = f.read()
+        except OSError as e:
+          raise SystemExit(f"{flag} {value}: cannot read: {e.strerror}")
+      if kind == "text_file":
+        prompts.append(tokenizer.encode(text))
+      else:
+        prompts.append(_parse_ids(text, f"{flag} {value}"))
+    elif kind == "text":
+      prompts.append(tokenizer.encode(value))
+    else:
+      prompts.append(_parse_ids(value, "--prompt-ids"))
+  return prompts
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=None,
                       help="HF folder or Orbax checkpoint from scripts/convert.py (default: a "
                            "tiny random model made on the fly)")
-  parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-  parser.add_argument("--prompt-ids", action="append", default=[],
-                      help="comma-separated token ids (repeatable)")
+  tagged = lambda kind: (lambda value: (kind, value))
+  parser.add_argument("--prompt", dest="inputs", action="append", type=tagged("text"),
+                      default=[], metavar="TEXT", help="prompt text (repeatable)")
+  parser.add_argument("--prompt-ids", dest="inputs", action="append", type=tagged("ids"),
+                      metavar="IDS", help="comma-separated token ids (repeatable)")
+  parser.add_argument("--prompt-file", dest="inputs", action="append",
+                      type=tagged("text_file"), metavar="PATH",
+                      help="a file of prompt text, tokenised whole ('-' = standard input; "
+                           "repeatable): for prompts too long for the command line")
+  parser.add_argument("--prompt-ids-file", dest="inputs", action="append",
+                      type=tagged("ids_file"), metavar="PATH",
+                      help="a file of token ids separated by commas or whitespace ('-' = "
+                           "standard input; repeatable). Prompts are taken in the order given")
   parser.add_argument("--max-new-tokens", type=int, default=16)
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   parser.add_argument("--top-p", type=float, default=1.0)
@@ -218,18 +259,22 @@ def main(argv=None):
   parser.add_argument("--output-json", default=None,
                       help="write prompt_ids, generated_ids and timings here")
   parser.add_argument("--warmup", action="store_true",
-                      help="run the prefill once untimed first, so prefill tokens/s excludes "
-                           "compilation (with --max-batch: compile the prefill chunk and the "
-                           "decode step first)")
+                      help="with --max-batch: compile the prefill chunk and the decode step "
+                           "before the timed work (the static path always compiles ahead of "
+                           "time and reports compile time apart)")
   parser.add_argument("--max-batch", type=int, default=None,
                       help="continuous batching: serve the prompts as a queue of requests "
                            "with this many batch rows over a paged cache")
   parser.add_argument("--num-pages", type=int, default=None,
                       help="pages of Bk tokens in the paged cache (default: enough for "
                            "--max-batch requests of the longest prompt + new tokens)")
-  parser.add_argument("--prefill-chunk", type=int, default=2048,
-                      help="continuous batching: prompts are prefilled in chunks of at most "
-                           "this many tokens (a multiple of the block size; default 2048)")
+  parser.add_argument("--prefill-chunk", type=int, default=8192,
+                      help="prompts are prefilled in chunks of at most this many tokens (one "
+                           "compiled width; with --max-batch a multiple of the block size; "
+                           "default 8192)")
+  parser.add_argument("--decode-block", type=int, default=16,
+                      help="decode steps per device call (sampling on the device; tokens "
+                           "stream per block; default 16)")
   parser.add_argument("--stop-id", type=int, default=None,
                       help="a request ends early when it produces this token id")
   parser.add_argument("--quiet", action="store_true", help="no streaming output")
@@ -244,13 +289,10 @@ def main(argv=None):
   if folder is None:
     folder = checkpoint.write_random(os.path.join(tempfile.mkdtemp(), "tiny-m3"),
                                      dtype="float32")
+  if args.prefill_chunk < 1 or args.decode_block < 1:
+    raise SystemExit("--prefill-chunk and --decode-block must be >= 1")
   tokenizer = load_tokenizer(folder)
-  prompts = [tokenizer.encode(p) for p in args.prompt]
-  for ids in args.prompt_ids:
-    try:
-      prompts.append([int(x) for x in ids.split(",") if x.strip()])
-    except ValueError:
-      raise SystemExit(f"--prompt-ids: expected comma-separated integers, got {ids!r}")
+  prompts = read_prompts(args.inputs, tokenizer)
   if not prompts:
     prompts = [tokenizer.encode("The quick brown fox")]
   if any(not p for p in prompts):
@@ -286,80 +328,76 @@ def main(argv=None):
           f"{'' if args.warmup else ' (incl. compilation)'}")
     return 0
 
-  batch = len(prompts)
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  width = int(lengths.max())
-  tokens = np.zeros((batch, width), np.int32)
-  for b, p in enumerate(prompts):
-    tokens[b, :len(p)] = p
-  cache = cache_lib.init_cache(model.config, batch, width + args.max_new_tokens, dtype)
-  cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
+  return generate_static(model, prompts, tokenizer, args, mesh, folder)
 
-  @nnx.jit
-  def prefill(model, tokens, cache, num_new):
-    logits, cache = model(tokens, cache, num_new)
-    last = jnp.take_along_axis(logits, (num_new - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
 
-  @nnx.jit
-  def decode(model, token, cache):
-    logits, cache = model(token[:, None], cache)
-    return logits[:, 0], cache
-
-  key = jax.random.PRNGKey(args.seed)
-  with sharding.activation_sharding(mesh):
-    if args.warmup:  # compile (and run) the prefill once untimed
-      jax.block_until_ready(prefill(model, jnp.asarray(tokens), cache, jnp.asarray(lengths)))
-    t0 = time.perf_counter()
-    logits, cache = prefill(model, jnp.asarray(tokens), cache, jnp.asarray(lengths))
-    logits.block_until_ready()
-    prefill_s = time.perf_counter() - t0
-    generated = [[] for _ in range(batch)]
-    t0, timed_steps = time.perf_counter(), 0
-    for step in range(args.max_new_tokens):
-      if step == 1:  # the first decode call compiled the step: time the ones after it
-        jax.block_until_ready(logits)
-        t0, timed_steps = time.perf_counter(), 0
-      key, sub = jax.random.split(key)
-      nxt = sample(logits, sub, args.temperature, args.top_p)
-      host = np.asarray(nxt)
-      for b in range(batch):
-        generated[b].append(int(host[b]))
-      if not args.quiet:
-        text = " | ".join(tokenizer.decode([int(t)]) if not isinstance(tokenizer, ByteTokenizer)
-                          else str(int(t)) for t in host)
-        print(f"[{step}] {text}", flush=True)
-      if step + 1 < args.max_new_tokens:
-        logits, cache = decode(model, nxt, cache)
-        timed_steps += step >= 1
-    jax.block_until_ready(logits)
-    decode_s = time.perf_counter() - t0
-
+def _peak_memory():
   try:
-    peaks = [int(d.memory_stats().get("peak_bytes_in_use", 0)) for d in jax.local_devices()]
+    return [int(d.memory_stats().get("peak_bytes_in_use", 0)) for d in jax.local_devices()]
   except Exception:  # CPU backends without memory stats
-    peaks = []
+    return []
+
+
+def generate_static(model, prompts, tokenizer, args, mesh, folder):
+  """One batch of all prompts: chunked prefill, then decode in jitted blocks of steps."""
+  batch = len(prompts)
+  longest = max(len(p) for p in prompts)
+  gen = serving.Generator(model, batch=batch, max_len=longest + args.max_new_tokens,
+                          prefill_chunk=min(args.prefill_chunk, serving.round_up(longest, 16)),
+                          decode_block=args.decode_block, temperature=args.temperature,
+                          top_p=args.top_p, mesh=mesh)
+  stop_ids = [] if args.stop_id is None else [args.stop_id]
+  bar = None
+  if not args.quiet and longest > gen.prefill_chunk:
+    from tqdm import tqdm
+    bar = tqdm(total=longest, desc="prefill", unit="tok")
+
+  def progress(done, total):
+    bar.update(done - bar.n)
+
+  def stream(block):
+    if args.quiet:
+      return
+    for step in range(block.shape[1]):
+      text = " | ".join(tokenizer.decode([int(t)]) if not isinstance(tokenizer, ByteTokenizer)
+                        else str(int(t)) for t in block[:, step])
+      print(text, flush=True)
+
+  with sharding.activation_sharding(mesh):
+    cache = gen.init_cache()
+    gen.compile(cache)
+    logits, cache = gen.prefill(prompts, cache, progress=progress if bar else None)
+    if bar is not None:
+      bar.close()
+    tokens, cache = gen.decode(logits, cache, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed, stop_ids=stop_ids, on_block=stream)
+  generated = serving.trim(tokens, stop_ids)
+  peaks = _peak_memory()
   peak = max(peaks, default=-1)
+  t = gen.timings.as_dict()
   result = {
       "prompt_ids": prompts, "generated_ids": generated,
-      "prefill_tokens_per_s": float(lengths.sum() / prefill_s),
-      "decode_tokens_per_s": (float(batch * timed_steps / decode_s) if timed_steps
-                              else None),
-      "prefill_s": prefill_s, "prefill_includes_compilation": not args.warmup,
-      "decode_s": decode_s, "peak_bytes": int(peak), "peak_bytes_per_device": peaks,
+      "prompt_lengths": [len(p) for p in prompts],
+      "prefill_tokens_per_s": t["prefill_tokens_per_s"],
+      "decode_tokens_per_s": t["decode_tokens_per_s"],
+      "prefill_s": t["prefill_s"], "decode_s": t["decode_s"], "compile_s": t["compile_s"],
+      "prefill_chunk": gen.prefill_chunk, "decode_block": gen.decode_block,
+      "peak_bytes": int(peak), "peak_bytes_per_device": peaks,
       "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype,
   }
   if args.output_json:
     with open(args.output_json, "w") as f:
       json.dump(result, f, indent=1)
   for b in range(batch):
-    print(f"prompt {b}: {tokenizer.decode(prompts[b] + generated[b])!r}")
+    if len(prompts[b]) > 200:  # a long prompt is not echoed whole
+      print(f"prompt {b} ({len(prompts[b])} tokens) -> {tokenizer.decode(generated[b])!r}")
+    else:
+      print(f"prompt {b}: {tokenizer.decode(prompts[b] + generated[b])!r}")
   memory = f"{peak / 2**30:.2f} GiB" if peak >= 0 else "n/a"
-  decode_rate = result["decode_tokens_per_s"]
-  decode_rate = "n/a" if decode_rate is None else f"{decode_rate:.1f} tok/s"
-  compiled = "" if args.warmup else " (incl. compilation)"
-  print(f"prefill {result['prefill_tokens_per_s']:.1f} tok/s{compiled}, decode "
-        f"{decode_rate} (after the first step), peak memory {memory}")
+  rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
+  print(f"prefill {rate(result['prefill_tokens_per_s'])} ({sum(map(len, prompts))} tokens), "
+        f"decode {rate(result['decode_tokens_per_s'])}, compile {t['compile_s']:.1f} s "
+        f"(not in the rates), peak memory {memory}")
   return 0
 
 

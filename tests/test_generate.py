@@ -121,3 +121,39 @@ def test_continuous_batching_waits_for_pages_and_refuses_what_never_fits(ckpt, t
   assert [served["generated_ids"][i] for i in (0, 1, 3)] == solo
   # LONG (45 + 4 tokens) takes 4 pages of 16: the others had to wait for it to leave.
   assert served["requests"][1]["admitted_step"] >= served["requests"][0]["finished_step"]
+
+
+def test_prompts_from_files_and_stdin(ckpt, tmp_path):
+  """--prompt-ids-file (commas or whitespace), --prompt-file (text) and stdin ('-'), in the
+  order given; a 3,000-token prompt that would be unwieldy on the command line."""
+  long_ids = [(7 * i) % 250 + 3 for i in range(3000)]
+  ids_file = tmp_path / "ids.txt"
+  ids_file.write_text("\n".join(" ".join(map(str, long_ids[i:i + 100]))
+                                for i in range(0, 3000, 100)))
+  text_file = tmp_path / "prompt.txt"
+  text_file.write_text("hello\nworld")
+  out = tmp_path / "out.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, SCRIPT, "--checkpoint", ckpt, "--prompt-ids-file", str(ids_file),
+       "--prompt-file", str(text_file), "--prompt-ids-file", "-", "--max-new-tokens", "2",
+       "--prefill-chunk", "1024", "--quiet", "--output-json", str(out)],
+      input="9, 8,7\n", capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["prompt_ids"][0] == long_ids
+  assert result["prompt_ids"][1] == list(b"hello\nworld")  # byte tokenizer: no tokenizer.json
+  assert result["prompt_ids"][2] == [9, 8, 7]
+  assert [len(g) for g in result["generated_ids"]] == [2, 2, 2]
+  assert result["prefill_chunk"] == 1024 and "compile_s" in result
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-ids-file", "/nonexistent/ids.txt"], "/nonexistent/ids.txt: cannot read"),
+    (["--prompt-ids-file", "-", "--prompt-file", "-"], "standard input can be read only once"),
+])
+def test_bad_prompt_files(ckpt, args, message):
+  proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, *args],
+                        input="1 2", capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0 and message in proc.stderr

@@ -1,0 +1,252 @@
+"""Generation with a contiguous cache: chunked prefill, then decode in jitted blocks of steps.
+
+``Generator`` is what ``scripts/generate.py`` runs for a static batch:
+
+* The model is split once (``nnx.split``) and its steps are pure functions compiled ahead of
+  time (``jit(...).lower(...).compile()``), so compile time is reported apart and no NNX graph
+  is traversed per call. The caches are donated to every step: they are updated in place.
+* **Prefill in chunks** of ``prefill_chunk`` tokens (one compiled width): prompts of different
+  lengths run side by side, a row whose prompt has ended is left alone (``num_new`` 0), and
+  only each row's last-token logits are kept (never ``[T, vocab]``). Long prompts fit because
+  no layer builds ``[T, S]`` scores.
+* **Decode in blocks**: one call runs up to ``decode_block`` steps in a ``lax.fori_loop``
+  (sample on device, append, step the model) and returns the block's tokens; the host only
+  streams them and checks for stop ids between blocks.
+
+Sampling: greedy at temperature 0, else temperature and top-p (``sample``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import cache as cache_lib
+from models import sharding
+
+
+def sample(logits, key, temperature: float, top_p: float):
+  """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-p sampling."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class Timings:
+  prefill_s: float = 0.0
+  prefill_tokens: int = 0
+  decode_s: float = 0.0
+  decode_tokens: int = 0
+  compile_s: float = 0.0  # ahead-of-time compilation, apart from the rates
+
+  def as_dict(self) -> dict:
+    rate = lambda n, s: n / s if s > 0 else None
+    return {"prefill_s": self.prefill_s, "prefill_tokens": self.prefill_tokens,
+            "prefill_tokens_per_s": rate(self.prefill_tokens, self.prefill_s),
+            "decode_s": self.decode_s, "decode_tokens": self.decode_tokens,
+            "decode_tokens_per_s": rate(self.decode_tokens, self.decode_s),
+            "compile_s": self.compile_s}
+
+
+class Generator:
+  """Static-batch generation for ``batch`` prompts of up to ``max_len`` tokens in all.
+
+  Args:
+    model: a ``models.MiniMaxM3`` (placed on ``mesh`` if given).
+    batch: rows of the cache.
+    max_len: cache length (prompt + new tokens); rounded up to a multiple of 128 so the
+      decode kernels see the cache as whole pages without copying it.
+    prefill_chunk: prompt tokens per prefill call (the compiled width).
+    decode_block: decode steps per call.
+    temperature, top_p: sampling (static: compiled into the decode loop).
+    mesh: the device mesh of the model (None: one device).
+  """
+
+  def __init__(self, model, *, batch: int, max_len: int, prefill_chunk: int = 8192,
+               decode_block: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+               mesh=None):
+    if prefill_chunk < 1 or decode_block < 1:
+      raise ValueError(f"prefill_chunk and decode_block must be >= 1; got {prefill_chunk}, "
+                       f"{decode_block}")
+    self.config = model.config
+    self.dtype = model.dtype
+    self.batch = batch
+    self.max_len = round_up(max_len, 128)
+    self.prefill_chunk = prefill_chunk
+    self.decode_block = decode_block
+    self.temperature, self.top_p = float(temperature), float(top_p)
+    self.mesh = mesh
+    self.graphdef, self.state = nnx.split(model)
+    self.timings = Timings()
+    self._compiled: dict[str, Callable] = {}
+
+  # ------------------------------------------------------------------ compiled steps
+
+  def _context(self):
+    if self.mesh is None:
+      import contextlib
+      return contextlib.nullcontext()
+    return sharding.activation_sharding(self.mesh)
+
+  def _shardings(self, cache):
+    if self.mesh is None:
+      return None, None
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return sharding.cache_shardings(cache, self.mesh), replicated
+
+  def _put(self, x):
+    """Small step inputs, replicated over the mesh (the layout the steps are compiled for)."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh,
+                                                        jax.sharding.PartitionSpec()))
+
+  def _compile(self, name, fn, *args, donate):
+    """AOT-compile ``fn`` for ``args`` (once per name); the time goes to ``compile_s``."""
+    if name not in self._compiled:
+      t0 = time.perf_counter()
+      cache_sharding, replicated = self._shardings(args[1])
+      kw = {}
+      if cache_sharding is not None:
+        # Outputs: (cache, small replicated arrays...) so every call sees the same layout.
+        out = jax.eval_shape(fn, *args)
+        kw["out_shardings"] = (cache_sharding,) + tuple(replicated for _ in out[1:])
+      with self._context():
+        self._compiled[name] = jax.jit(fn, donate_argnums=donate, **kw).lower(
+            *args).compile()
+      self.timings.compile_s += time.perf_counter() - t0
+    return self._compiled[name]
+
+  def _prefill_fn(self, state, cache, tokens, num_new, ends_here, last_logits):
+    model = nnx.merge(self.graphdef, state)
+    logits, cache = model(tokens, cache, num_new, last_only=True)
+    return cache, jnp.where(ends_here[:, None], logits, last_logits)
+
+  def _decode_fn(self, state, cache, logits, key, steps):
+    model = nnx.merge(self.graphdef, state)
+
+    def body(i, carry):
+      cache, logits, key, out = carry
+      key, sub = jax.random.split(key)
+      token = sample(logits, sub, self.temperature, self.top_p)
+      out = out.at[:, i].set(token)
+      logits, cache = model(token[:, None], cache, last_only=True)
+      return cache, logits, key, out
+
+    out = jnp.zeros((self.batch, self.decode_block), jnp.int32)
+    cache, logits, key, out = jax.lax.fori_loop(0, steps, body, (cache, logits, key, out))
+    return cache, logits, key, out
+
+  # ------------------------------------------------------------------ public
+
+  def init_cache(self):
+    cache = cache_lib.init_cache(self.config, self.batch, self.max_len, self.dtype)
+    if self.mesh is not None:
+      cache = jax.device_put(cache, sharding.cache_shardings(cache, self.mesh))
+    return cache
+
+  def compile(self, cache):
+    """Compile the prefill chunk and the decode block now (``timings.compile_s``)."""
+    w, b, v = self.prefill_chunk, self.batch, self.config.vocab_size
+    put = self._put
+    self._compile("prefill", self._prefill_fn, self.state, cache,
+                  put(np.zeros((b, w), np.int32)), put(np.zeros((b,), np.int32)),
+                  put(np.zeros((b,), bool)), put(np.zeros((b, v), np.float32)), donate=(1,))
+    self._compile("decode", self._decode_fn, self.state, cache,
+                  put(np.zeros((b, v), np.float32)), put(jax.random.PRNGKey(0)),
+                  put(np.int32(1)), donate=(1,))
+
+  def prefill(self, prompts: Sequence[Sequence[int]], cache, *, progress=None):
+    """Prefill ``prompts`` (one per row, ``<= batch``) into an empty ``cache`` in chunks.
+
+    Returns (last-token logits [batch, V] float32, cache). ``progress(done, total)`` is
+    called after each chunk."""
+    if len(prompts) > self.batch:
+      raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch}")
+    lengths = np.zeros(self.batch, np.int64)
+    lengths[:len(prompts)] = [len(p) for p in prompts]
+    if lengths.max(initial=0) > self.max_len:
+      raise ValueError(f"a prompt of {lengths.max()} tokens does not fit the cache of "
+                       f"{self.max_len}")
+    self.compile(cache)
+    w = self.prefill_chunk
+    total = int(lengths.max(initial=0))
+    put = self._put
+    logits = put(np.zeros((self.batch, self.config.vocab_size), np.float32))
+    for start in range(0, total, w):
+      tokens = np.zeros((self.batch, w), np.int32)
+      for b, p in enumerate(prompts):
+        piece = p[start:start + w]
+        tokens[b, :len(piece)] = piece
+      num_new = np.clip(lengths - start, 0, w).astype(np.int32)
+      ends_here = (lengths > start) & (lengths <= start + w)
+      t0 = time.perf_counter()
+      cache, logits = self._compiled["prefill"](self.state, cache, put(tokens), put(num_new),
+                                                put(ends_here), logits)
+      logits.block_until_ready()
+      self.timings.prefill_s += time.perf_counter() - t0
+      self.timings.prefill_tokens += int(num_new.sum())
+      if progress is not None:
+        progress(min(start + w, total), total)
+    return logits, cache
+
+  def decode(self, logits, cache, *, max_new_tokens: int, seed: int = 0,
+             stop_ids: Sequence[int] = (), on_block=None):
+    """Sample ``max_new_tokens`` tokens per row after ``logits`` (the prefill's).
+
+    Returns (tokens [batch, n] int numpy array, cache); a row that produced a stop id keeps
+    it as its last token (the rest of its row is padding, cut by the caller: see
+    ``trim``); decoding ends early when every row has stopped. ``on_block(tokens)`` is called
+    with each block's ``[batch, steps]`` tokens as they arrive.
+    """
+    self.compile(cache)
+    key = self._put(jax.random.PRNGKey(seed))
+    blocks = []
+    stopped = np.zeros(self.batch, bool)
+    done = 0
+    while done < max_new_tokens and not stopped.all():
+      steps = min(self.decode_block, max_new_tokens - done)
+      t0 = time.perf_counter()
+      cache, logits, key, out = self._compiled["decode"](self.state, cache, logits, key,
+                                                         self._put(np.int32(steps)))
+      host = np.asarray(out)[:, :steps]  # waits for the block
+      self.timings.decode_s += time.perf_counter() - t0
+      self.timings.decode_tokens += steps * self.batch
+      blocks.append(host)
+      done += steps
+      if stop_ids:
+        stopped |= np.isin(host, list(stop_ids)).any(axis=1)
+      if on_block is not None:
+        on_block(host)
+    tokens = np.concatenate(blocks, axis=1) if blocks else np.zeros((self.batch, 0), np.int32)
+    return tokens, cache
+
+
+def trim(tokens: np.ndarray, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+  """Rows of generated tokens, each cut after its first stop id."""
+  rows = []
+  for row in np.asarray(tokens).tolist():
+    for i, t in enumerate(row):
+      if t in stop_ids:
+        row = row[:i + 1]
+        break
+    rows.append(row)
+  return rows
