@@ -264,6 +264,50 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
   return model
 
 
+def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
+                implementation: str | None = "xla", interpret=False, seed: int = 0):
+  """A model of ``config`` with random weights made directly on the devices (no files).
+
+  Each parameter is drawn on its own, in its dtype and already in its sharding on ``mesh``
+  (one device when None), so host memory stays flat and device memory never holds more than
+  the weights: a full-size config can be tried without its checkpoint. Matrices are normal
+  with std 1/sqrt(fan in) (the embedding 0.02), norms and biases zero, as ``MiniMaxM3``
+  initialises them; the draws differ from ``MiniMaxM3(config, rngs=nnx.Rngs(seed))``'s.
+  """
+  if isinstance(config, (str, os.PathLike)):
+    config = (config_lib.from_hf_config(config) if str(config).endswith(".json")
+              or os.path.isdir(config) else config_lib.preset(config))
+  param_dtype = param_dtype or dtype
+  abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype,
+                                              implementation=implementation,
+                                              interpret=interpret))
+  graphdef, state = nnx.split(abstract)
+  shardings = (sharding_lib.state_shardings(state, mesh, rules or sharding_lib.RULES)
+               if mesh is not None else None)
+  flat = dict(nnx.to_flat_state(state))
+  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  key = jax.random.PRNGKey(seed)
+  draws = {}
+  for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
+    shape, dtype_ = tuple(var.shape), jnp.dtype(var.dtype)
+    if len(shape) < 2:
+      std = 0.0
+    elif path == ("embed_tokens",):
+      std = 0.02
+    else:
+      std = 1.0 / np.sqrt(shape[-2])
+    sh = flat_shardings.get(path)
+    sh = sh.sharding if isinstance(sh, nnx.Variable) else sh
+    fn = draws.get((shape, dtype_, std, sh))
+    if fn is None:
+      make = lambda k, shape=shape, dtype_=dtype_, std=std: (
+          jax.random.normal(k, shape, dtype_) * jnp.asarray(std, dtype_))
+      fn = draws[(shape, dtype_, std, sh)] = jax.jit(make, out_shardings=sh)
+    flat[path] = var.replace(fn(jax.random.fold_in(key, i)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 # ----------------------------------------------------------------------------- writing
 
 

@@ -17,6 +17,7 @@ Every path returns ``[P, N]`` in x's dtype with float32 accumulation.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ from jax import lax
 
 SMALL_ROWS = 1024
 _MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
+# The many-row kernel on Hopper: "mosaic" (default) or "triton" (64-row tiles).
+PREFILL_KERNEL = os.environ.get("MSA_MOE_PREFILL", "mosaic")
 
 
 def grouped_matmul(x, w, group_sizes, *, implementation="xla", interpret=False):
@@ -37,7 +40,7 @@ def grouped_matmul(x, w, group_sizes, *, implementation="xla", interpret=False):
   p = x.shape[0]
   if p <= SMALL_ROWS:
     return tiled(x, w, group_sizes, tile_rows=16, interpret=interpret)
-  if not interpret and _mosaic_supports(x, w):
+  if not interpret and PREFILL_KERNEL == "mosaic" and _mosaic_supports(x, w):
     return _mosaic(x, w, group_sizes)
   return tiled(x, w, group_sizes, tile_rows=64, interpret=interpret)
 

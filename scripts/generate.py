@@ -233,6 +233,11 @@ def main(argv=None):
   parser.add_argument("--checkpoint", default=None,
                       help="HF folder or Orbax checkpoint from scripts/convert.py (default: a "
                            "tiny random model made on the fly)")
+  parser.add_argument("--random-weights", default=None, metavar="CONFIG",
+                      help="no checkpoint: random weights of CONFIG (a preset name such as "
+                           "gen_1b or m3_slice, or a config.json) made directly on the "
+                           "devices, in their shardings (for sizing and speed; output is "
+                           "noise; prompts are bytes or ids)")
   tagged = lambda kind: (lambda value: (kind, value))
   parser.add_argument("--prompt", dest="inputs", action="append", type=tagged("text"),
                       default=[], metavar="TEXT", help="prompt text (repeatable)")
@@ -285,12 +290,14 @@ def main(argv=None):
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   if args.dtype == "float32":  # true float32 matmuls (GPUs would otherwise use TF32)
     jax.config.update("jax_default_matmul_precision", "highest")
-  folder = args.checkpoint
-  if folder is None:
-    folder = checkpoint.write_random(os.path.join(tempfile.mkdtemp(), "tiny-m3"),
-                                     dtype="float32")
   if args.prefill_chunk < 1 or args.decode_block < 1:
     raise SystemExit("--prefill-chunk and --decode-block must be >= 1")
+  if args.checkpoint is not None and args.random_weights is not None:
+    raise SystemExit("--checkpoint and --random-weights exclude each other")
+  folder = args.checkpoint
+  if folder is None and args.random_weights is None:
+    folder = checkpoint.write_random(os.path.join(tempfile.mkdtemp(), "tiny-m3"),
+                                     dtype="float32")
   tokenizer = load_tokenizer(folder)
   prompts = read_prompts(args.inputs, tokenizer)
   if not prompts:
@@ -300,8 +307,16 @@ def main(argv=None):
 
   mesh = sharding.make_mesh(sharding.parse_mesh(
       args.mesh, {"data": 1, "tensor": jax.device_count(), "expert": 1}))
-  model = checkpoint.load(folder, mesh=mesh, dtype=dtype, implementation=args.implementation,
-                          progress=not args.quiet)
+  if args.random_weights is not None:
+    try:
+      model = checkpoint.random_init(args.random_weights, mesh=mesh, dtype=dtype,
+                                     implementation=args.implementation, seed=args.seed)
+    except (ValueError, OSError) as e:
+      raise SystemExit(f"--random-weights {args.random_weights}: {e}")
+    folder = f"random:{args.random_weights}"
+  else:
+    model = checkpoint.load(folder, mesh=mesh, dtype=dtype,
+                            implementation=args.implementation, progress=not args.quiet)
   vocab = model.config.vocab_size
   if any(i < 0 or i >= vocab for p in prompts for i in p):
     raise SystemExit(f"prompt token ids must lie in [0, {vocab})")

@@ -48,3 +48,27 @@ def test_benchmark_smoke(tmp_path):
   assert merged["prefill"] == result["prefill"] and merged["decode"] == result["decode"]
   assert [p["meta"]["commit"] for p in merged["parts"]] == [result["meta"]["commit"], "other"]
   assert (tmp_path / "both.png").stat().st_size > 1000
+
+
+def test_benchmark_model_smoke(tmp_path):
+  """scripts/benchmark_model.py: prefill (one dense row extrapolated) and decode rows with
+  their byte floors, on the tiny model."""
+  script = os.path.join(ROOT, "scripts", "benchmark_model.py")
+  proc = subprocess.run([sys.executable, script, "--smoke", "--out-dir", str(tmp_path),
+                         "--tag", "smoke"], capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "smoke.json").read_text())
+  prefill = {(r["attention"], r["N"]): r for r in result["prefill"]}
+  assert set(prefill) == {("msa", 96), ("msa", 160), ("dense", 96), ("dense", 160)}
+  assert all("error" not in r and r["prefill_s"] > 0 and r["useful_tflop"] > 0
+             for r in prefill.values()), prefill
+  assert prefill[("dense", 160)]["dense_extrapolated"]
+  # MSA's selection makes the MSA model's useful work smaller than dense at 160 > k*Bk tokens.
+  assert prefill[("msa", 160)]["useful_tflop"] < prefill[("dense", 160)]["useful_tflop"]
+  assert len(result["decode"]) == 2
+  for r in result["decode"]:
+    assert "error" not in r, r
+    assert r["step_ms"] > 0 and r["floor_GB"] > r["floor_weights_GB"] > 0
+  assert (tmp_path / "smoke.png").exists()
+  assert (tmp_path / "smoke.md").read_text().count("|") > 20

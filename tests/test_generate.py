@@ -157,3 +157,12 @@ def test_bad_prompt_files(ckpt, args, message):
                         input="1 2", capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_random_weights_without_files(tmp_path):
+  out = tmp_path / "out.json"
+  proc = _run(["--random-weights", "tiny", "--prompt-ids", "5,17,42", "--max-new-tokens", "3",
+               "--quiet", "--output-json", str(out)])
+  result = json.loads(out.read_text())
+  assert result["checkpoint"] == "random:tiny" and len(result["generated_ids"][0]) == 3
+  assert "peak memory" in proc.stdout.splitlines()[-1]
