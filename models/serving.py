@@ -250,3 +250,220 @@ def trim(tokens: np.ndarray, stop_ids: Sequence[int] = ()) -> list[list[int]]:
         break
     rows.append(row)
   return rows
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+@dataclasses.dataclass
+class ServeResult:
+  generated: list[list[int]]
+  records: list[dict]
+  timings: dict
+
+
+class PagedServer:
+  """Continuous batching over a paged cache: ``rows`` batch rows, ``num_pages`` pages.
+
+  Requests (prompts) wait in a queue; one is admitted when a row is free and pages for its
+  prompt plus ``max_new_tokens`` can be reserved (``msa_jax.PageAllocator``), is prefilled in
+  chunks of one compiled width while the other rows wait, then decodes with them and leaves
+  when it has its tokens or produced a stop id. A request that could never fit is refused.
+
+  Decoding runs in blocks (one jitted ``fori_loop`` of up to ``decode_block`` steps, sampling
+  on the device): a block ends when the first row could finish, so admissions happen at the
+  step they would without blocks. Steps are compiled ahead of time with the cache donated.
+  """
+
+  def __init__(self, model, *, rows: int, num_pages: int, max_pages: int, prefill_width: int,
+               decode_block: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+               mesh=None):
+    import msa_jax
+    self.config = model.config
+    self.rows, self.width = rows, prefill_width
+    self.decode_block = decode_block
+    self.temperature, self.top_p = float(temperature), float(top_p)
+    self.mesh = mesh
+    bk = self.config.index_block_size
+    self.alloc = msa_jax.PageAllocator(num_pages, bk, rows, max_pages)
+    self.num_pages = num_pages
+    cache = cache_lib.init_paged_cache(self.config, num_pages=num_pages, batch=rows,
+                                       max_pages=max_pages, dtype=model.dtype)
+    self.layout = (sharding.paged_cache_shardings(cache, mesh) if mesh is not None else None)
+    self.cache = jax.device_put(cache, self.layout) if mesh is not None else cache
+    self.graphdef, self.state = nnx.split(model)
+    self.compile_s = 0.0
+    self._compiled = {}
+
+  def _put(self, x):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh,
+                                                        jax.sharding.PartitionSpec()))
+
+  def _prefill_fn(self, state, cache, tokens, num_new, key):
+    model = nnx.merge(self.graphdef, state)
+    logits, cache = model(tokens, cache, num_new, last_only=True)
+    return cache, sample(logits, key, self.temperature, self.top_p)
+
+  def _decode_fn(self, state, cache, tokens, active, key, steps):
+    model = nnx.merge(self.graphdef, state)
+    num_new = active.astype(jnp.int32)
+
+    def body(i, carry):
+      cache, tokens, key, out = carry
+      logits, cache = model(tokens[:, None], cache, num_new, last_only=True)
+      key, sub = jax.random.split(key)
+      nxt = sample(logits, sub, self.temperature, self.top_p)
+      tokens = jnp.where(active, nxt, tokens)
+      return cache, tokens, key, out.at[:, i].set(nxt)
+
+    out = jnp.zeros((self.rows, self.decode_block), jnp.int32)
+    cache, _, key, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, key, out))
+    return cache, out
+
+  def compile(self):
+    """Compile the prefill chunk and the decode block (``compile_s``)."""
+    r, put = self.rows, self._put
+    key = put(jax.random.PRNGKey(0))
+    for name, args in (("prefill", (put(np.zeros((r, self.width), np.int32)),
+                                    put(np.zeros(r, np.int32)), key)),
+                       ("decode", (put(np.zeros(r, np.int32)), put(np.zeros(r, bool)), key,
+                                   put(np.int32(1))))):
+      if name not in self._compiled:
+        t0 = time.perf_counter()
+        fn = self._prefill_fn if name == "prefill" else self._decode_fn
+        kw = {}
+        if self.mesh is not None:
+          replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+          kw["out_shardings"] = (self.layout, replicated)
+        with (sharding.activation_sharding(self.mesh) if self.mesh is not None
+              else _null()):
+          lowered = jax.jit(fn, donate_argnums=(1,), **kw).lower(self.state, self.cache,
+                                                                   *args)
+        self._compiled[name] = lowered.compile()
+        self.compile_s += time.perf_counter() - t0
+
+  def serve(self, prompts, *, max_new_tokens: int, seed: int = 0, stop_ids=(),
+            on_tokens=None, on_refused=None) -> ServeResult:
+    """Serve ``prompts`` as requests; ``on_tokens(step, {request: [tokens]})`` streams."""
+    self.compile()
+    alloc, bk, put = self.alloc, self.config.index_block_size, self._put
+    budget = [len(p) + max_new_tokens for p in prompts]
+    queue = list(range(len(prompts)))
+    active: dict[int, int] = {}  # row -> request
+    generated = [[] for _ in prompts]
+    records = [{"request": i, "prompt_len": len(p)} for i, p in enumerate(prompts)]
+    next_token = np.zeros(self.rows, np.int32)
+    key = put(jax.random.PRNGKey(seed))
+    step = 0
+    t = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0,
+         "tokens": 0}
+    stop_ids = set(stop_ids)
+
+    def sync(reset_rows=()):
+      """The allocator's page table to the device; new and freed rows get length 0."""
+      lengths = self.cache.lengths
+      reset = list(reset_rows) + freed
+      if reset:
+        lengths = put(np.where(np.isin(np.arange(self.rows), reset), 0, np.asarray(lengths))
+                      .astype(np.int32))
+        freed.clear()
+      self.cache = self.cache._replace(page_table=put(alloc.page_table.copy()),
+                                       lengths=lengths)
+
+    freed = []
+
+    def emit(row, tokens, at_step):
+      """Record ``tokens`` (until a stop) for the request in ``row``; free it when done."""
+      i = active[row]
+      kept = []
+      for tok in tokens:
+        kept.append(int(tok))
+        generated[i].append(int(tok))
+        if len(generated[i]) >= max_new_tokens or int(tok) in stop_ids:
+          break
+      t["tokens"] += len(kept)
+      if on_tokens is not None:
+        on_tokens(at_step, {i: kept})
+      next_token[row] = kept[-1]
+      if len(generated[i]) >= max_new_tokens or kept[-1] in stop_ids:
+        records[active.pop(row)]["finished_step"] = at_step + len(kept) - 1
+        alloc.free(row)
+        freed.append(row)
+
+    while queue or active:
+      admitted = []
+      while queue:
+        i = queue[0]
+        if alloc.pages_for(budget[i]) > self.num_pages:
+          queue.pop(0)
+          records[i]["refused"] = (f"needs {alloc.pages_for(budget[i])} pages of {bk} "
+                                   f"tokens (prompt {len(prompts[i])} + {max_new_tokens} "
+                                   f"new); the cache has {self.num_pages}")
+          if on_refused is not None:
+            on_refused(i, records[i]["refused"])
+          continue
+        row = alloc.admit(len(prompts[i]), reserve_tokens=budget[i])
+        if row is None:  # no free row or pages: wait for a request to leave
+          break
+        queue.pop(0)
+        active[row] = i
+        admitted.append(row)
+        records[i].update(row=row, admitted_step=step)
+      if admitted:  # prefill the newcomers chunk by chunk; the other rows are left alone
+        sync(admitted)
+        prompt_of = {r: prompts[active[r]] for r in admitted}
+        for start in range(0, max(map(len, prompt_of.values())), self.width):
+          tokens = np.zeros((self.rows, self.width), np.int32)
+          num_new = np.zeros(self.rows, np.int32)
+          for r, p in prompt_of.items():
+            chunk = p[start:start + self.width]
+            tokens[r, :len(chunk)], num_new[r] = chunk, len(chunk)
+          key, sub = jax.random.split(key)
+          t0 = time.perf_counter()
+          self.cache, first = self._compiled["prefill"](self.state, self.cache, put(tokens),
+                                                        put(num_new), sub)
+          first = np.asarray(first)
+          t["prefill_s"] += time.perf_counter() - t0
+          t["prefill_tokens"] += int(num_new.sum())
+          for r, p in list(prompt_of.items()):  # a prompt's last chunk gives its first token
+            if start < len(p) <= start + self.width:
+              emit(r, [first[r]], step)
+          step += 1
+      if active:  # a block of decode steps for every live request
+        rows = sorted(active)
+        left = min(max_new_tokens - len(generated[active[r]]) for r in rows)
+        steps = min(self.decode_block, left)
+        for r in rows:  # pages for the block's tokens (within the reservation)
+          have = len(prompts[active[r]]) + len(generated[active[r]])
+          if not alloc.grow(r, have + steps - 1):
+            raise RuntimeError("a reserved page was not available")  # the allocator's promise
+        live = np.zeros(self.rows, bool)
+        live[rows] = True
+        sync()
+        key, sub = jax.random.split(key)
+        t0 = time.perf_counter()
+        self.cache, out = self._compiled["decode"](self.state, self.cache, put(next_token),
+                                                   put(live), sub, put(np.int32(steps)))
+        out = np.asarray(out)[:, :steps]
+        t["decode_s"] += time.perf_counter() - t0
+        before = t["tokens"]
+        for r in rows:
+          emit(r, out[r], step)
+        t["decode_tokens"] += t["tokens"] - before
+        step += steps
+      elif queue and not admitted:
+        raise RuntimeError("requests wait but nothing runs")  # cannot happen: see admit above
+    rate = lambda n, s: n / s if s else None
+    timings = {"prefill_tokens_per_s": rate(t["prefill_tokens"], t["prefill_s"]),
+               "decode_tokens_per_s": rate(t["decode_tokens"], t["decode_s"]),
+               "prefill_s": t["prefill_s"], "decode_s": t["decode_s"], "steps": step,
+               "num_pages": self.num_pages, "max_batch": self.rows,
+               "compile_s": self.compile_s, "includes_compilation": False}
+    return ServeResult(generated, records, timings)
+
+
+def _null():
+  import contextlib
+  return contextlib.nullcontext()

@@ -59,135 +59,33 @@ from models.data import ByteTokenizer, load_tokenizer
 from models.serving import sample
 
 
-def serve(model, prompts, args, dtype, mesh):
-  """Continuous batching over a paged cache (see the module docstring). Returns
-  (generated ids per prompt, per-request records, timings)."""
-  cfg = model.config
-  bk = cfg.index_block_size
+def serve(model, prompts, args, mesh):
+  """Continuous batching over a paged cache (see the module docstring): the generated ids per
+  prompt, per-request records and timings."""
+  bk = model.config.index_block_size
   budget = [len(p) + args.max_new_tokens for p in prompts]
   max_pages = -(-max(budget) // bk)
-  num_pages = args.num_pages or args.max_batch * max_pages
-  rows = args.max_batch
-  alloc = msa_jax.PageAllocator(num_pages, bk, rows, max_pages)
-  cache = cache_lib.init_paged_cache(cfg, num_pages=num_pages, batch=rows, max_pages=max_pages,
-                                     dtype=dtype)
-
-  @nnx.jit
-  def step(model, tokens, cache, num_new):
-    logits, cache = model(tokens, cache, num_new)
-    last = jnp.take_along_axis(logits, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)
-    return last[:, 0], cache
-
   # Prompts are prefilled in chunks of one fixed width (Bk times a power of two, at most
-  # --prefill-chunk), so exactly two step shapes ever compile: the chunk and the decode step.
+  # --prefill-chunk), so exactly two step shapes ever compile: the chunk and the decode block.
   longest = -(-max(len(p) for p in prompts) // bk)
   width = min(bk * (1 << (longest - 1).bit_length()), args.prefill_chunk)
+  server = serving.PagedServer(
+      model, rows=args.max_batch, num_pages=args.num_pages or args.max_batch * max_pages,
+      max_pages=max_pages, prefill_width=width, decode_block=args.decode_block,
+      temperature=args.temperature, top_p=args.top_p, mesh=mesh)
 
-  queue = list(range(len(prompts)))
-  active: dict[int, int] = {}  # row -> request
-  generated = [[] for _ in prompts]
-  records = [{"request": i, "prompt_len": len(p)} for i, p in enumerate(prompts)]
-  key = jax.random.PRNGKey(args.seed)
-  next_token = np.zeros(rows, np.int32)
-  step_no, prefill_tokens, prefill_s, decode_tokens, decode_s = 0, 0, 0.0, 0, 0.0
+  def on_tokens(step, tokens):
+    if not args.quiet:
+      for i, toks in tokens.items():
+        print(f"[step {step}] request {i}: {' '.join(map(str, toks))}", flush=True)
 
-  # The cache is kept in the layout (sharding) that steps return, so no step compiles twice;
-  # one step with num_new = 0 (it writes nothing) makes sure of it on any mesh.
-  layout = sharding.paged_cache_shardings(cache, mesh)
-  cache = jax.device_put(cache, layout)
+  def on_refused(i, why):
+    print(f"request {i} refused: {why}", file=sys.stderr, flush=True)
 
-  def set_rows(cache, reset_rows):
-    lengths = cache.lengths
-    if reset_rows:
-      lengths = lengths.at[jnp.asarray(reset_rows)].set(0)
-    return cache._replace(page_table=jax.device_put(alloc.table(), layout.page_table),
-                          lengths=lengths)
-
-  idle = jnp.zeros(rows, jnp.int32)
-  _, cache = step(model, jnp.zeros((rows, 1), jnp.int32), set_rows(cache, []), idle)
-  if args.warmup:  # compile the prefill chunk (and run it, writing nothing) untimed
-    jax.block_until_ready(step(model, jnp.zeros((rows, width), jnp.int32),
-                               set_rows(cache, []), idle))
-
-  def take(logits, live_rows):
-    nonlocal key
-    key, sub = jax.random.split(key)
-    host = np.asarray(sample(logits, sub, args.temperature, args.top_p))
-    finished = []
-    for row in live_rows:
-      i = active[row]
-      tok = int(host[row])
-      generated[i].append(tok)
-      next_token[row] = tok
-      if not args.quiet:
-        print(f"[step {step_no}] request {i}: {tok}", flush=True)
-      if len(generated[i]) >= args.max_new_tokens or tok == args.stop_id:
-        finished.append(row)
-    for row in finished:  # leaves: its pages go back to the pool
-      records[active.pop(row)]["finished_step"] = step_no
-      alloc.free(row)
-    return finished
-
-  while queue or active:
-    admitted = []
-    while queue:
-      i = queue[0]
-      if alloc.pages_for(budget[i]) > num_pages:
-        queue.pop(0)
-        records[i]["refused"] = (f"needs {alloc.pages_for(budget[i])} pages of {bk} tokens "
-                                 f"(prompt {len(prompts[i])} + {args.max_new_tokens} new); "
-                                 f"the cache has {num_pages}")
-        print(f"request {i} refused: {records[i]['refused']}", file=sys.stderr, flush=True)
-        continue
-      row = alloc.admit(len(prompts[i]), reserve_tokens=budget[i])
-      if row is None:  # no free row or pages: wait for a request to leave
-        break
-      queue.pop(0)
-      active[row] = i
-      admitted.append(row)
-      records[i].update(row=row, admitted_step=step_no)
-    freed = []
-    if admitted:  # prefill the newcomers chunk by chunk; the other rows are left alone
-      cache = set_rows(cache, admitted)
-      prompt_of = {r: prompts[active[r]] for r in admitted}  # a row may leave between chunks
-      for start in range(0, max(map(len, prompt_of.values())), width):
-        tokens = np.zeros((rows, width), np.int32)
-        num_new = np.zeros(rows, np.int32)
-        for r, p in prompt_of.items():
-          chunk = p[start:start + width]
-          tokens[r, :len(chunk)], num_new[r] = chunk, len(chunk)
-        t0 = time.perf_counter()
-        logits, cache = step(model, jnp.asarray(tokens), cache, jnp.asarray(num_new))
-        logits.block_until_ready()
-        prefill_s += time.perf_counter() - t0
-        prefill_tokens += int(num_new.sum())
-        done = [r for r, p in prompt_of.items() if start < len(p) <= start + width]
-        freed += take(logits, done)  # a prompt's last chunk gives its first new token
-        step_no += 1
-    decoding = [r for r in active]
-    if decoding:  # one decode step for every live request
-      for r in decoding:
-        if not alloc.grow(r, int(len(prompts[active[r]]) + len(generated[active[r]]))):
-          raise RuntimeError("a reserved page was not available")  # the allocator's promise
-      num_new = np.zeros(rows, np.int32)
-      num_new[decoding] = 1
-      cache = set_rows(cache, freed)
-      t0 = time.perf_counter()
-      logits, cache = step(model, jnp.asarray(next_token[:, None]), cache,
-                           jnp.asarray(num_new))
-      logits.block_until_ready()
-      decode_s += time.perf_counter() - t0
-      decode_tokens += len(decoding)
-      take(logits, decoding)
-      step_no += 1
-    elif queue and not admitted:
-      raise RuntimeError("requests wait but nothing runs")  # cannot happen: see admit above
-  timings = {"prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
-             "decode_tokens_per_s": decode_tokens / decode_s if decode_s else None,
-             "prefill_s": prefill_s, "decode_s": decode_s, "steps": step_no,
-             "num_pages": num_pages, "max_batch": rows,
-             "includes_compilation": not args.warmup}
-  return generated, records, timings
+  stop_ids = [] if args.stop_id is None else [args.stop_id]
+  result = server.serve(prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        stop_ids=stop_ids, on_tokens=on_tokens, on_refused=on_refused)
+  return result.generated, result.records, result.timings
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -264,9 +162,8 @@ def main(argv=None):
   parser.add_argument("--output-json", default=None,
                       help="write prompt_ids, generated_ids and timings here")
   parser.add_argument("--warmup", action="store_true",
-                      help="with --max-batch: compile the prefill chunk and the decode step "
-                           "before the timed work (the static path always compiles ahead of "
-                           "time and reports compile time apart)")
+                      help="no effect (kept for old command lines): steps are compiled ahead "
+                           "of time and compile time is reported apart from the rates")
   parser.add_argument("--max-batch", type=int, default=None,
                       help="continuous batching: serve the prompts as a queue of requests "
                            "with this many batch rows over a paged cache")
@@ -329,18 +226,21 @@ def main(argv=None):
       raise SystemExit(f"--prefill-chunk must be a positive multiple of the block size {bk}; "
                        f"got {args.prefill_chunk}")
     with sharding.activation_sharding(mesh):
-      generated, records, timings = serve(model, prompts, args, dtype, mesh)
+      generated, records, timings = serve(model, prompts, args, mesh)
     result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
               "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
-    if args.output_json:
-      with open(args.output_json, "w") as f:
-        json.dump(result, f, indent=1)
     for i, p in enumerate(prompts):
       print(f"prompt {i}: {tokenizer.decode(p + generated[i])!r}")
     rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
+    peak = max(_peak_memory(), default=-1)
+    result["peak_bytes"] = peak
+    if args.output_json:
+      with open(args.output_json, "w") as f:
+        json.dump(result, f, indent=1)
+    memory = f"{peak / 2**30:.2f} GiB" if peak >= 0 else "n/a"
     print(f"served {len(prompts)} requests in {timings['steps']} steps: prefill "
           f"{rate(timings['prefill_tokens_per_s'])}, decode {rate(timings['decode_tokens_per_s'])}"
-          f"{'' if args.warmup else ' (incl. compilation)'}")
+          f", compile {timings['compile_s']:.1f} s (not in the rates), peak memory {memory}")
     return 0
 
   return generate_static(model, prompts, tokenizer, args, mesh, folder)
