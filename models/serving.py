@@ -163,16 +163,19 @@ class Generator:
       cache = jax.device_put(cache, sharding.cache_shardings(cache, self.mesh))
     return cache
 
-  def compile(self, cache):
+  def compile(self, cache, steps=("prefill", "decode")):
     """Compile the prefill chunk and the decode block now (``timings.compile_s``)."""
     w, b, v = self.prefill_chunk, self.batch, self.config.vocab_size
     put = self._put
-    self._compile("prefill", self._prefill_fn, self.state, cache,
-                  put(np.zeros((b, w), np.int32)), put(np.zeros((b,), np.int32)),
-                  put(np.zeros((b,), bool)), put(np.zeros((b, v), np.float32)), donate=(1,))
-    self._compile("decode", self._decode_fn, self.state, cache,
-                  put(np.zeros((b, v), np.float32)), put(jax.random.PRNGKey(0)),
-                  put(np.int32(1)), donate=(1,))
+    if "prefill" in steps:
+      self._compile("prefill", self._prefill_fn, self.state, cache,
+                    put(np.zeros((b, w), np.int32)), put(np.zeros((b,), np.int32)),
+                    put(np.zeros((b,), bool)), put(np.zeros((b, v), np.float32)),
+                    donate=(1,))
+    if "decode" in steps:
+      self._compile("decode", self._decode_fn, self.state, cache,
+                    put(np.zeros((b, v), np.float32)), put(jax.random.PRNGKey(0)),
+                    put(np.int32(1)), donate=(1,))
 
   def prefill(self, prompts: Sequence[Sequence[int]], cache, *, progress=None):
     """Prefill ``prompts`` (one per row, ``<= batch``) into an empty ``cache`` in chunks.
@@ -186,7 +189,7 @@ class Generator:
     if lengths.max(initial=0) > self.max_len:
       raise ValueError(f"a prompt of {lengths.max()} tokens does not fit the cache of "
                        f"{self.max_len}")
-    self.compile(cache)
+    self.compile(cache, steps=("prefill",))
     w = self.prefill_chunk
     total = int(lengths.max(initial=0))
     put = self._put
@@ -217,7 +220,7 @@ class Generator:
     ``trim``); decoding ends early when every row has stopped. ``on_block(tokens)`` is called
     with each block's ``[batch, steps]`` tokens as they arrive.
     """
-    self.compile(cache)
+    self.compile(cache, steps=("decode",))
     key = self._put(jax.random.PRNGKey(seed))
     blocks = []
     stopped = np.zeros(self.batch, bool)

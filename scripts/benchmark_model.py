@@ -297,21 +297,27 @@ def _extrapolated_prefill(gen, prompt, chunk):
 
 
 def decode_rows(model, args, log):
+  """Per batch one generator whose cache holds the longest context (as a server's would);
+  each context fills it to that length and times ``--decode-steps`` steps."""
   rows = []
+  steps = args.decode_steps
   for batch in args.decode_batches:
-    for context in args.decode_contexts:
-      row = {"model": args.current, "attention": "msa", "batch": batch, "context": context}
+    gen = None
+    for context in sorted(args.decode_contexts):
+      row = {"model": args.current, "attention": "msa", "batch": batch, "context": context,
+             "cache_len": max(args.decode_contexts) + steps + args.decode_block}
       try:
-        steps = args.decode_steps
-        gen = _generator(model, dense=False, batch=batch, max_len=context + steps + 1,
-                         chunk=16, block=args.decode_block)
+        if gen is None:
+          gen = _generator(model, dense=False, batch=batch, max_len=row["cache_len"],
+                           chunk=16, block=args.decode_block)
         t0 = time.perf_counter()
         cache = _fill(gen.init_cache(), [context] * batch, seed=batch)
-        gen.compile(cache)
+        gen.compile(cache, steps=("decode",))
         row["compile_s"] = time.perf_counter() - t0
         logits = gen._put(np.asarray(  # noqa: SLF001
             jax.random.normal(jax.random.PRNGKey(5), (batch, model.config.vocab_size))))
         _, cache = gen.decode(logits, cache, max_new_tokens=args.decode_block)  # warm
+        cache = cache._replace(lengths=gen._put(np.full(batch, context, np.int32)))  # noqa
         gen.timings = serving.Timings()
         tokens, cache = gen.decode(logits, cache, max_new_tokens=steps)
         row["step_ms"] = gen.timings.decode_s / steps * 1e3
@@ -322,13 +328,14 @@ def decode_rows(model, args, log):
         row["floor_ms"] = floor["total"] / (args.ceilings["read_tbps"] * 1e12) * 1e3
         row["x_floor"] = row["step_ms"] / row["floor_ms"]
         row["achieved_TBps"] = floor["total"] / (row["step_ms"] * 1e-3) / 1e12
-        del cache, gen
+        del cache
       except Exception as e:  # noqa: BLE001
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         traceback.print_exc()
       row["peak_bytes"] = _peak()
       rows.append(row)
       log(row)
+    del gen
   return rows
 
 
