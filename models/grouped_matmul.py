@@ -90,20 +90,21 @@ def tile_layout(group_sizes, num_rows: int, tile_rows: int):
 
 def _kernel(expert_ref, x_ref, w_ref, o_ref, *, block_k):
   from jax.experimental import pallas as pl
-  e = expert_ref[pl.program_id(0)]
-  n = pl.program_id(1)
-  block_n = o_ref.shape[-1]
+  i, n = pl.program_id(0), pl.program_id(1)
+  e = expert_ref[i]
+  tile_rows, block_n = o_ref.shape
+  rows = pl.ds(i * tile_rows, tile_rows)
 
   @pl.when(e >= 0)
   def _():
     def body(i, acc):
       ks = pl.ds(i * block_k, block_k)
-      xs = x_ref[:, ks]
+      xs = x_ref[rows, ks]
       ws = w_ref[e, ks, pl.ds(n * block_n, block_n)]
       return acc + lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, x_ref.shape[-1] // block_k, body,
+    acc = lax.fori_loop(0, x_ref.shape[1] // block_k, body,
                         jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
@@ -130,9 +131,8 @@ def tiled(x, w, group_sizes, *, tile_rows=16, block_n=None, block_k=None, interp
   out = pl.pallas_call(
       functools.partial(_kernel, block_k=block_k),
       grid=(num_tiles, n // block_n),
-      in_specs=[pl.BlockSpec(),
-                pl.BlockSpec((tile_rows, k), lambda i, j: (i, 0)),
-                pl.BlockSpec()],
+      # x and w whole (their widths need not be powers of two); the kernel slices them.
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((tile_rows, block_n), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((num_tiles * tile_rows, n), x.dtype),
       compiler_params=pltr.CompilerParams(num_warps=4, num_stages=3),
