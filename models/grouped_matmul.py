@@ -29,20 +29,27 @@ _MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
 PREFILL_KERNEL = os.environ.get("MSA_MOE_PREFILL", "mosaic")
 
 
-def grouped_matmul(x, w, group_sizes, *, implementation="xla", interpret=False):
+def grouped_matmul(x, w, group_sizes, *, implementation="xla", interpret=False, layout=None):
   """``x [P, K]`` (rows grouped by expert, ``group_sizes [E]`` rows each, in order) times
-  ``w [E, K, N]`` -> ``[P, N]``."""
-  if implementation is None:  # as msa_jax resolves it: the GPU kernels on GPUs
-    gpu = interpret or jax.default_backend() == "gpu"
-    implementation = "pallas_gpu" if gpu else "xla"
+  ``w [E, K, N]`` -> ``[P, N]``. ``layout``: the ``tile_layout(group_sizes, P, 16)`` of the
+  few-row kernel, when the caller runs several matmuls on the same rows (computed once)."""
+  implementation = resolve(implementation, interpret)
   if implementation != "pallas_gpu":
     return lax.ragged_dot(x, w, group_sizes)
   p = x.shape[0]
   if p <= SMALL_ROWS:
-    return tiled(x, w, group_sizes, tile_rows=16, interpret=interpret)
+    return tiled(x, w, group_sizes, tile_rows=16, interpret=interpret, layout=layout)
   if not interpret and PREFILL_KERNEL == "mosaic" and _mosaic_supports(x, w):
     return _mosaic(x, w, group_sizes)
   return tiled(x, w, group_sizes, tile_rows=64, interpret=interpret)
+
+
+def resolve(implementation, interpret=False) -> str:
+  """None -> "pallas_gpu" on GPUs (or in interpret mode), else "xla" (as msa_jax does)."""
+  if implementation is None:
+    gpu = interpret or jax.default_backend() == "gpu"
+    return "pallas_gpu" if gpu else "xla"
+  return implementation
 
 
 def _mosaic_supports(x, w) -> bool:
@@ -81,10 +88,12 @@ def tile_layout(group_sizes, num_rows: int, tile_rows: int):
   tiles = (sizes + tile_rows - 1) // tile_rows
   tile_ends = jnp.cumsum(tiles)
   j = jnp.arange(num_rows, dtype=jnp.int32)
-  expert = jnp.searchsorted(ends, j, side="right")
+  # "compare_all": one fused comparison (the default "scan" is a loop: on GPUs, a launch
+  # and a host round trip per step, inside every decode step).
+  expert = jnp.searchsorted(ends, j, side="right", method="compare_all")
   row = (tile_ends - tiles)[expert] * tile_rows + (j - (ends - sizes)[expert])
   tile_expert = jnp.searchsorted(tile_ends, jnp.arange(num_tiles, dtype=jnp.int32),
-                                 side="right")
+                                 side="right", method="compare_all")
   return row, jnp.where(tile_expert < e, tile_expert, -1).astype(jnp.int32), num_tiles
 
 
@@ -113,13 +122,16 @@ def _kernel(expert_ref, x_ref, w_ref, o_ref, *, block_k):
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def tiled(x, w, group_sizes, *, tile_rows=16, block_n=None, block_k=None, interpret=False):
+def tiled(x, w, group_sizes, *, tile_rows=16, block_n=None, block_k=None, interpret=False,
+          layout=None):
   """The grouped matmul as a Pallas (Triton) kernel over tiles of one expert's rows."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as pltr
   p, k = x.shape
   n = w.shape[2]
-  row, tile_expert, num_tiles = tile_layout(group_sizes, p, tile_rows)
+  if layout is None:
+    layout = tile_layout(group_sizes, p, tile_rows)
+  row, tile_expert, num_tiles = layout
   if block_k is None:
     block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
   if block_n is None:  # enough programs to fill the GPU (two waves of 132 SMs)

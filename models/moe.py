@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.grouped_matmul import grouped_matmul
+from models import grouped_matmul as gm
 from models.layers import Linear, scaled_normal, swiglu_oai
 
 
@@ -87,8 +87,11 @@ class MoE(nnx.Module):
     tokens = x[order // k]  # tokens grouped by expert
     group_sizes = jnp.bincount(flat, length=c.num_experts).astype(jnp.int32)
     w = lambda p: p[...].astype(x.dtype)
-    gmm = functools.partial(grouped_matmul, group_sizes=group_sizes,
-                            implementation=implementation, interpret=interpret)
+    layout = None  # the few-row kernels' tiles, shared by the three matmuls
+    if n * k <= gm.SMALL_ROWS and gm.resolve(implementation, interpret) == "pallas_gpu":
+      layout = gm.tile_layout(group_sizes, n * k, 16)
+    gmm = functools.partial(gm.grouped_matmul, group_sizes=group_sizes,
+                            implementation=implementation, interpret=interpret, layout=layout)
     gate = gmm(tokens, w(self.w1))
     up = gmm(tokens, w(self.w3))
     act = swiglu_oai(gate, up, alpha=c.swiglu_alpha, limit=c.swiglu_limit)
