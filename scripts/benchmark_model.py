@@ -239,7 +239,7 @@ def prefill_rows(model, args, log):
   chunk = args.prefill_chunk
   max_n = max(args.prefill_sizes)
   rng = np.random.default_rng(0)
-  for dense in (False, True):
+  for dense in {"msa": (False,), "dense": (True,), "both": (False, True)}[args.attention]:
     label = "dense" if dense else "msa"
     gen = _generator(model, dense=dense, batch=1, max_len=max_n + args.decode_block,
                      chunk=chunk, block=args.decode_block)
@@ -454,6 +454,9 @@ def main(argv=None):
   parser.add_argument("--dense-full-limit", type=int, default=131072,
                       help="dense prefill above this many tokens is timed on its first and "
                            "last chunks and extrapolated (default 131072)")
+  parser.add_argument("--attention", default="both", choices=["msa", "dense", "both"],
+                      help="prefill of the model as configured, of the dense variant, or both "
+                           "(default)")
   parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
   parser.add_argument("--decode-contexts", type=int, nargs="+", default=[8192, 131072])
   parser.add_argument("--decode-steps", type=int, default=64,
