@@ -95,6 +95,64 @@ def param_sources(config) -> dict[tuple, list[tuple[str, str]]]:
   return out
 
 
+# ----------------------------------------------------------------------------- files
+
+
+def read_json(path: str, what: str = "JSON file") -> dict:
+  """A JSON file's contents; ``CheckpointError`` naming the file when it is missing or
+  malformed."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: {what} not found") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: malformed {what}: {e}") from None
+
+
+def refuse_nonempty(folder: str):
+  if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+    raise CheckpointError(f"{folder}: destination exists and is not empty; choose a new "
+                          "folder or remove it first (nothing was written)")
+
+
+class _AtomicFolder:
+  """Write into a temporary sibling folder; rename it to ``folder`` only when the body ends
+  without error (the temporary folder is removed otherwise), so a failure never leaves a
+  partial checkpoint under the final name."""
+
+  def __init__(self, folder: str):
+    self.folder = os.path.abspath(folder)
+    refuse_nonempty(self.folder)
+    parent = os.path.dirname(self.folder)
+    os.makedirs(parent, exist_ok=True)
+    import tempfile
+    self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.folder)}.partial-",
+                                dir=parent)
+
+  def __enter__(self) -> str:
+    return self.tmp
+
+  def __exit__(self, kind, value, tb):
+    import shutil
+    if kind is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return False
+    if os.path.isdir(self.folder) and not os.listdir(self.folder):
+      os.rmdir(self.folder)  # an empty destination is fine: replaced
+    os.replace(self.tmp, self.folder)
+    return False
+
+
+def require_finite(name: str, value, where: str):
+  """``CheckpointError`` when ``value`` (NumPy or JAX) holds NaN or Inf."""
+  finite = bool(np.isfinite(value).all()) if isinstance(value, np.ndarray) else bool(
+      jnp.isfinite(value).all())
+  if not finite:
+    raise CheckpointError(f"{where}: parameter {name} holds NaN or Inf values (pass "
+                          "check_finite=False to load it anyway)")
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -106,8 +164,9 @@ class _Tensors:
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = read_json(index, "safetensors index").get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: malformed safetensors index: no 'weight_map' object")
     elif os.path.exists(single):
       weight_map = {name: "model.safetensors" for name in self._keys(single)}
     else:
@@ -215,15 +274,28 @@ def _progress(items, total, desc):
     return items
 
 
+def _config(folder: str):
+  """The folder's config.json as a ``ModelConfig``; errors name the file."""
+  path = os.path.join(folder, "config.json")
+  try:
+    return config_lib.from_hf_config(read_json(path, "config.json"))
+  except CheckpointError:
+    raise
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
 def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
-            implementation: str | None = "xla", interpret=False, progress: bool = True):
+            implementation: str | None = "xla", interpret=False, progress: bool = True,
+            check_finite: bool = True):
   """Build a ``MiniMaxM3`` from a HF folder (config.json + safetensors).
 
   Parameters are placed on ``mesh`` by the sharding rules (one device when ``mesh`` is None).
-  ``param_dtype`` defaults to ``dtype``; the router stays float32.
+  ``param_dtype`` defaults to ``dtype``; the router stays float32. With ``check_finite``
+  (default) a tensor holding NaN or Inf is refused, naming it.
   """
   folder = os.fspath(folder)
-  config = config_lib.from_hf_config(folder)
+  config = _config(folder)
   param_dtype = param_dtype or dtype
   abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
                                               param_dtype=param_dtype,
@@ -241,6 +313,10 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
   for path, srcs in items:
     var = flat[path]
     value = _assemble(tensors, srcs, var.shape, path)
+    if check_finite:
+      require_finite(tensors.raw_names[srcs[0][0]]
+                     + (f" (or one of the {len(srcs) - 1} other experts stacked with it)"
+                        if len(srcs) > 1 else ""), value, tensors.where(srcs[0][0]))
     used.update(name for name, _ in srcs)
     target = var.dtype
     host = value.astype(target)
@@ -350,9 +426,13 @@ def save_hf(model: MiniMaxM3, folder: str, hf_config: dict, *, num_shards: int =
   ``model.config``). With ``mxfp8`` every Linear weight except the router is stored as
   float8_e4m3fn + uint8 ``weight_scale_inv``, like MiniMax-M3-MXFP8.
   """
-  os.makedirs(folder, exist_ok=True)
   if config_lib.from_hf_config(hf_config) != model.config:
     raise ValueError("hf_config does not describe this model's config")
+  with _AtomicFolder(folder) as tmp:
+    _write_hf(model, tmp, hf_config, num_shards=num_shards, mxfp8=mxfp8, dtype=dtype)
+
+
+def _write_hf(model, folder, hf_config, *, num_shards, mxfp8, dtype):
   hf_config = dict(hf_config)
   if mxfp8:
     hf_config["quantization_config"] = {"quant_method": "mxfp8", "activation_scheme": "dynamic",
@@ -405,24 +485,25 @@ def is_hf_folder(folder: str) -> bool:
 def save_orbax(model: MiniMaxM3, folder: str):
   """An Orbax checkpoint of the parameters (sharded as they are) plus the HF config.json."""
   import orbax.checkpoint as ocp
-  folder = os.path.abspath(folder)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config_lib.to_hf_config(model.config), f, indent=1)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(folder, ORBAX_STATE), nnx.state(model, nnx.Param))
-  checkpointer.wait_until_finished()
+  with _AtomicFolder(folder) as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config_lib.to_hf_config(model.config), f, indent=1)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, ORBAX_STATE), nnx.state(model, nnx.Param))
+    checkpointer.wait_until_finished()
 
 
 def load_orbax(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
-               implementation: str | None = "xla", interpret=False):
-  """Restore a ``save_orbax`` checkpoint onto ``mesh`` (any mesh: Orbax reshards)."""
+               implementation: str | None = "xla", interpret=False, check_finite: bool = True):
+  """Restore a ``save_orbax`` checkpoint onto ``mesh`` (any mesh: Orbax reshards). A damaged
+  checkpoint raises ``CheckpointError`` naming the folder (and the parameter where Orbax
+  says which); with ``check_finite`` a parameter holding NaN or Inf is refused."""
   import orbax.checkpoint as ocp
   folder = os.path.abspath(folder)
   state_dir = os.path.join(folder, ORBAX_STATE)
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"{folder}: no Orbax state folder {ORBAX_STATE!r}")
-  config = config_lib.from_hf_config(folder)
+  config = _config(folder)
   abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
                                               param_dtype=param_dtype or dtype,
                                               implementation=implementation,
@@ -434,14 +515,32 @@ def load_orbax(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_d
   target = jax.tree.map(
       lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), params,
       shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  restored = ocp.StandardCheckpointer().restore(state_dir, target)
+  try:
+    restored = ocp.StandardCheckpointer().restore(state_dir, target)
+  except Exception as e:  # TensorStore, pytree and metadata errors of a damaged folder
+    raise CheckpointError(f"{state_dir}: cannot restore the Orbax checkpoint (damaged, or "
+                          f"made for another config?): {type(e).__name__}: "
+                          f"{str(e)[:500]}") from None
+  if check_finite:
+    for path, var in nnx.to_flat_state(restored):
+      require_finite(".".join(map(str, path)), var[...], state_dir)
   return nnx.merge(graphdef, restored, rest)
 
 
 def load(folder: str, **kwargs):
   """A model from a HF folder or an Orbax checkpoint folder (detected by its contents)."""
   folder = os.fspath(folder)
+  if not os.path.isdir(folder):
+    what = "no such folder" if not os.path.exists(folder) else "not a folder"
+    raise CheckpointError(f"{folder}: {what} (expected a Hugging Face checkpoint folder or an "
+                          "Orbax checkpoint folder)")
   if is_hf_folder(folder):
     return load_hf(folder, **kwargs)
+  if not os.path.isdir(os.path.join(folder, ORBAX_STATE)):
+    present = sorted(os.listdir(folder))[:10]
+    raise CheckpointError(
+        f"{folder}: not a checkpoint: a Hugging Face folder needs config.json with "
+        f"model.safetensors.index.json (or model.safetensors), an Orbax one config.json with "
+        f"a {ORBAX_STATE!r} folder; found {present or 'nothing'}")
   kwargs.pop("progress", None)
   return load_orbax(folder, **kwargs)

@@ -48,8 +48,13 @@ class ModelConfig:
   index_block_size: int = 128
   index_topk_blocks: int = 16
   tie_word_embeddings: bool = False
+  # The longest sequence (prompt + generated) the checkpoint was made for; None: unknown.
+  max_position_embeddings: int | None = None
 
   def __post_init__(self):
+    if self.max_position_embeddings is not None and int(self.max_position_embeddings) < 1:
+      raise ValueError(f"max_position_embeddings must be >= 1; got "
+                       f"{self.max_position_embeddings}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim"):
       if int(getattr(self, name)) < 1:
@@ -207,6 +212,8 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> Model
       swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
       swiglu_limit=float(d.get("swiglu_limit", 7.0)),
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      max_position_embeddings=(int(d["max_position_embeddings"])
+                               if d.get("max_position_embeddings") is not None else None),
       **index)
 
 
@@ -238,6 +245,8 @@ def to_hf_config(config: ModelConfig) -> dict:
           "sparse_block_size": c.index_block_size, "sparse_topk_blocks": c.index_topk_blocks,
           "sparse_score_type": "max", "sparse_init_block": 0, "sparse_local_block": 1},
   }
+  if c.max_position_embeddings is not None:
+    text["max_position_embeddings"] = c.max_position_embeddings
   return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
           "model_type": "minimax_m3_vl", "torch_dtype": "bfloat16", "text_config": text}
 

@@ -31,18 +31,38 @@ from models import cache as cache_lib
 from models import sharding
 
 
+def check_sampling(temperature: float, top_p: float):
+  """``ValueError`` unless temperature is finite and >= 0 and top_p is in [0, 1]."""
+  import math
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
+                     f"{temperature}")
+  if not 0 <= top_p <= 1:  # also refuses NaN
+    raise ValueError(f"top_p must lie in [0, 1] (0 keeps only the most likely token); got "
+                     f"{top_p}")
+
+
 def sample(logits, key, temperature: float, top_p: float):
-  """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-p sampling."""
+  """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-p sampling (the
+  smallest set of most likely tokens whose probability reaches top_p; the most likely token
+  is always kept, so top_p 0 keeps only it)."""
+  check_sampling(temperature, top_p)
   if temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
+    first = jnp.arange(probs.shape[-1]) == 0
+    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p) | first  # the top token stays
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_new_tokens(n):
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"max_new_tokens must be an integer >= 0; got {n!r}")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -92,6 +112,7 @@ class Generator:
     self.max_len = round_up(max_len, 128)
     self.prefill_chunk = prefill_chunk
     self.decode_block = decode_block
+    check_sampling(float(temperature), float(top_p))
     self.temperature, self.top_p = float(temperature), float(top_p)
     self.mesh = mesh
     self.graphdef, self.state = nnx.split(model)
@@ -220,6 +241,7 @@ class Generator:
     ``trim``); decoding ends early when every row has stopped. ``on_block(tokens)`` is called
     with each block's ``[batch, steps]`` tokens as they arrive.
     """
+    _check_new_tokens(max_new_tokens)
     self.compile(cache, steps=("decode",))
     key = self._put(jax.random.PRNGKey(seed))
     blocks = []
@@ -285,6 +307,7 @@ class PagedServer:
     self.config = model.config
     self.rows, self.width = rows, prefill_width
     self.decode_block = decode_block
+    check_sampling(float(temperature), float(top_p))
     self.temperature, self.top_p = float(temperature), float(top_p)
     self.mesh = mesh
     bk = self.config.index_block_size
@@ -349,7 +372,11 @@ class PagedServer:
 
   def serve(self, prompts, *, max_new_tokens: int, seed: int = 0, stop_ids=(),
             on_tokens=None, on_refused=None) -> ServeResult:
-    """Serve ``prompts`` as requests; ``on_tokens(step, {request: [tokens]})`` streams."""
+    """Serve ``prompts`` as requests; ``on_tokens(step, {request: [tokens]})`` streams.
+    ``on_refused(request, reason)`` is called for a request that can never fit."""
+    _check_new_tokens(max_new_tokens)
+    if any(not p for p in prompts):
+      raise ValueError("every prompt needs at least one token")
     self.compile()
     alloc, bk, put = self.alloc, self.config.index_block_size, self._put
     budget = [len(p) + max_new_tokens for p in prompts]
@@ -382,16 +409,19 @@ class PagedServer:
       i = active[row]
       kept = []
       for tok in tokens:
+        if len(generated[i]) >= max_new_tokens:
+          break
         kept.append(int(tok))
         generated[i].append(int(tok))
-        if len(generated[i]) >= max_new_tokens or int(tok) in stop_ids:
+        if int(tok) in stop_ids:
           break
       t["tokens"] += len(kept)
-      if on_tokens is not None:
+      if on_tokens is not None and kept:
         on_tokens(at_step, {i: kept})
-      next_token[row] = kept[-1]
-      if len(generated[i]) >= max_new_tokens or kept[-1] in stop_ids:
-        records[active.pop(row)]["finished_step"] = at_step + len(kept) - 1
+      if kept:
+        next_token[row] = kept[-1]
+      if len(generated[i]) >= max_new_tokens or (kept and kept[-1] in stop_ids):
+        records[active.pop(row)]["finished_step"] = at_step + max(len(kept), 1) - 1
         alloc.free(row)
         freed.append(row)
 

@@ -65,6 +65,8 @@ def parse_mesh(text: str | None, default: Mapping[str, int]) -> dict[str, int]:
     if name not in ("data", "fsdp", "tensor", "expert") or not size.isdigit():
       raise SystemExit(f"--mesh: expected name=size with names data/fsdp/tensor/expert, "
                        f"got {part!r}")
+    if int(size) < 1:
+      raise SystemExit(f"--mesh: axis sizes must be >= 1; got {part!r}")
     axes[name] = int(size)
   return axes
 

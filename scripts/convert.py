@@ -5,6 +5,10 @@
   orbax-to-hf SRC DST     Orbax checkpoint -> HF folder in the released layout
                           (bit-exact round trip for a bf16 source loaded with --dtype bfloat16).
 
+DST must not exist (or be empty): nothing is written otherwise. The output is written to a
+temporary sibling folder and renamed to DST at the end, so a failure leaves no partial DST.
+Tensors holding NaN or Inf are refused, naming them.
+
 Examples:
   python3 scripts/convert.py hf-to-orbax /data/MiniMax-M3 /data/m3-orbax --mesh tensor=8
   python3 scripts/convert.py orbax-to-hf /data/m3-orbax /data/m3-hf --shards 59
@@ -37,18 +41,29 @@ def main(argv=None):
   parser.add_argument("--shards", type=int, default=4, help="safetensors files (orbax-to-hf)")
   args = parser.parse_args(argv)
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+  if args.shards < 1:
+    raise SystemExit(f"--shards must be >= 1; got {args.shards}")
   mesh = None
   if args.mesh:
-    axes = {k: int(v) for k, v in (p.split("=") for p in args.mesh.split(","))}
-    mesh = sharding.make_mesh(axes)
-  if args.direction == "hf-to-orbax":
-    model = checkpoint.load_hf(args.src, mesh=mesh, dtype=dtype)
-    checkpoint.save_orbax(model, args.dst)
-  else:
-    model = checkpoint.load_orbax(args.src, mesh=mesh, dtype=dtype)
-    store = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[args.dtype]
-    checkpoint.save_hf(model, args.dst, config_lib.to_hf_config(model.config),
-                       num_shards=args.shards, dtype=store)
+    try:
+      mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {}))
+    except ValueError as e:
+      raise SystemExit(f"--mesh: {e}")
+  try:
+    # Refused before anything is read or written: the destination must be new (or empty).
+    checkpoint.refuse_nonempty(args.dst)
+    if args.direction == "hf-to-orbax":
+      if not checkpoint.is_hf_folder(args.src):
+        checkpoint.load(args.src)  # raises, saying what the folder lacks
+      model = checkpoint.load_hf(args.src, mesh=mesh, dtype=dtype)
+      checkpoint.save_orbax(model, args.dst)
+    else:
+      model = checkpoint.load_orbax(args.src, mesh=mesh, dtype=dtype)
+      store = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[args.dtype]
+      checkpoint.save_hf(model, args.dst, config_lib.to_hf_config(model.config),
+                         num_shards=args.shards, dtype=store)
+  except checkpoint.CheckpointError as e:
+    raise SystemExit(f"convert.py {args.direction}: {e}")
   print(f"wrote {args.dst}")
   return 0
 

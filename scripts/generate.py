@@ -189,8 +189,19 @@ def main(argv=None):
     jax.config.update("jax_default_matmul_precision", "highest")
   if args.prefill_chunk < 1 or args.decode_block < 1:
     raise SystemExit("--prefill-chunk and --decode-block must be >= 1")
+  if args.max_new_tokens < 0:
+    raise SystemExit(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+  try:
+    serving.check_sampling(args.temperature, args.top_p)
+  except ValueError as e:
+    raise SystemExit(f"--temperature/--top-p: {e}")
   if args.checkpoint is not None and args.random_weights is not None:
     raise SystemExit("--checkpoint and --random-weights exclude each other")
+  if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+    what = "does not exist" if not os.path.exists(args.checkpoint) else "is a file"
+    raise SystemExit(f"--checkpoint {args.checkpoint}: {what}; expected a folder (a Hugging "
+                     f"Face checkpoint with config.json and safetensors, or an Orbax "
+                     f"checkpoint from scripts/convert.py)")
   folder = args.checkpoint
   if folder is None and args.random_weights is None:
     folder = checkpoint.write_random(os.path.join(tempfile.mkdtemp(), "tiny-m3"),
@@ -202,8 +213,11 @@ def main(argv=None):
   if any(not p for p in prompts):
     raise SystemExit("every prompt needs at least one token")
 
-  mesh = sharding.make_mesh(sharding.parse_mesh(
-      args.mesh, {"data": 1, "tensor": jax.device_count(), "expert": 1}))
+  try:
+    mesh = sharding.make_mesh(sharding.parse_mesh(
+        args.mesh, {"data": 1, "tensor": jax.device_count(), "expert": 1}))
+  except ValueError as e:
+    raise SystemExit(f"--mesh: {e}")
   if args.random_weights is not None:
     try:
       model = checkpoint.random_init(args.random_weights, mesh=mesh, dtype=dtype,
@@ -212,11 +226,20 @@ def main(argv=None):
       raise SystemExit(f"--random-weights {args.random_weights}: {e}")
     folder = f"random:{args.random_weights}"
   else:
-    model = checkpoint.load(folder, mesh=mesh, dtype=dtype,
-                            implementation=args.implementation, progress=not args.quiet)
+    try:
+      model = checkpoint.load(folder, mesh=mesh, dtype=dtype,
+                              implementation=args.implementation, progress=not args.quiet)
+    except checkpoint.CheckpointError as e:
+      raise SystemExit(f"--checkpoint: {e}")
   vocab = model.config.vocab_size
   if any(i < 0 or i >= vocab for p in prompts for i in p):
     raise SystemExit(f"prompt token ids must lie in [0, {vocab})")
+  limit = model.config.max_position_embeddings
+  longest = max(len(p) for p in prompts)
+  if limit is not None and longest + args.max_new_tokens > limit:
+    raise SystemExit(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} "
+                     f"exceeds the model's max_position_embeddings ({limit}, from its "
+                     f"config.json)")
 
   if args.max_batch is not None:
     if args.max_batch < 1 or (args.num_pages is not None and args.num_pages < 1):
@@ -238,9 +261,14 @@ def main(argv=None):
       with open(args.output_json, "w") as f:
         json.dump(result, f, indent=1)
     memory = f"{peak / 2**30:.2f} GiB" if peak >= 0 else "n/a"
-    print(f"served {len(prompts)} requests in {timings['steps']} steps: prefill "
+    refused = sum("refused" in r for r in records)
+    served = len(prompts) - refused
+    print(f"served {served} requests ({refused} refused) in {timings['steps']} steps: prefill "
           f"{rate(timings['prefill_tokens_per_s'])}, decode {rate(timings['decode_tokens_per_s'])}"
           f", compile {timings['compile_s']:.1f} s (not in the rates), peak memory {memory}")
+    if not served:
+      print("no request could be served (every one was refused: see above)", file=sys.stderr)
+      return 1
     return 0
 
   return generate_static(model, prompts, tokenizer, args, mesh, folder)

@@ -205,3 +205,109 @@ def test_orbax_round_trip_bit_exact_and_resharded(tmp_path):
   direct = checkpoint.load(str(src), dtype=jnp.bfloat16, progress=False)
   np.testing.assert_array_equal(np.asarray(restored.forward(TOKENS)),
                                 np.asarray(direct.forward(TOKENS)))
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def _convert(*args):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, os.path.join(root, "scripts", "convert.py"), *args],
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+
+
+def test_convert_refuses_a_nonempty_destination_untouched(folder, tmp_path):
+  dst = tmp_path / "existing"
+  dst.mkdir()
+  (dst / "config.json").write_text("precious")
+  proc = _convert("hf-to-orbax", folder, str(dst))
+  assert proc.returncode != 0 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+  assert (dst / "config.json").read_text() == "precious" and len(list(dst.iterdir())) == 1
+
+
+def test_a_failed_write_leaves_no_partial_folder(tiny, tmp_path, monkeypatch):
+  calls = []
+
+  def failing_save(tensors, path, metadata=None):
+    calls.append(path)
+    if len(calls) == 2:
+      raise OSError("disk full")
+    return real(tensors, path, metadata=metadata)
+
+  real = checkpoint.save_file
+  monkeypatch.setattr(checkpoint, "save_file", failing_save)
+  dst = tmp_path / "out"
+  with pytest.raises(OSError, match="disk full"):
+    checkpoint.save_hf(tiny, str(dst), TINY_JSON, num_shards=3)
+  assert not dst.exists() and list(tmp_path.iterdir()) == []  # no partial, no temporary
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda p: None, "no such folder"),
+    (lambda p: p.write_text("x"), "not a folder"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")),
+     "model.safetensors.index.json"),
+])
+def test_load_says_what_is_missing(tmp_path, make, msg):
+  path = tmp_path / "ckpt"
+  make(path)
+  with pytest.raises(checkpoint.CheckpointError, match=msg):
+    checkpoint.load(str(path))
+
+
+@pytest.mark.parametrize("name,msg", [("config.json", "config.json: malformed config.json"),
+                                      ("model.safetensors.index.json",
+                                       "index.json: malformed safetensors index")])
+def test_malformed_json_is_named(folder, tmp_path, name, msg):
+  work = _broken(folder, tmp_path, lambda w: (w / name).write_text('{"a": '))
+  with pytest.raises(checkpoint.CheckpointError, match=msg):
+    checkpoint.load(work, progress=False)
+
+
+def test_nan_in_a_tensor_is_reported(folder, tmp_path):
+  def poison(work):
+    _rewrite_shard(work, lambda t, i: t[Q].__setitem__((0, 0), np.nan))
+
+  work = _broken(folder, tmp_path, poison)
+  with pytest.raises(checkpoint.CheckpointError, match="q_proj.weight holds NaN or Inf"):
+    checkpoint.load_hf(work, progress=False)
+  checkpoint.load_hf(work, progress=False, check_finite=False)  # explicitly allowed
+
+
+@pytest.fixture(scope="module")
+def orbax_folder(tiny, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("orbax") / "ckpt")
+  checkpoint.save_orbax(tiny, path)
+  return path
+
+
+def _damage_largest_file(work):
+  files = [p for p in (work / "state").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:16])
+
+
+@pytest.mark.parametrize("edit", [
+    _damage_largest_file,
+    lambda w: (w / "state" / "_METADATA").unlink(),
+    lambda w: (w / "state" / "manifest.ocdbt").unlink(),
+], ids=["truncated data", "no pytree metadata", "no manifest"])
+def test_damaged_orbax_checkpoint_is_reported(orbax_folder, tmp_path, edit):
+  work = tmp_path / "damaged"
+  shutil.copytree(orbax_folder, work)
+  edit(work)
+  with pytest.raises(checkpoint.CheckpointError, match="state: cannot restore"):
+    checkpoint.load(str(work))
+
+
+def test_orbax_of_another_config_is_reported(orbax_folder, tmp_path):
+  work = tmp_path / "other"
+  shutil.copytree(orbax_folder, work)
+  config = json.loads((work / "config.json").read_text())
+  config["text_config"]["hidden_size"] = 128
+  (work / "config.json").write_text(json.dumps(config))
+  with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
+    checkpoint.load(str(work))

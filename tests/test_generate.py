@@ -166,3 +166,67 @@ def test_random_weights_without_files(tmp_path):
   result = json.loads(out.read_text())
   assert result["checkpoint"] == "random:tiny" and len(result["generated_ids"][0]) == 3
   assert "peak memory" in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--temperature", "-1"], "temperature must be a finite number"),
+    (["--top-p", "-0.5"], "top_p must lie in [0, 1]"),
+    (["--top-p", "1.5"], "top_p must lie in [0, 1]"),
+    (["--mesh", "tensor=0"], "axis sizes must be >= 1"),
+    (["--mesh", "data=2"], "needs 2 devices"),
+    (["--checkpoint", __file__], "is a file"),
+    (["--checkpoint", "/nonexistent/folder"], "does not exist"),
+])
+def test_bad_arguments_exit_with_a_message(ckpt, args, message):
+  if "--checkpoint" not in args:
+    args = ["--checkpoint", ckpt] + args
+  proc = subprocess.run([sys.executable, SCRIPT, *args, "--prompt-ids", "1,2"],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_prompt_past_max_position_embeddings_is_refused(tmp_path):
+  config = json.loads(open(os.path.join(ROOT, "configs", "tiny.json")).read())
+  config["max_position_embeddings"] = 32
+  path = tmp_path / "short.json"
+  path.write_text(json.dumps(config))
+  proc = subprocess.run([sys.executable, SCRIPT, "--random-weights", str(path),
+                         "--prompt-ids", ",".join(["5"] * 30), "--max-new-tokens", "4"],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0 and "max_position_embeddings (32" in proc.stderr
+
+
+def test_sampling_edges_and_stop_id_on_the_static_path(ckpt, tmp_path):
+  """--top-p 0 keeps the most likely token (= greedy at any temperature); --stop-id ends a
+  row in the static path; --max-new-tokens 0 generates nothing on both paths."""
+  base = ["--checkpoint", ckpt, "--prompt-ids", LONG, "--quiet"]
+  greedy = tmp_path / "greedy.json"
+  _run(base + ["--max-new-tokens", "5", "--output-json", str(greedy)])
+  want = json.loads(greedy.read_text())["generated_ids"][0]
+  top0 = tmp_path / "top0.json"
+  _run(base + ["--max-new-tokens", "5", "--temperature", "1.5", "--top-p", "0",
+               "--output-json", str(top0)])
+  assert json.loads(top0.read_text())["generated_ids"][0] == want
+  stop = tmp_path / "stop.json"
+  _run(base + ["--max-new-tokens", "5", "--stop-id", str(want[1]), "--decode-block", "2",
+               "--output-json", str(stop)])
+  assert json.loads(stop.read_text())["generated_ids"][0] == want[:want.index(want[1]) + 1]
+  for extra in ([], ["--max-batch", "1"]):
+    none = tmp_path / "none.json"
+    _run(base + ["--max-new-tokens", "0", "--output-json", str(none)] + extra)
+    assert json.loads(none.read_text())["generated_ids"] == [[]]
+
+
+def test_every_request_refused_exits_nonzero(ckpt):
+  proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, "--prompt-ids", LONG,
+                         "--max-batch", "1", "--num-pages", "1", "--quiet"],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert "request 0 refused" in proc.stderr and "no request could be served" in proc.stderr
+  assert "served 0 requests (1 refused)" in proc.stdout
