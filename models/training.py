@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 
 import jax
@@ -342,6 +343,32 @@ class Checkpoints:
     out = self.manager.restore(step, args=args.Composite(
         state=args.StandardRestore(abstract_state), meta=args.JsonRestore()))
     return out["state"], out["meta"]
+
+  def restore_newest_intact(self, abstract_state):
+    """Restore the newest step that restores; a damaged newer one (e.g. a checkpoint torn by
+    a kill) is renamed ``<step>.broken`` so it is neither used nor overwritten.
+
+    Returns (step, state, meta, [(broken step, renamed folder, error), ...]); raises
+    ``RuntimeError`` naming the folders when no step restores.
+    """
+    broken = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # TensorStore / metadata errors of a damaged step
+        path = os.path.join(self.folder, str(step))
+        aside = path + ".broken"
+        if os.path.exists(aside):
+          aside += f"-{int(time.time())}"
+        broken.append((step, aside, f"{type(e).__name__}: {str(e)[:300]}"))
+        continue
+      if broken:
+        for _, aside, _ in broken:
+          os.rename(aside[:aside.rindex(".broken")], aside)
+        self.manager.reload()
+      return step, state, meta, broken
+    raise RuntimeError(f"{self.folder}: no checkpoint step restores ("
+                       + "; ".join(f"step {s}: {err}" for s, _, err in broken) + ")")
 
   def restore_params(self, step: int | None = None) -> dict:
     """Only the ``params`` of a checkpoint, onto the first local device whatever mesh saved

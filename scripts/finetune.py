@@ -231,18 +231,34 @@ def base_config(name: str):
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines log. A last line that does not decode (a write torn by a
+  kill) is skipped with a warning; an undecodable line before it is an error naming it."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+  records = []
+  for n, (number, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n == len(lines) - 1:
+        print(f"warning: {path}: line {number} is incomplete (an interrupted write?); "
+              "skipped", file=sys.stderr)
+        break
+      raise SystemExit(f"{path}: line {number} is not valid JSON ({e}); fix or remove it")
+  return records
 
 
 def truncate_log(path: str, step: int):
-  """Drop records after ``step`` (a resumed run rewrites them)."""
+  """Drop records after ``step`` (a resumed run rewrites them). The log is rewritten through a
+  temporary file and ``os.replace``, so a kill never leaves it half-written."""
   records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-  with open(path, "w") as f:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
 
 
 # Flags that control one invocation, not what is computed.
@@ -384,7 +400,13 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
 
   data_settings = {k: getattr(args, k) for k in DATA_KEYS}
   if resume_step is not None:
-    state, meta = ckpts.restore(resume_step, trainer.abstract_state())
+    try:
+      resume_step, state, meta, broken = ckpts.restore_newest_intact(trainer.abstract_state())
+    except RuntimeError as e:
+      raise SystemExit(f"--resume: {e}")
+    for step, aside, err in broken:
+      print(f"warning: checkpoint step {step} cannot be restored ({err}); moved to {aside}, "
+            f"resuming from step {resume_step}", file=sys.stderr)
     # runs from before --repeats / --fused-pairs
     saved = {"repeats": 1, "fused_pairs": False, **meta.get("data_settings", {})}
     if saved != data_settings:

@@ -266,6 +266,42 @@ def test_killed_and_resumed_run_is_exact(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(value), np.asarray(params_b[key]), err_msg=key)
 
 
+def test_resume_survives_a_torn_log_and_a_damaged_newest_checkpoint(tmp_path, capsys):
+  """A kill can tear the last line of metrics.jsonl and leave the newest checkpoint
+  truncated: --resume skips the torn line, sets the damaged step aside (named) and resumes
+  from the newest intact one, ending where an uninterrupted run ends."""
+  common = SMALL_FLAGS + ["--seq-len", "128", "--num-pairs", "4", "--num-queries", "2",
+                          "--steps", "8", "--dense-warmup-steps", "2", "--batch-size", "4",
+                          "--lr", "3e-3", "--save-every", "3", "--mesh", "data=1",
+                          "--quiet"]
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  assert finetune.main(common + ["--output-dir", a]) == 0
+
+  def kill(step, record):
+    if step == 7:
+      raise Killed
+
+  with pytest.raises(Killed):
+    finetune.main(common + ["--output-dir", b], on_step=kill)
+  ckpt_dir = os.path.join(b, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["3", "6"]
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ckpt_dir, "6")) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(8)
+  with open(os.path.join(b, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 8, "loss": 1.')  # a torn line
+  capsys.readouterr()
+  assert finetune.main(common + ["--output-dir", b, "--resume"]) == 0
+  out = capsys.readouterr()
+  assert "checkpoint step 6 cannot be restored" in out.err and "6.broken" in out.err
+  assert "incomplete" in out.err and "resumed from step 3" in out.out
+  want, got = _records(a), _records(b)
+  assert [r["step"] for r in got] == list(range(1, 9))
+  for r, s in zip(want, got):
+    assert r["loss"] == s["loss"], r["step"]
+
+
 def test_init_from_dense_model_adds_index_projections(tmp_path, capsys):
   from models import checkpoint
   dense_cfg = SMALL.replace(sparse_layers=(False, False))
