@@ -49,10 +49,12 @@ def _check_int(name: str, x, layout: str):
     raise ValueError(f"{name} must be an integer array {layout}; got dtype {x.dtype}")
 
 
-def _check_positive_int(name: str, value, minimum: int = 1):
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+  """``value`` as a Python int (NumPy integers too); ``ValueError`` if not an int >= minimum."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
       or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+  return int(value)
 
 
 def _is_concrete(x) -> bool:
@@ -74,6 +76,8 @@ def _check_qkv(q, k, v):
   if v.shape[:3] != k.shape[:3]:
     raise ValueError(f"v must match k in [batch, kv_len, kv_heads]: expected "
                      f"{list(k.shape[:3])} + [Dv], got {list(v.shape)}")
+  if k.shape[1] < 1:
+    raise ValueError(f"k and v must hold at least one key (kv_len >= 1); got k {k.shape}")
   g = k.shape[2]
   if g < 1 or hq % g:
     raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads = groups G ({g}); "
@@ -93,6 +97,8 @@ def _check_index_qk(q_idx, k_idx, batch=None, q_len=None, kv_len=None, groups=No
   if k_idx.shape[2] != di:
     raise ValueError(f"k_idx must have index_dim {di} (as q_idx): expected [{b}, S, {di}], "
                      f"got {k_idx.shape}")
+  if k_idx.shape[1] < 1:
+    raise ValueError(f"k_idx must hold at least one key (kv_len >= 1); got {k_idx.shape}")
   if batch is not None and b != batch:
     raise ValueError(f"batch mismatch: q has batch {batch}, q_idx {b}")
   if q_len is not None and t != q_len:
@@ -163,9 +169,17 @@ def _resolve_implementation(implementation, interpret) -> str:
 
 
 def _check_static(block_size, topk=None):
-  _check_positive_int("block_size", block_size)
+  """(block_size, topk) checked and as Python ints (a NumPy integer is accepted)."""
+  block_size = _check_positive_int("block_size", block_size)
   if topk is not None:
-    _check_positive_int("topk", topk)
+    topk = _check_positive_int("topk", topk)
+  return block_size, topk
+
+
+def _empty(*sizes) -> bool:
+  """True when a batch or query length is 0: the result is an empty array, computed by no
+  kernel (grids and chunkings of zero length are not defined)."""
+  return any(int(n) == 0 for n in sizes)
 
 
 def _scale(scale, head_dim):
@@ -228,10 +242,12 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
     valid prefix is unspecified.
   """
   _check_index_qk(q_idx, k_idx)
-  _check_static(block_size, topk)
+  block_size, topk = _check_static(block_size, topk)
   impl = _resolve_implementation(implementation, interpret)
   b, t = q_idx.shape[:2]
   q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, k_idx.shape[1])
+  if _empty(b, t):
+    return jnp.full((b, t, q_idx.shape[2], topk), -1, jnp.int32)
   return _index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size, topk=topk,
                      impl=impl, interpret=interpret)
 
@@ -386,13 +402,17 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, scale=None, q_po
     out = 0 and lse = -inf.
   """
   _check_qkv(q, k, v)
-  _check_static(block_size)
+  block_size, _ = _check_static(block_size)
   b, t, hq, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
   _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
   scale = _scale(scale, d)
   impl = _resolve_implementation(implementation, interpret)
   q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  if _empty(b, t):
+    out = jnp.zeros((b, t, hq, v.shape[3]), q.dtype)
+    lse = jnp.full((b, t, hq), -jnp.inf, jnp.float32)
+    return (out, lse) if return_lse else out
   out, lse = _sparse_attention(q, k, v, jnp.asarray(block_indices, jnp.int32), q_positions,
                                kv_lengths, block_size=block_size, scale=scale, impl=impl,
                                interpret=interpret)
@@ -413,10 +433,14 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
   b, t, _, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
   _check_index_qk(q_idx, k_idx, b, t, s_len, g)
-  _check_static(block_size, topk)
+  block_size, topk = _check_static(block_size, topk)
   scale = _scale(scale, d)
   impl = _resolve_implementation(implementation, interpret)
   q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  if _empty(b, t):
+    out = jnp.zeros((b, t, q.shape[2], v.shape[3]), q.dtype)
+    ids = jnp.full((b, t, g, topk), -1, jnp.int32)
+    return (out, ids) if return_indices else out
   ids = _index_topk(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx), q_positions,
                     kv_lengths, block_size=block_size, topk=topk, impl=impl,
                     interpret=interpret)
@@ -444,11 +468,13 @@ def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=
   b, t, _, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
   _check_index_qk(q_idx, k_idx, b, t, s_len, g)
-  _check_static(block_size)
+  block_size, _ = _check_static(block_size)
   _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
   scale = _scale(scale, d)
   impl = _resolve_implementation(implementation, interpret)
   q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  if _empty(b, t):  # no query: no KL term (0, with zero gradients)
+    return 0.0 * (jnp.sum(q_idx, dtype=jnp.float32) + jnp.sum(k_idx, dtype=jnp.float32))
   ids = jnp.asarray(block_indices, jnp.int32)
   if impl == "xla":
     return reference.indexer_kl_loss(q, k, q_idx, k_idx, ids, q_positions, kv_lengths,

@@ -54,8 +54,10 @@ def full_attention(q, k, v, *, scale=None, q_positions=None, kv_lengths=None,
   q_positions, kv_lengths = api._resolve_positions(q_positions, kv_lengths, b, t, k.shape[1])
   scale = api._scale(scale, d)
   impl = api._resolve_implementation(implementation, interpret)
-  api._check_positive_int("q_chunk", q_chunk)
-  api._check_positive_int("k_chunk", k_chunk)
+  q_chunk = api._check_positive_int("q_chunk", q_chunk)
+  k_chunk = api._check_positive_int("k_chunk", k_chunk)
+  if api._empty(b, t):
+    return jnp.zeros((b, t, q.shape[2], v.shape[3]), q.dtype)
   if impl == "pallas_gpu" and t <= MAX_DECODE_QUERIES:
     return _decode_gpu(q, k, v, q_positions, kv_lengths, scale=scale, interpret=interpret)
   if impl == "pallas_gpu" and not interpret and _cudnn_supports(q, k, v):
@@ -178,6 +180,8 @@ def paged_full_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None
                                                 page_table.shape[1] * bk)
   scale = api._scale(scale, d)
   impl = api._resolve_implementation(implementation, interpret)
+  if api._empty(b):
+    return jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
   if impl == "pallas_gpu":
     return _decode_pages(q, k_pages, v_pages, jnp.clip(page_table, 0, k_pages.shape[0] - 1),
                          q_positions, lengths, scale=scale, interpret=interpret)

@@ -164,12 +164,14 @@ def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128,
     valid ids first in unspecified order, -1 padding. Equal as sets to ``msa_jax.index_topk``
     on the contiguous keys.
   """
-  api._check_static(block_size, topk)
+  block_size, topk = api._check_static(block_size, topk)
   _check_index(q_idx, index_pages, block_size)
   b, t = q_idx.shape[:2]
   page_table, lengths = _check_table(page_table, lengths, b, block_size, index_pages.shape[0])
   q_positions = _positions(q_positions, lengths, b, t)
   impl = api._resolve_implementation(implementation, interpret)
+  if api._empty(b):
+    return jnp.full((0, t, q_idx.shape[2], topk), -1, jnp.int32)
   return _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions,
                            block_size=block_size, topk=topk, impl=impl, interpret=interpret)
 
@@ -227,7 +229,7 @@ def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices,
     out [B, q, Hq, Dv] in q's dtype (and lse); padding queries get 0 (lse -inf). Only
     keys before ``lengths[b]`` are read into any output: stale page contents never leak.
   """
-  api._check_static(block_size)
+  block_size, _ = api._check_static(block_size)
   _check_kv(q, k_pages, v_pages, block_size)
   b, t, _, d = q.shape
   page_table, lengths = _check_table(page_table, lengths, b, block_size, k_pages.shape[0])
@@ -235,6 +237,10 @@ def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices,
   q_positions = _positions(q_positions, lengths, b, t)
   scale = api._scale(scale, d)
   impl = api._resolve_implementation(implementation, interpret)
+  if api._empty(b):
+    out = jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
+    lse = jnp.zeros((0, t, q.shape[2]), jnp.float32)
+    return (out, lse) if return_lse else out
   out, lse = _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths,
                                   jnp.asarray(block_indices, jnp.int32), q_positions,
                                   block_size=block_size, scale=scale, impl=impl,
@@ -253,7 +259,7 @@ def paged_msa_decode(q, q_idx, k_pages, v_pages, index_pages, page_table, length
   out [B, q, Hq, Dv], then the int32 [B, q, G, topk] selection when ``return_indices`` and the
   float32 lse [B, q, Hq] when ``return_lse``.
   """
-  api._check_static(block_size, topk)
+  block_size, topk = api._check_static(block_size, topk)
   _check_kv(q, k_pages, v_pages, block_size)
   b, t, _, d = q.shape
   if index_pages is None:
@@ -267,12 +273,17 @@ def paged_msa_decode(q, q_idx, k_pages, v_pages, index_pages, page_table, length
   q_positions = _positions(q_positions, lengths, b, t)
   scale = api._scale(scale, d)
   impl = api._resolve_implementation(implementation, interpret)
-  ids = _paged_index_topk(jax.lax.stop_gradient(q_idx), index_pages, page_table, lengths,
-                          q_positions, block_size=block_size, topk=topk, impl=impl,
-                          interpret=interpret)
-  out, lse = _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, ids, q_positions,
-                                  block_size=block_size, scale=scale, impl=impl,
-                                  interpret=interpret)
+  if api._empty(b):
+    ids = jnp.full((0, t, k_pages.shape[2], topk), -1, jnp.int32)
+    out = jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
+    lse = jnp.zeros((0, t, q.shape[2]), jnp.float32)
+  else:
+    ids = _paged_index_topk(jax.lax.stop_gradient(q_idx), index_pages, page_table, lengths,
+                            q_positions, block_size=block_size, topk=topk, impl=impl,
+                            interpret=interpret)
+    out, lse = _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, ids,
+                                    q_positions, block_size=block_size, scale=scale,
+                                    impl=impl, interpret=interpret)
   result = (out,)
   if return_indices:
     result += (ids,)

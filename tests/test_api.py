@@ -150,3 +150,43 @@ def test_defaults_match_explicit_arguments():
                                q_positions=x["kv_lengths"][:, None] - case.q_len
                                + jnp.arange(case.q_len)[None], implementation="xla")
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+IMPLS = [("xla", False), ("pallas_gpu", True), ("pallas_tpu", True)]
+
+
+@pytest.mark.parametrize("impl,interpret", IMPLS)
+@pytest.mark.parametrize("b,t", [(0, T), (B, 0)])
+def test_empty_batch_or_queries_give_empty_outputs(impl, interpret, b, t):
+  x = {name: value[:b] for name, value in X.items()}
+  x["q"], x["q_idx"] = x["q"][:, :t], x["q_idx"][:, :t]
+  kw = dict(block_size=BS, implementation=impl, interpret=interpret)
+  out, ids = msa_jax.msa_attention(*(x[n] for n in ("q", "k", "v", "q_idx", "k_idx")),
+                                   topk=2, return_indices=True, **kw)
+  assert out.shape == (b, t, HQ, D) and ids.shape == (b, t, G, 2)
+  assert msa_jax.index_topk(x["q_idx"], x["k_idx"], topk=2, **kw).shape == (b, t, G, 2)
+  out, lse = msa_jax.sparse_attention(x["q"], x["k"], x["v"], jnp.zeros((b, t, G, 2), jnp.int32),
+                                      return_lse=True, **kw)
+  assert out.shape == (b, t, HQ, D) and lse.shape == (b, t, HQ)
+  loss = msa_jax.indexer_kl_loss(x["q"], x["k"], x["q_idx"], x["k_idx"],
+                                 jnp.zeros((b, t, G, 2), jnp.int32), **kw)
+  assert float(loss) == 0.0
+  assert msa_jax.full_attention(x["q"], x["k"], x["v"], implementation=impl,
+                                interpret=interpret).shape == (b, t, HQ, D)
+
+
+def test_no_keys_is_an_error():
+  with pytest.raises(ValueError, match="at least one key"):
+    msa_jax.msa_attention(X["q"], X["k"][:, :0], X["v"][:, :0], X["q_idx"], X["k_idx"][:, :0])
+  with pytest.raises(ValueError, match="at least one key"):
+    msa_jax.index_topk(X["q_idx"], X["k_idx"][:, :0])
+
+
+@pytest.mark.parametrize("impl,interpret", IMPLS)
+def test_numpy_integer_statics_are_accepted(impl, interpret):
+  args = (X["q"], X["k"], X["v"], X["q_idx"], X["k_idx"])
+  want = msa_jax.msa_attention(*args, block_size=BS, topk=2, implementation=impl,
+                               interpret=interpret)
+  got = msa_jax.msa_attention(*args, block_size=np.int64(BS), topk=np.int32(2),
+                              implementation=impl, interpret=interpret)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
