@@ -213,7 +213,10 @@ def sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_s
     ids0 = jnp.where(val, ids, 0)
     kg = _gather_blocks(k, ids0, block_size)  # [B,c,G,k,Bk,D]
     vg = _gather_blocks(v, ids0, block_size)
-    mask = _support(ids0, val, pos, kv_lengths, block_size)[:, :, :, None]  # [B,c,G,1,k,Bk]
+    support = _support(ids0, val, pos, kv_lengths, block_size)  # [B,c,G,k,Bk]
+    # Masked keys' values may hold anything (unwritten cache: NaN, Inf): 0 * NaN is NaN.
+    vg = jnp.where(support[..., None], vg, jnp.zeros((), vg.dtype))
+    mask = support[:, :, :, None]  # [B,c,G,1,k,Bk]
     qg = qc.reshape(b, c, g, hpg, d)
     s = jnp.einsum("bcghd,bcgknd->bcghkn", qg, kg, preferred_element_type=jnp.float32) * scale
     _, m, p, l = _masked_softmax_stats(s, mask, (-2, -1))
@@ -262,8 +265,11 @@ def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, 
     c = qc.shape[1]
     ids0 = jnp.where(val, ids, 0)
     mask = _support(ids0, val, pos, kv_lengths, block_size)  # [B,c,G,k,Bk]
-    kg = _gather_blocks(k, ids0, block_size)
-    kig = _gather_blocks(k_idx_g, ids0, block_size)
+    # Masked keys may hold anything (NaN past the length): zeroed, so no gradient through
+    # them turns into 0 * NaN.
+    zero = lambda x: jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+    kg = zero(_gather_blocks(k, ids0, block_size))
+    kig = zero(_gather_blocks(k_idx_g, ids0, block_size))
     qg = qc.reshape(b, c, g, hpg, d)
     s_main = jnp.einsum("bcghd,bcgknd->bcghkn", qg, kg,
                         preferred_element_type=jnp.float32) * scale

@@ -190,3 +190,30 @@ def test_numpy_integer_statics_are_accepted(impl, interpret):
   got = msa_jax.msa_attention(*args, block_size=np.int64(BS), topk=np.int32(2),
                               implementation=impl, interpret=interpret)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_masked_garbage_never_reaches_outputs_or_gradients_xla():
+  """NaN/Inf in keys and values past kv_lengths (an unwritten cache), or in a value at a
+  causally later key, must not reach an output or the indexer KL's gradient. (The "xla"
+  path; the Pallas prefill kernels are tracked in the reliability issue.)"""
+  r = np.random.default_rng(3)
+  f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
+  q, k, v = f(1, 10, HQ, D), f(1, 40, G, D), f(1, 40, G, D)
+  q_idx, k_idx = f(1, 10, G, DI), f(1, 40, DI)
+  pos, kv_len = jnp.arange(20, 30)[None], jnp.array([30])
+  poison = lambda x: x.at[:, 32:].set(jnp.nan).at[:, 31].set(jnp.inf)
+  kw = dict(block_size=BS, q_positions=pos, kv_lengths=kv_len, implementation="xla")
+  out = msa_jax.msa_attention(q, poison(k), poison(v), q_idx, poison(k_idx), topk=2, **kw)
+  clean = msa_jax.msa_attention(q, k, v, q_idx, k_idx, topk=2, **kw)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(clean), rtol=1e-6)
+  ids = msa_jax.index_topk(q_idx, poison(k_idx), topk=2, **kw)
+  grads = jax.grad(lambda a, b: msa_jax.indexer_kl_loss(q, poison(k), a, b, ids, **kw),
+                   argnums=(0, 1))(q_idx, poison(k_idx))
+  assert bool(jnp.isfinite(grads[0]).all())
+  assert bool(jnp.isfinite(grads[1][:, :30]).all())
+  # A NaN value at key 29 is seen by the query at position 29 only.
+  v29 = v.at[:, 29].set(jnp.nan)
+  out = msa_jax.msa_attention(q, k, v29, q_idx, k_idx, topk=2, block_size=BS, q_positions=pos,
+                              kv_lengths=jnp.array([40]), implementation="xla")
+  finite = np.isfinite(np.asarray(out)).all(axis=(2, 3))[0]
+  assert finite[:9].all() and not finite[9]
