@@ -18,6 +18,7 @@ Sampling: greedy at temperature 0, else temperature and top-p (``sample``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +87,44 @@ class Timings:
             "compile_s": self.compile_s}
 
 
-class Generator:
+class _CompiledSteps:
+  """What both engines share: the model split once (``graphdef``, ``state``), step functions
+  compiled ahead of time with the cache (argument 1) donated, and small inputs replicated
+  over the mesh so every call matches the compiled layout."""
+
+  def __init__(self, model, mesh):
+    self.config = model.config
+    self.mesh = mesh
+    self.graphdef, self.state = nnx.split(model)
+    self.compile_s = 0.0
+    self._compiled: dict[str, Callable] = {}
+
+  def _put(self, x):
+    """A small step input, replicated over the mesh (the layout the steps expect)."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh,
+                                                        jax.sharding.PartitionSpec()))
+
+  def _compile(self, name, fn, *args, cache_sharding=None):
+    """Compile ``fn(state, cache, *rest)`` for ``args`` once per ``name``. Its outputs are
+    (cache, small arrays...): the cache keeps ``cache_sharding``, the rest are replicated."""
+    if name in self._compiled:
+      return
+    t0 = time.perf_counter()
+    kw, context = {}, contextlib.nullcontext()
+    if self.mesh is not None:
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      outputs = jax.eval_shape(fn, *args)
+      kw["out_shardings"] = (cache_sharding,) + (replicated,) * (len(outputs) - 1)
+      context = sharding.activation_sharding(self.mesh)
+    with context:
+      lowered = jax.jit(fn, donate_argnums=(1,), **kw).lower(*args)
+    self._compiled[name] = lowered.compile()
+    self.compile_s += time.perf_counter() - t0
+
+
+class Generator(_CompiledSteps):
   """Static-batch generation for ``batch`` prompts of up to ``max_len`` tokens in all.
 
   Args:
@@ -106,55 +144,17 @@ class Generator:
     if prefill_chunk < 1 or decode_block < 1:
       raise ValueError(f"prefill_chunk and decode_block must be >= 1; got {prefill_chunk}, "
                        f"{decode_block}")
-    self.config = model.config
+    check_sampling(float(temperature), float(top_p))
+    super().__init__(model, mesh)
     self.dtype = model.dtype
     self.batch = batch
     self.max_len = round_up(max_len, 128)
     self.prefill_chunk = prefill_chunk
     self.decode_block = decode_block
-    check_sampling(float(temperature), float(top_p))
     self.temperature, self.top_p = float(temperature), float(top_p)
-    self.mesh = mesh
-    self.graphdef, self.state = nnx.split(model)
     self.timings = Timings()
-    self._compiled: dict[str, Callable] = {}
 
   # ------------------------------------------------------------------ compiled steps
-
-  def _context(self):
-    if self.mesh is None:
-      import contextlib
-      return contextlib.nullcontext()
-    return sharding.activation_sharding(self.mesh)
-
-  def _shardings(self, cache):
-    if self.mesh is None:
-      return None, None
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return sharding.cache_shardings(cache, self.mesh), replicated
-
-  def _put(self, x):
-    """Small step inputs, replicated over the mesh (the layout the steps are compiled for)."""
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh,
-                                                        jax.sharding.PartitionSpec()))
-
-  def _compile(self, name, fn, *args, donate):
-    """AOT-compile ``fn`` for ``args`` (once per name); the time goes to ``compile_s``."""
-    if name not in self._compiled:
-      t0 = time.perf_counter()
-      cache_sharding, replicated = self._shardings(args[1])
-      kw = {}
-      if cache_sharding is not None:
-        # Outputs: (cache, small replicated arrays...) so every call sees the same layout.
-        out = jax.eval_shape(fn, *args)
-        kw["out_shardings"] = (cache_sharding,) + tuple(replicated for _ in out[1:])
-      with self._context():
-        self._compiled[name] = jax.jit(fn, donate_argnums=donate, **kw).lower(
-            *args).compile()
-      self.timings.compile_s += time.perf_counter() - t0
-    return self._compiled[name]
 
   def _prefill_fn(self, state, cache, tokens, num_new, ends_here, last_logits):
     model = nnx.merge(self.graphdef, state)
@@ -188,15 +188,18 @@ class Generator:
     """Compile the prefill chunk and the decode block now (``timings.compile_s``)."""
     w, b, v = self.prefill_chunk, self.batch, self.config.vocab_size
     put = self._put
+    layout = sharding.cache_shardings(cache, self.mesh) if self.mesh is not None else None
+    before = self.compile_s
     if "prefill" in steps:
       self._compile("prefill", self._prefill_fn, self.state, cache,
                     put(np.zeros((b, w), np.int32)), put(np.zeros((b,), np.int32)),
                     put(np.zeros((b,), bool)), put(np.zeros((b, v), np.float32)),
-                    donate=(1,))
+                    cache_sharding=layout)
     if "decode" in steps:
       self._compile("decode", self._decode_fn, self.state, cache,
                     put(np.zeros((b, v), np.float32)), put(jax.random.PRNGKey(0)),
-                    put(np.int32(1)), donate=(1,))
+                    put(np.int32(1)), cache_sharding=layout)
+    self.timings.compile_s += self.compile_s - before
 
   def prefill(self, prompts: Sequence[Sequence[int]], cache, *, progress=None):
     """Prefill ``prompts`` (one per row, ``<= batch``) into an empty ``cache`` in chunks.
@@ -287,7 +290,7 @@ class ServeResult:
   timings: dict
 
 
-class PagedServer:
+class PagedServer(_CompiledSteps):
   """Continuous batching over a paged cache: ``rows`` batch rows, ``num_pages`` pages.
 
   Requests (prompts) wait in a queue; one is admitted when a row is free and pages for its
@@ -304,12 +307,11 @@ class PagedServer:
                decode_block: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                mesh=None):
     import msa_jax
-    self.config = model.config
+    check_sampling(float(temperature), float(top_p))
+    super().__init__(model, mesh)
     self.rows, self.width = rows, prefill_width
     self.decode_block = decode_block
-    check_sampling(float(temperature), float(top_p))
     self.temperature, self.top_p = float(temperature), float(top_p)
-    self.mesh = mesh
     bk = self.config.index_block_size
     self.alloc = msa_jax.PageAllocator(num_pages, bk, rows, max_pages)
     self.num_pages = num_pages
@@ -317,15 +319,6 @@ class PagedServer:
                                        max_pages=max_pages, dtype=model.dtype)
     self.layout = (sharding.paged_cache_shardings(cache, mesh) if mesh is not None else None)
     self.cache = jax.device_put(cache, self.layout) if mesh is not None else cache
-    self.graphdef, self.state = nnx.split(model)
-    self.compile_s = 0.0
-    self._compiled = {}
-
-  def _put(self, x):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh,
-                                                        jax.sharding.PartitionSpec()))
 
   def _prefill_fn(self, state, cache, tokens, num_new, key):
     model = nnx.merge(self.graphdef, state)
@@ -352,23 +345,11 @@ class PagedServer:
     """Compile the prefill chunk and the decode block (``compile_s``)."""
     r, put = self.rows, self._put
     key = put(jax.random.PRNGKey(0))
-    for name, args in (("prefill", (put(np.zeros((r, self.width), np.int32)),
-                                    put(np.zeros(r, np.int32)), key)),
-                       ("decode", (put(np.zeros(r, np.int32)), put(np.zeros(r, bool)), key,
-                                   put(np.int32(1))))):
-      if name not in self._compiled:
-        t0 = time.perf_counter()
-        fn = self._prefill_fn if name == "prefill" else self._decode_fn
-        kw = {}
-        if self.mesh is not None:
-          replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-          kw["out_shardings"] = (self.layout, replicated)
-        with (sharding.activation_sharding(self.mesh) if self.mesh is not None
-              else _null()):
-          lowered = jax.jit(fn, donate_argnums=(1,), **kw).lower(self.state, self.cache,
-                                                                   *args)
-        self._compiled[name] = lowered.compile()
-        self.compile_s += time.perf_counter() - t0
+    self._compile("prefill", self._prefill_fn, self.state, self.cache,
+                  put(np.zeros((r, self.width), np.int32)), put(np.zeros(r, np.int32)), key,
+                  cache_sharding=self.layout)
+    self._compile("decode", self._decode_fn, self.state, self.cache, put(np.zeros(r, np.int32)),
+                  put(np.zeros(r, bool)), key, put(np.int32(1)), cache_sharding=self.layout)
 
   def serve(self, prompts, *, max_new_tokens: int, seed: int = 0, stop_ids=(),
             on_tokens=None, on_refused=None) -> ServeResult:
@@ -496,7 +477,3 @@ class PagedServer:
                "compile_s": self.compile_s, "includes_compilation": False}
     return ServeResult(generated, records, timings)
 
-
-def _null():
-  import contextlib
-  return contextlib.nullcontext()
