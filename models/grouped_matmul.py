@@ -122,9 +122,11 @@ def _kernel(expert_ref, x_ref, w_ref, o_ref, *, block_k):
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def tiled(x, w, group_sizes, *, tile_rows=16, block_n=None, block_k=None, interpret=False,
-          layout=None):
-  """The grouped matmul as a Pallas (Triton) kernel over tiles of one expert's rows."""
+def tiled(x, w, group_sizes, *, tile_rows=16, block_n=None, block_k=None, num_warps=4,
+          num_stages=3, interpret=False, layout=None):
+  """The grouped matmul as a Pallas (Triton) kernel over tiles of one expert's rows: a grid of
+  (tiles, N / block_n) programs, each reading its expert's ``[K, block_n]`` slice of w in
+  ``block_k`` rows per step."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as pltr
   p, k = x.shape
@@ -147,7 +149,7 @@ def tiled(x, w, group_sizes, *, tile_rows=16, block_n=None, block_k=None, interp
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((tile_rows, block_n), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((num_tiles * tile_rows, n), x.dtype),
-      compiler_params=pltr.CompilerParams(num_warps=4, num_stages=3),
+      compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="moe_grouped_matmul",
   )(tile_expert, x_tiles, w)
