@@ -191,7 +191,9 @@ def _masked_softmax_stats(s, mask, axes):
   """Safe max and sum of exp over ``axes`` for masked logits; fully masked rows give l = 0."""
   s = jnp.where(mask, s, -jnp.inf)
   m = jnp.max(s, axis=axes, keepdims=True)
-  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  # Only "no visible key" (-inf) is replaced: a NaN or +Inf logit makes the row NaN, as in
+  # the kernels.
+  m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0.0, m))
   p = jnp.exp(s - m)
   return s, m, p, jnp.sum(p, axis=axes, keepdims=True)
 
@@ -214,16 +216,21 @@ def sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_s
     kg = _gather_blocks(k, ids0, block_size)  # [B,c,G,k,Bk,D]
     vg = _gather_blocks(v, ids0, block_size)
     support = _support(ids0, val, pos, kv_lengths, block_size)  # [B,c,G,k,Bk]
-    # Masked keys' values may hold anything (unwritten cache: NaN, Inf): 0 * NaN is NaN.
-    vg = jnp.where(support[..., None], vg, jnp.zeros((), vg.dtype))
+    # Masked keys' values may hold anything (unwritten cache: NaN, Inf): 0 * NaN is NaN, so
+    # they are zeroed; a query that sees a non-finite value gets NaN (as in the kernels).
+    finite = jnp.all(jnp.isfinite(vg), axis=-1)
+    sees_bad = jnp.any(support & ~finite, axis=(-2, -1))  # [B,c,G]
+    vg = jnp.where(support[..., None] & finite[..., None], vg, jnp.zeros((), vg.dtype))
     mask = support[:, :, :, None]  # [B,c,G,1,k,Bk]
     qg = qc.reshape(b, c, g, hpg, d)
     s = jnp.einsum("bcghd,bcgknd->bcghkn", qg, kg, preferred_element_type=jnp.float32) * scale
     _, m, p, l = _masked_softmax_stats(s, mask, (-2, -1))
     o = jnp.einsum("bcghkn,bcgknd->bcghd", p, vg.astype(jnp.float32))
     l = l[..., 0, 0]
-    o = o / jnp.where(l > 0, l, 1.0)[..., None]
-    lse = jnp.where(l > 0, m[..., 0, 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    has = l != 0  # NaN (a visible NaN/Inf logit) is not "no keys"
+    o = o / jnp.where(has, l, 1.0)[..., None]
+    lse = jnp.where(has, m[..., 0, 0] + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
+    o = jnp.where(sees_bad[..., None, None], jnp.nan, o)  # the LSE (of the logits) stays
     return o.reshape(b, c, hq, dv).astype(q.dtype), lse.reshape(b, c, hq)
 
   return map_query_chunks(chunk, chunk_size, q_positions, q, block_indices, valid)

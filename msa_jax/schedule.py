@@ -119,7 +119,8 @@ def combine(partial_out: jax.Array, partial_lse: jax.Array, valid: jax.Array, ou
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   w = jnp.exp(lse_s - m_safe)
   total = jnp.sum(w, axis=0)
-  lse = jnp.where(total > 0, m_safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-  w = w / jnp.where(total > 0, total, 1.0)
+  has = total != 0  # a NaN partial makes the query NaN (out and LSE), never "no keys"
+  lse = jnp.where(has, m_safe + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
+  w = w / jnp.where(has, total, 1.0)
   terms = jnp.where(slot_valid[..., None], w[..., None] * partial_out.astype(jnp.float32), 0.0)
   return jnp.sum(terms, axis=0).astype(out_dtype), lse

@@ -192,28 +192,38 @@ def test_numpy_integer_statics_are_accepted(impl, interpret):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_masked_garbage_never_reaches_outputs_or_gradients_xla():
+@pytest.mark.parametrize("impl,interpret", IMPLS)
+@pytest.mark.parametrize("t", [24, 4], ids=["prefill", "decode"])
+def test_masked_garbage_never_reaches_outputs_and_nan_propagates(impl, interpret, t):
   """NaN/Inf in keys and values past kv_lengths (an unwritten cache), or in a value at a
-  causally later key, must not reach an output or the indexer KL's gradient. (The "xla"
-  path; the Pallas prefill kernels are tracked in the reliability issue.)"""
+  causally later key, never reach an output (nor, on the xla path, the indexer KL's
+  gradient); a visible NaN/Inf makes exactly the queries that see it NaN, out and (for a
+  logit) LSE alike, on every implementation."""
   r = np.random.default_rng(3)
   f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
-  q, k, v = f(1, 10, HQ, D), f(1, 40, G, D), f(1, 40, G, D)
-  q_idx, k_idx = f(1, 10, G, DI), f(1, 40, DI)
-  pos, kv_len = jnp.arange(20, 30)[None], jnp.array([30])
-  poison = lambda x: x.at[:, 32:].set(jnp.nan).at[:, 31].set(jnp.inf)
-  kw = dict(block_size=BS, q_positions=pos, kv_lengths=kv_len, implementation="xla")
+  q, k, v = f(1, t, HQ, D), f(1, 64, G, D), f(1, 64, G, D)
+  q_idx, k_idx = f(1, t, G, DI), f(1, 64, DI)
+  first = 40 - t  # queries at first .. 39
+  pos, kv_len = jnp.arange(first, 40)[None], jnp.array([40])
+  poison = lambda x: x.at[:, 42:].set(jnp.nan).at[:, 41].set(jnp.inf)
+  kw = dict(block_size=BS, q_positions=pos, kv_lengths=kv_len, implementation=impl,
+            interpret=interpret)
   out = msa_jax.msa_attention(q, poison(k), poison(v), q_idx, poison(k_idx), topk=2, **kw)
   clean = msa_jax.msa_attention(q, k, v, q_idx, k_idx, topk=2, **kw)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(clean), rtol=1e-6)
-  ids = msa_jax.index_topk(q_idx, poison(k_idx), topk=2, **kw)
-  grads = jax.grad(lambda a, b: msa_jax.indexer_kl_loss(q, poison(k), a, b, ids, **kw),
-                   argnums=(0, 1))(q_idx, poison(k_idx))
-  assert bool(jnp.isfinite(grads[0]).all())
-  assert bool(jnp.isfinite(grads[1][:, :30]).all())
-  # A NaN value at key 29 is seen by the query at position 29 only.
-  v29 = v.at[:, 29].set(jnp.nan)
-  out = msa_jax.msa_attention(q, k, v29, q_idx, k_idx, topk=2, block_size=BS, q_positions=pos,
-                              kv_lengths=jnp.array([40]), implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(clean), rtol=1e-5, atol=1e-6)
+  ids = msa_jax.index_topk(q_idx, k_idx, topk=2, **kw)
+  wide = dict(kw, kv_lengths=jnp.array([64]))
+  # A NaN value at key 38 is seen by the queries at positions 38 and 39 only.
+  out = msa_jax.sparse_attention(q, k, v.at[:, 38].set(jnp.nan), ids, **wide)
   finite = np.isfinite(np.asarray(out)).all(axis=(2, 3))[0]
-  assert finite[:9].all() and not finite[9]
+  assert finite[:t - 2].all() and not finite[t - 2:].any()
+  # A +Inf key at 37: the queries that see it get NaN out and LSE, not "no keys".
+  out, lse = msa_jax.sparse_attention(q, k.at[:, 37].set(jnp.inf), v, ids, return_lse=True,
+                                      **wide)
+  nan = np.isnan(np.asarray(out)).any(axis=(2, 3))[0]
+  assert not nan[:t - 3].any() and nan[t - 3:].all()
+  assert np.isnan(np.asarray(lse))[0, t - 3:].all()
+  if impl == "xla":
+    grads = jax.grad(lambda a, b: msa_jax.indexer_kl_loss(q, poison(k), a, b, ids, **kw),
+                     argnums=(0, 1))(q_idx, poison(k_idx))
+    assert bool(jnp.isfinite(grads[0]).all()) and bool(jnp.isfinite(grads[1][:, :40]).all())

@@ -74,7 +74,7 @@ def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
           jnp.zeros((rows, o_ref.shape[-1]), jnp.float32))
   m, l, acc = lax.fori_loop(0, n, body, init)
-  has_keys = l > 0
+  has_keys = l != 0  # NaN (a visible NaN/Inf logit) is not "no keys"
   o_ref[...] = acc / jnp.where(has_keys, l, 1.0)[:, None]
   lse_ref[...] = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
 

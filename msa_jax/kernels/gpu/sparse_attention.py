@@ -9,7 +9,8 @@ block-local output and LSE into the preassigned slots of the partial buffers. Wi
 stays in registers/shared memory across several tiles; ``items_per_program`` items run in
 one program (a loop Triton can pipeline). Row gathers and scatters use vector indexing of
 whole-array refs (as ``ops/gpu/paged_attention.py`` gathers pages); lanes past the item's
-count read query row 0 and write the scratch row.
+count read query row 0 and write the scratch row. Values a row cannot see never reach it,
+even as NaN or Inf (``kernels/masking.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import schedule as sched
+from msa_jax.kernels import masking
 from msa_jax.kernels.gpu import tuning
 
 
@@ -73,10 +75,12 @@ def _attend_item(i, items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_
   def _():
     keys = pl.ds(blk * block_size, block_size)
     k = k_ref[b, keys, g, :]
-    v = v_ref[b, keys, g, :]
+    key_col = blk * block_size + lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+    v, bad = masking.clean_values(v_ref[b, keys, g, :], key_col, kv_len_ref[b])
     tile = functools.partial(_attend_tile, q_rows_ref=q_rows_ref, out_rows_ref=out_rows_ref,
                              pos_ref=pos_ref, q_ref=q_ref, o_ref=o_ref, lse_ref=lse_ref, k=k,
-                             v=v, blk=blk, kv_len=kv_len_ref[b], block_size=block_size,
+                             v=v, bad=bad.reshape(1, block_size), blk=blk,
+                             kv_len=kv_len_ref[b], block_size=block_size,
                              queries_per_tile=queries_per_tile, **params)
     if tiles_per_item == 1:
       tile(start, count)
@@ -89,7 +93,7 @@ def _attend_item(i, items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_
 
 
 def _attend_tile(start, count, *, q_rows_ref, out_rows_ref, pos_ref, q_ref, o_ref, lse_ref, k,
-                 v, blk, kv_len, block_size, queries_per_tile, heads, scale, scratch_row):
+                 v, bad, blk, kv_len, block_size, queries_per_tile, heads, scale, scratch_row):
   lane = lax.broadcasted_iota(jnp.int32, (queries_per_tile,), 0)
   live = lane < count
   entries = pl.ds(start, queries_per_tile)
@@ -109,9 +113,7 @@ def _attend_tile(start, count, *, q_rows_ref, out_rows_ref, pos_ref, q_ref, o_re
   p = jnp.exp(s - m[:, None])
   l = jnp.sum(p, axis=1)
   o = _dot(p.astype(v.dtype), v, 0)
-  has_keys = l > 0
-  o = o / jnp.where(has_keys, l, 1.0)[:, None]
-  lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+  o, lse = masking.finalize(o, m, l, jnp.max(jnp.where(visible, bad, 0.0), axis=1))
   o_ref[out_rows] = o.reshape(queries_per_tile, heads, o_ref.shape[-1]).astype(o_ref.dtype)
   lse_ref[out_rows] = lse.reshape(queries_per_tile, heads)
 

@@ -402,7 +402,7 @@ def _probabilities(s, **kw):
 def _stage_output(o, m, l, *, q_tile, lse_tile, scale, dtype):
   """Normalise O, stage it in the q tile (its q rows are dead) and the LSE in its buffer, and
   make both visible to the TMA engine."""
-  has_keys = l > 0
+  has_keys = l != 0  # NaN (a visible NaN/Inf logit) is not "no keys"
   l_safe = jnp.where(has_keys, l, 1.0)
   o = o / lax.broadcast_in_dim(l_safe, o.shape, [0])
   lse = jnp.where(has_keys, m * scale + jnp.log(l_safe), -jnp.inf)

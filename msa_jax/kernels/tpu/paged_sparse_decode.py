@@ -84,7 +84,7 @@ def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref,  # scalar prefet
   init = (jnp.full((heads, 1), -jnp.inf, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
           jnp.zeros((heads, o_ref.shape[-1]), jnp.float32))
   m, l, acc = lax.fori_loop(0, n, body, init)
-  has_keys = l > 0
+  has_keys = l != 0  # NaN (a visible NaN/Inf logit) is not "no keys"
   o_ref[...] = acc / jnp.where(has_keys, l, 1.0)
   lse_ref[...] = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
 

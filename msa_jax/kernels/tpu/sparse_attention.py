@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from msa_jax import schedule as sched
+from msa_jax.kernels import masking
 
 
 def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref,  # scalar prefetch
@@ -61,7 +62,8 @@ def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref,  # scalar 
 
     q = q_tile[...].reshape(rows, q_tile.shape[-1])
     k = k_ref[...]
-    v = v_ref[...]
+    key_col = blk * block_size + lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+    v, bad = masking.clean_values(v_ref[...], key_col, kv_len_ref[b])
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     s = jnp.where(visible, s * scale, -jnp.inf)
     m = jnp.max(s, axis=1, keepdims=True)
@@ -70,9 +72,9 @@ def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref,  # scalar 
     l = jnp.sum(p, axis=1, keepdims=True)
     o = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                         preferred_element_type=jnp.float32)
-    has_keys = l > 0
-    o = o / jnp.where(has_keys, l, 1.0)
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+    sees_bad = jnp.max(jnp.where(visible, bad.reshape(1, block_size), 0.0), axis=1,
+                       keepdims=True)
+    o, lse = masking.finalize(o, m, l, sees_bad)
     o_tile[...] = o.reshape(o_tile.shape).astype(o_tile.dtype)
     lse_tile[...] = lse.reshape(lse_tile.shape)
 
