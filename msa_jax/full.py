@@ -96,7 +96,7 @@ def _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk):
     def step(carry, j):
       return lax.cond(j < num_chunks, lambda: attend(j, *carry), lambda: carry), None
 
-    def attend(j, m, l, acc):
+    def attend(j, m, l, acc, bad):
       kc = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=1)  # [B, ck, G, D]
       vc = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=1)
       key = j * ck + jnp.arange(ck, dtype=jnp.int32)
@@ -105,8 +105,12 @@ def _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk):
       visible = ((key[None, None, :] <= pc[:, :, None])
                  & (key[None, None, :] < kv_lengths[:, None, None]))  # [B, cq, ck]
       sc = jnp.where(visible[:, None, None], sc, -jnp.inf)
-      # Keys past kv_lengths may hold anything (unwritten cache): 0 * NaN must not leak.
-      vc = jnp.where((key[None, :] < kv_lengths[:, None])[:, :, None, None], vc, 0)
+      # Values a query cannot see may hold anything (unwritten cache, NaN): 0 * NaN must not
+      # leak through P @ V. Non-finite value rows are zeroed; a query that sees one gets NaN.
+      finite = jnp.all(jnp.isfinite(vc), axis=-1)  # [B, ck, G]
+      vc = jnp.where(finite[..., None], vc, jnp.zeros((), vc.dtype))
+      seen = jnp.any(visible[:, None] & ~jnp.moveaxis(finite, 2, 1)[:, :, None], axis=-1)
+      bad = bad | seen[:, :, None]  # [B, G, 1, cq]
       m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       e = jnp.exp(sc - m_safe[..., None])
@@ -115,13 +119,15 @@ def _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk):
       acc = acc * alpha[..., None] + jnp.einsum(
           "bghqk,bkgd->bghqd", e.astype(v.dtype), vc, precision=precision,
           preferred_element_type=jnp.float32)
-      return m_new, l, acc
+      return m_new, l, acc, bad
 
     init = (jnp.full((b, g, hpg, cq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, g, hpg, cq), jnp.float32), jnp.zeros((b, g, hpg, cq, dv), jnp.float32))
+            jnp.zeros((b, g, hpg, cq), jnp.float32), jnp.zeros((b, g, hpg, cq, dv), jnp.float32),
+            jnp.zeros((b, g, 1, cq), bool))
     # A scan with a cond (not a loop with a dynamic bound) keeps the path differentiable.
-    (_, l, acc), _ = lax.scan(step, init, jnp.arange(nk))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # no visible key: 0
+    (_, l, acc, bad), _ = lax.scan(step, init, jnp.arange(nk))
+    out = acc / jnp.where(l != 0, l, 1.0)[..., None]  # no visible key: 0; NaN l stays NaN
+    out = jnp.where(bad[..., None], jnp.nan, out)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, cq, hq, dv)
 
   out = lax.map(one_chunk, (qs, ps))  # [nq, B, cq, Hq, Dv]

@@ -108,6 +108,25 @@ def test_paged_decode_matches_contiguous(implementation):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+def test_a_nan_value_reaches_only_the_queries_that_see_it(implementation):
+  """A NaN value at key 50 (inside kv_lengths): queries at positions >= 50 get NaN, earlier
+  ones are exact (no 0 * NaN through P @ V); a +Inf key makes its viewers NaN, not empty."""
+  q, k, v = _inputs(11, 1, 12, 80, 4, 2)
+  pos, kv_len = _layout((44,), (12,), 12)  # positions 44..55, kv_len 56
+  got = msa_jax.full_attention(q, k, v.at[:, 50].set(jnp.nan), q_positions=pos,
+                               kv_lengths=kv_len, implementation=implementation,
+                               interpret=True, q_chunk=8, k_chunk=16)
+  want = _oracle(q, k, v, pos, kv_len)
+  np.testing.assert_allclose(np.asarray(got)[:, :6], want[:, :6], atol=2e-5, rtol=2e-5)
+  assert np.isnan(np.asarray(got)[:, 6:]).any(axis=(2, 3)).all()
+  got = msa_jax.full_attention(q, k.at[:, 52].set(jnp.inf), v, q_positions=pos,
+                               kv_lengths=kv_len, implementation=implementation,
+                               interpret=True, q_chunk=8, k_chunk=16)
+  np.testing.assert_allclose(np.asarray(got)[:, :8], want[:, :8], atol=2e-5, rtol=2e-5)
+  assert np.isnan(np.asarray(got)[:, 8:]).any(axis=(2, 3)).all()
+
+
 def test_bottom_right_layout_predicate():
   pos, kv_len = _layout((5, 0), (4, 2), 6)
   assert bool(fa._bottom_right(jnp.asarray(pos), jnp.asarray(kv_len)))
