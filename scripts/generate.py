@@ -43,20 +43,14 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-import msa_jax
-from models import cache as cache_lib
 from models import checkpoint
 from models import serving
 from models import sharding
 from models.data import ByteTokenizer, load_tokenizer
-from models.serving import sample
 
 
 def serve(model, prompts, args, mesh):
