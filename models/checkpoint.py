@@ -285,6 +285,22 @@ def _config(folder: str):
     raise CheckpointError(f"{path}: {e}") from None
 
 
+def _abstract_model(config, *, mesh, rules, dtype, param_dtype, implementation, interpret):
+  """The model's graph, its abstract parameters by path, and each one's sharding on ``mesh``
+  by the rules (an empty dict when ``mesh`` is None): what loaders fill in."""
+  abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype,
+                                              implementation=implementation,
+                                              interpret=interpret))
+  graphdef, state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  if mesh is None:
+    return graphdef, flat, {}
+  shardings = sharding_lib.state_shardings(state, mesh, rules or sharding_lib.RULES)
+  unwrap = lambda x: x.sharding if isinstance(x, nnx.Variable) else x
+  return graphdef, flat, {p: unwrap(x) for p, x in nnx.to_flat_state(shardings)}
+
+
 def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
             implementation: str | None = "xla", interpret=False, progress: bool = True,
             check_finite: bool = True):
@@ -297,15 +313,9 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
   folder = os.fspath(folder)
   config = _config(folder)
   param_dtype = param_dtype or dtype
-  abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                              param_dtype=param_dtype,
-                                              implementation=implementation,
-                                              interpret=interpret))
-  graphdef, state = nnx.split(abstract)
-  shardings = (sharding_lib.state_shardings(state, mesh, rules or sharding_lib.RULES)
-               if mesh is not None else None)
-  flat = dict(nnx.to_flat_state(state))
-  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  graphdef, flat, flat_shardings = _abstract_model(
+      config, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
+      implementation=implementation, interpret=interpret)
   sources = param_sources(config)
   tensors = _Tensors(folder)
   used = set()
@@ -322,8 +332,7 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
     host = value.astype(target)
     sharding = flat_shardings.get(path)
     if sharding is not None:
-      sh = sharding.sharding if isinstance(sharding, nnx.Variable) else sharding
-      array = jax.make_array_from_callback(host.shape, sh, lambda idx, h=host: h[idx])
+      array = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
     else:
       array = jnp.asarray(host)
     flat[path] = var.replace(array)
@@ -354,15 +363,9 @@ def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype
     config = (config_lib.from_hf_config(config) if str(config).endswith(".json")
               or os.path.isdir(config) else config_lib.preset(config))
   param_dtype = param_dtype or dtype
-  abstract = nnx.eval_shape(lambda: MiniMaxM3(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                              param_dtype=param_dtype,
-                                              implementation=implementation,
-                                              interpret=interpret))
-  graphdef, state = nnx.split(abstract)
-  shardings = (sharding_lib.state_shardings(state, mesh, rules or sharding_lib.RULES)
-               if mesh is not None else None)
-  flat = dict(nnx.to_flat_state(state))
-  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  graphdef, flat, flat_shardings = _abstract_model(
+      config, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
+      implementation=implementation, interpret=interpret)
   key = jax.random.PRNGKey(seed)
   draws = {}
   for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
@@ -374,7 +377,6 @@ def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype
     else:
       std = 1.0 / np.sqrt(shape[-2])
     sh = flat_shardings.get(path)
-    sh = sh.sharding if isinstance(sh, nnx.Variable) else sh
     fn = draws.get((shape, dtype_, std, sh))
     if fn is None:
       make = lambda k, shape=shape, dtype_=dtype_, std=std: (

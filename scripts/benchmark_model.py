@@ -38,12 +38,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -53,8 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchmark.py
 
 import models  # noqa: E402
+from benchmark import _commit  # noqa: E402  (scripts/benchmark.py: the commit of a run)
 from models import checkpoint  # noqa: E402
 from models import serving  # noqa: E402
 
@@ -230,6 +232,20 @@ def _peak():
     return None
 
 
+@contextlib.contextmanager
+def _row(row: dict, rows: list, log):
+  """One measured row: a failure is recorded in it (the other rows go on), then the peak
+  memory so far is added and the row is kept and logged."""
+  try:
+    yield row
+  except Exception as e:  # noqa: BLE001
+    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    traceback.print_exc()
+  row["peak_bytes"] = _peak()
+  rows.append(row)
+  log(row)
+
+
 # ----------------------------------------------------------------------------- prefill
 
 
@@ -252,7 +268,7 @@ def prefill_rows(model, args, log):
       row = {"model": args.current, "attention": label, "N": n, "chunk": chunk,
              "compile_s": compile_s}
       prompt = rng.integers(0, model.config.vocab_size, n).tolist()
-      try:
+      with _row(row, rows, log):
         if dense and n > args.dense_full_limit:
           row.update(_extrapolated_prefill(gen, prompt, chunk))
         else:
@@ -267,12 +283,6 @@ def prefill_rows(model, args, log):
         row["tflops"] = row["useful_tflop"] / row["prefill_s"]
         row["mfu"] = row["tflops"] / args.ceilings["matmul_tflops"]
         row["tokens_per_s"] = n / row["prefill_s"]
-      except Exception as e:  # noqa: BLE001 (a failed row is reported, the rest go on)
-        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        traceback.print_exc()
-      row["peak_bytes"] = _peak()
-      rows.append(row)
-      log(row)
     del gen
   return rows
 
@@ -321,7 +331,7 @@ def decode_rows(model, args, log):
     for context in sorted(args.decode_contexts):
       row = {"model": args.current, "attention": "msa", "batch": batch, "context": context,
              "cache_len": max(args.decode_contexts) + steps + args.decode_block}
-      try:
+      with _row(row, rows, log):
         if gen is None:
           gen = _generator(model, dense=False, batch=batch, max_len=row["cache_len"],
                            chunk=16, block=args.decode_block)
@@ -344,12 +354,6 @@ def decode_rows(model, args, log):
         row["x_floor"] = row["step_ms"] / row["floor_ms"]
         row["achieved_TBps"] = floor["total"] / (row["step_ms"] * 1e-3) / 1e12
         del cache
-      except Exception as e:  # noqa: BLE001
-        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        traceback.print_exc()
-      row["peak_bytes"] = _peak()
-      rows.append(row)
-      log(row)
     del gen
   return rows
 
@@ -428,17 +432,6 @@ def plot(result, path):
                f"{result['meta']['commit']}, {result['meta']['date']}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-
-
-def _commit():
-  if os.environ.get("MSA_COMMIT"):
-    return os.environ["MSA_COMMIT"]
-  try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    return out.stdout.strip() or "unknown"
-  except OSError:
-    return "unknown"
 
 
 def main(argv=None):
