@@ -12,6 +12,7 @@ import msa_jax
 from msa_jax import api
 from msa_jax import reference
 from msa_jax import schedule as sched
+from msa_jax.kernels.gpu import index_topk as gpu_index
 from msa_jax.kernels.gpu import tuning
 from tests import cases as C
 from tests import oracle
@@ -338,4 +339,31 @@ def test_kernel_selection_many_blocks(selection, blocks_per_tile):
                              interpret=True)
   pos = (s - t + np.arange(t))[None]
   want = oracle.index_topk(np.asarray(q_idx), np.asarray(k_idx), bs, k, pos, np.array([s]))
+  assert oracle.same_sets(ids, want)
+
+
+def test_decode_key_tiles_spread_over_the_gpu():
+  """Few query rows (decode): blocks per key tile shrink until the grid is min_programs."""
+  spread = gpu_index.spread_blocks_per_tile
+  assert spread(32, 64, 1, 264) == 1  # an 8K cache: 64 one-block tiles, not 2 of 32
+  assert spread(32, 1024, 1, 264) == 2  # 128K: 512 tiles
+  assert spread(32, 8192, 1, 264) == 16  # 1M: 512 tiles
+  assert spread(32, 1024, 8, 264) == 16  # 8 row tiles x 64 key tiles
+  assert spread(32, 64, 1, 0) == 32  # no minimum: the table's value
+
+
+def test_decode_selection_with_spread_tiles_matches_oracle():
+  """One block per key tile (what the spread gives an 8K cache): every block a candidate."""
+  rng = np.random.default_rng(43)
+  b, s, g, di, bs, k = 2, 300, 2, 8, 4, 5
+  q_idx = jnp.asarray(rng.standard_normal((b, 1, g, di)), jnp.float32)
+  k_idx = jnp.asarray(rng.standard_normal((b, s, di)), jnp.float32)
+  lengths = np.array([300, 137])
+  with index_override(selection="tile", blocks_per_tile=1):
+    ids = msa_jax.index_topk(q_idx, k_idx, block_size=bs, topk=k,
+                             q_positions=lengths[:, None] - 1,
+                             kv_lengths=jnp.asarray(lengths), implementation="pallas_gpu",
+                             interpret=True)
+  want = oracle.index_topk(np.asarray(q_idx), np.asarray(k_idx), bs, k, lengths[:, None] - 1,
+                           lengths)
   assert oracle.same_sets(ids, want)

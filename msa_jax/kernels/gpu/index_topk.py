@@ -222,7 +222,7 @@ def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
   cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
                       blocks_per_tile=blocks_per_tile, num_warps=num_warps,
                       num_stages=num_stages)
-  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
+  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret)
   b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
   kk = min(pl.next_power_of_2(topk), bpt)
   kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
@@ -242,16 +242,29 @@ def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
   return (vals[:, :rows].reshape(b, t, g, -1), ids[:, :rows].reshape(b, t, g, -1))
 
 
-def _geometry(q_idx, k_idx, q_positions, block_size, cfg):
+def spread_blocks_per_tile(blocks_per_tile: int, num_blocks: int, row_programs: int,
+                           min_programs: int) -> int:
+  """``blocks_per_tile`` halved until ``row_programs`` x key tiles reaches ``min_programs``
+  (or one block per tile): with few query rows (decode) the key tiles are the whole grid,
+  and a 64-block cache in tiles of 32 would run on two SMs."""
+  while blocks_per_tile > 1 and row_programs * -(-num_blocks // blocks_per_tile) < min_programs:
+    blocks_per_tile //= 2
+  return blocks_per_tile
+
+
+def _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret=False):
   """Rows = (query, group) pairs, padded to the row tile; keys padded to whole key tiles."""
   b, t, g, di = q_idx.shape
   s_len = k_idx.shape[1]
   nb = -(-s_len // block_size)
-  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(nb))
-  n_tiles = -(-nb // bpt)
   rows = t * g
   block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
   rows_pad = -(-rows // block_rows) * block_rows
+  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(nb))
+  if not interpret:
+    bpt = spread_blocks_per_tile(bpt, nb, b * rows_pad // block_rows,
+                                 cfg.get("min_programs", 0))
+  n_tiles = -(-nb // bpt)
   k_idx = jnp.pad(k_idx, ((0, 0), (0, n_tiles * bpt * block_size - s_len), (0, 0)))
   q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
   row_pos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, rows_pad - rows)),
@@ -277,7 +290,7 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
   cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
                       blocks_per_tile=blocks_per_tile, num_warps=num_warps,
                       num_stages=num_stages)
-  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
+  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret)
   b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
   kernel = functools.partial(_scores_kernel, block_size=block_size, blocks_per_tile=bpt)
   scores = pl.pallas_call(

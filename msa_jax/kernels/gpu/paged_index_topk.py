@@ -118,14 +118,18 @@ def _fused_kernel(pos_ref, kv_len_ref, table_ref, q_ref, pages_ref, id_ref, *, b
   id_ref[...] = jnp.where(vals == -jnp.inf, -1, ids)
 
 
-def _geometry(q_idx, page_table, q_positions, num_pages, cfg):
+def _geometry(q_idx, page_table, q_positions, num_pages, cfg, spread=False):
+  """``spread``: fewer pages per tile where the grid would be small (``index_topk``)."""
   b, t, g, di = q_idx.shape
   max_pages = page_table.shape[1]
-  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(max_pages))
-  n_tiles = -(-max_pages // bpt)
   rows = t * g
   block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
   rows_pad = -(-rows // block_rows) * block_rows
+  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(max_pages))
+  if spread:
+    bpt = contiguous.spread_blocks_per_tile(bpt, max_pages, b * rows_pad // block_rows,
+                                            cfg.get("min_programs", 0))
+  n_tiles = -(-max_pages // bpt)
   # Every entry a page id: unassigned (-1) and padding entries read page 0, masked by length.
   table = jnp.pad(jnp.clip(page_table, 0, num_pages - 1),
                   ((0, 0), (0, n_tiles * bpt - max_pages)))
@@ -162,7 +166,8 @@ def paged_block_scores(q_idx, index_pages, page_table, q_positions, kv_lengths, 
                        interpret=False, **params):
   """Block-max scores ``[B,T,G,max_pages]`` (fp32; -inf where a block has no visible key)."""
   cfg = tuning.config(CONFIG, **params)
-  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
+  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
+                  spread=not interpret)
   kernel = functools.partial(_scores_kernel, block_size=block_size,
                              blocks_per_tile=geo["bpt"])
   br, bpt = geo["block_rows"], geo["bpt"]
@@ -181,7 +186,8 @@ def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_length
   """Each page tile's top ``topk`` blocks (own block forced): (values f32, ids int32), both
   ``[B,T,G,n_tiles*kk]``, tile by tile; the selection is ``reference.top_candidates``."""
   cfg = tuning.config(CONFIG, **params)
-  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
+  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
+                  spread=not interpret)
   br, bpt = geo["block_rows"], geo["bpt"]
   kk = min(pl.next_power_of_2(topk), bpt)
   kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
