@@ -95,7 +95,8 @@ def ceilings(small: bool) -> dict:
   rows = 1 << (10 if small else 20)  # [rows, 1024] bf16: 2 GiB on a GPU
   x = jax.random.normal(jax.random.PRNGKey(3), (rows, 1024), jnp.bfloat16)
   out = {"matmul_tflops": 2 * n ** 3 / t_mm / 1e12}
-  reads = {"xla_sum": jax.jit(lambda x: jnp.sum(x.astype(jnp.float32), axis=0))}
+  reads = {"xla_sum": jax.jit(lambda x: jnp.sum(x.astype(jnp.float32), axis=0)),
+           "xla_row_sum": jax.jit(lambda x: jnp.sum(x.astype(jnp.float32), axis=1))}
   if jax.default_backend() == "gpu":  # read-only streams: each program loops over its rows
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltr
