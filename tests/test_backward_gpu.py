@@ -7,6 +7,8 @@ lists split into several work items.
 """
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,9 @@ import pytest
 
 import msa_jax
 from msa_jax import reference
+from msa_jax.kernels.gpu import smem
 from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
+from msa_jax.kernels.gpu import tuning
 from tests import backward_checks as B
 from tests import cases as C
 
@@ -154,3 +158,48 @@ def test_indexer_kl_loss_unselected_keys_get_exact_zero():
     picked = np.isin(block, np.append(np.unique(own[b]), 0))
     assert np.all(np.asarray(dki)[b, ~picked] == 0)
     assert np.abs(np.asarray(dki)[b, picked]).max() > 0
+
+
+def _smem_records():
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "smem_h200.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_dkv_shared_memory_model_matches_the_h200():
+  """The dK/dV kernel's shared-memory model against what XLA reported on an H200: every
+  tile that failed to load is estimated at (or just above) the bytes it requested, every
+  tile that loaded is estimated within the card's limit."""
+  records = [r for r in _smem_records() if r["case"] == "bwd"]
+  assert any(not r["ok"] for r in records) and any(r["ok"] for r in records)
+  for r in records:
+    itemsize = jnp.dtype(r["dtype"]).itemsize
+    est = smem.dkv_bytes(r["tile_rows"], r["d"], r["d"], 128, itemsize)
+    if r["ok"]:
+      assert est <= smem.HOPPER, r
+    else:
+      assert r["requested"] <= est <= r["requested"] * 1.01, (r, est)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_backward_tiles_fit_shared_memory(dtype, d):
+  """Static check (no GPU): the dK/dV tile picked for every dtype and head dim fits Hopper's
+  shared memory; where none can (float32 at 256) the error says what to do."""
+  table_rows = tuning.DEFAULTS["sparse_bwd"]["tile_rows"]
+  a100 = d <= 128 and dtype != "float32"  # A100's 163 KiB hold half-precision tiles only
+  limits = (smem.HOPPER, smem.LIMITS["8.0"]) if a100 else (smem.HOPPER,)
+  for limit in limits:
+    if dtype == "float32" and d == 256:
+      with pytest.raises(ValueError, match="bfloat16"):
+        bwd.dkv_tile_rows(d, d, 128, dtype, 16, table_rows, limit)
+      continue
+    rows = bwd.dkv_tile_rows(d, d, 128, dtype, 16, table_rows, limit)
+    assert 16 <= rows <= table_rows
+    assert smem.dkv_bytes(rows, d, d, 128, jnp.dtype(dtype).itemsize) <= limit
+    if rows < table_rows:  # the largest that fits
+      assert smem.dkv_bytes(2 * rows, d, d, 128, jnp.dtype(dtype).itemsize) > limit
+  # The tiles of the failures recorded on the H200 are now halved.
+  assert bwd.dkv_tile_rows(128, 128, 128, "float32", 16, 128, smem.HOPPER) == 32
+  assert bwd.dkv_tile_rows(128, 128, 128, "bfloat16", 16, 128, smem.HOPPER) == 128

@@ -109,11 +109,15 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="smem.jsonl")
   parser.add_argument("--budget-s", type=float, default=400, help="stop after this long")
+  parser.add_argument("--cases", nargs="+", default=None,
+                      help="only these: grad bwd forward index moe (default all)")
   args = parser.parse_args()
   start = time.time()
   failures = collections.Counter()
   with open(args.out, "w") as f:
     for label, fields, fn, fn_args in cases():
+      if args.cases and label not in args.cases:
+        continue
       if time.time() - start > args.budget_s:
         print(f"budget reached at {label} {fields}")
         break

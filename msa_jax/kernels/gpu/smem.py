@@ -20,3 +20,22 @@ def limit(device=None) -> int:
   """Bytes of shared memory one block may use on ``device`` (default: the first GPU)."""
   device = device or jax.devices("gpu")[0]
   return LIMITS.get(str(device.compute_capability), min(LIMITS.values()))
+
+
+def dkv_bytes(rows: int, d: int, dv: int, block_size: int, itemsize: int) -> int:
+  """Shared memory of the backward's dK/dV kernel (``sparse_attention_bwd._dkv_kernel``) for
+  a tile of ``rows`` query rows against a ``block_size``-key block.
+
+  Triton stages the operands of its four dots: q and dO twice (``rows x (D + Dv)`` each way),
+  K and V once, one ``rows x Bk`` probability tile, plus a few float32 values per row. Fitted
+  to the requests XLA reported on an H200 (``benchmarks/smem_h200.jsonl``; exact to within a
+  few bytes per row, never below).
+  """
+  return itemsize * (2 * rows * (d + dv) + block_size * (d + dv) + rows * block_size) + 9 * rows
+
+
+def fit_rows(rows: int, fits, minimum: int) -> int:
+  """``rows`` halved until ``fits(rows)`` or ``minimum``."""
+  while rows > minimum and not fits(rows):
+    rows //= 2
+  return rows

@@ -50,11 +50,37 @@ from jax.experimental.pallas import triton as pltr
 
 from msa_jax import reference
 from msa_jax import schedule as sched
+from msa_jax.kernels.gpu import smem
 from msa_jax.kernels.gpu import tuning
 
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
 # Tile rows in interpret mode, as api.INTERPRET_TILE_ROWS (CPU cost grows with the row gathers).
 INTERPRET_TILE_ROWS = 32
+
+
+def _smem_limit() -> int:
+  """The first GPU's shared memory per block (Hopper's where none is visible: lowering)."""
+  try:
+    return smem.limit()
+  except RuntimeError:
+    return smem.HOPPER
+
+
+def dkv_tile_rows(d: int, dv: int, block_size: int, dtype, heads: int, table_rows: int,
+                  limit: int) -> int:
+  """Query rows of a dK/dV tile: the table's, halved until the kernel fits ``limit`` bytes
+  of shared memory (float32 needs half the rows of bf16). Raises ``ValueError`` when even
+  the smallest tile does not fit."""
+  itemsize = jnp.dtype(dtype).itemsize
+  fits = lambda r: smem.dkv_bytes(r, d, dv, block_size, itemsize) <= limit
+  rows = smem.fit_rows(table_rows, fits, max(MIN_ROWS, heads))
+  if not fits(rows):
+    raise ValueError(
+        f"the GPU backward needs {smem.dkv_bytes(rows, d, dv, block_size, itemsize)} bytes "
+        f"of shared memory for a {block_size}-key block at head dims {d}/{dv} in "
+        f"{jnp.dtype(dtype).name} (the GPU has {limit}); use bfloat16 inputs or "
+        f"implementation='xla'")
+  return rows
 
 
 def _dot(a, b, contract_b):
@@ -318,7 +344,9 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
   s_len, g = k.shape[1], k.shape[2]
   heads = hq // g
   if queries_per_item is None:
-    rows = INTERPRET_TILE_ROWS if interpret else cfg["tile_rows"]
+    rows = (INTERPRET_TILE_ROWS if interpret else
+            dkv_tile_rows(q.shape[-1], v.shape[-1], block_size, q.dtype, heads,
+                          cfg["tile_rows"], _smem_limit()))
     queries_per_item = max(1, rows // heads)
   if not interpret:
     # Triton's dots need >= 16 rows; smaller ones silently go wrong in bf16.

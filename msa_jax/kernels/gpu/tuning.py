@@ -13,7 +13,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 
 DECODE_QUERIES = 16  # queries per sequence up to which "index_decode" applies
 
@@ -90,20 +89,10 @@ def override(kernel: str, /, **params):  # positional: "kernel" is also a key of
       _scoped[kernel] = previous
 
 
-def config(kernel: str, /, dtype=None, **explicit) -> dict:
-  """Launch parameters of ``kernel`` for inputs of ``dtype``.
-
-  Later sources win: defaults, this card's table, the dtype's section of each
-  (``"<kernel>/<dtype>"``, e.g. ``"sparse_bwd/float32"``: float32 tiles take twice the shared
-  memory of the bf16 ones the table was tuned with), ``override``, explicit arguments.
-  """
-  table = _table().get(device_kind(), {})
+def config(kernel: str, /, **explicit) -> dict:
+  """Launch parameters of ``kernel``: defaults < this card's table < ``override`` < explicit."""
   params = dict(DEFAULTS[kernel])
-  params.update(table.get(kernel, {}))
-  if dtype is not None:
-    section = f"{kernel}/{jnp.dtype(dtype).name}"
-    params.update(DEFAULTS.get(section, {}))
-    params.update(table.get(section, {}))
+  params.update(_table().get(device_kind(), {}).get(kernel, {}))
   params.update(_scoped.get(kernel, {}))
   params.update({k: v for k, v in explicit.items() if v is not None})
   return params
