@@ -19,7 +19,9 @@ is ever built. Implementations:
   layout a model produces: sequence b's queries at consecutive positions ending at
   ``kv_lengths[b] - 1``, padding (``p < 0``) after them. Other layouts, and inputs cuDNN does
   not take, run the ``"xla"`` path (checked under ``jit`` too, with ``lax.cond``).
-* ``"pallas_tpu"``: the ``"xla"`` path.
+* ``"pallas_tpu"``: a Pallas flash-attention kernel (``kernels/tpu/flash_attention.py``)
+  whose mask comes from the positions and lengths (splash attention's masks are static), for
+  every layout, prefill and decode alike.
 
 ``paged_full_attention`` is the decode over a paged cache (``msa_jax.paged`` layout) without
 gathering its pages.
@@ -66,6 +68,10 @@ def full_attention(q, k, v, *, scale=None, q_positions=None, kv_lengths=None,
         structured,
         lambda: _cudnn(q, k, v, q_positions, kv_lengths, scale),
         lambda: _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk))
+  if impl == "pallas_tpu":
+    from msa_jax.kernels.tpu import flash_attention
+    return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, scale=scale,
+                                           interpret=interpret)
   return _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk)
 
 
@@ -192,9 +198,12 @@ def paged_full_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None
     return _decode_pages(q, k_pages, v_pages, jnp.clip(page_table, 0, k_pages.shape[0] - 1),
                          q_positions, lengths, scale=scale, interpret=interpret)
   from msa_jax import paged
-  gather = lambda pages: paged.gather_pages(pages, page_table, lengths)
-  return _flash_xla(q, gather(k_pages), gather(v_pages), q_positions, lengths, scale, Q_CHUNK,
-                    K_CHUNK)
+  k, v = (paged.gather_pages(pages, page_table, lengths) for pages in (k_pages, v_pages))
+  if impl == "pallas_tpu":
+    from msa_jax.kernels.tpu import flash_attention
+    return flash_attention.flash_attention(q, k, v, q_positions, lengths, scale=scale,
+                                           interpret=interpret)
+  return _flash_xla(q, k, v, q_positions, lengths, scale, Q_CHUNK, K_CHUNK)
 
 
 def _cudnn_supports(q, k, v) -> bool:

@@ -71,6 +71,48 @@ def test_xla_matches_oracle(name, b, t, s, hq, g, first, n, dtype):
   np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name,b,t,s,hq,g,first,n", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_tpu_flash_kernel_matches_oracle(name, b, t, s, hq, g, first, n, dtype):
+  """The Pallas TPU flash kernel (interpret mode) with small tiles: several query and key
+  tiles, skipped key tiles, padding rows; NaN past the lengths must not leak."""
+  from msa_jax.kernels.tpu import flash_attention
+  q, k, v = _inputs(hash(name) % 991, b, t, s, hq, g, dtype=dtype)
+  pos, kv_len = _layout(first, n, t)
+  k, v = _nan_past_lengths(k, v, kv_len)
+  out = flash_attention.flash_attention(q, k, v, jnp.asarray(pos), jnp.asarray(kv_len),
+                                        scale=1 / np.sqrt(q.shape[-1]), rows=16, keys=128,
+                                        interpret=True)
+  want = _oracle(q, k, v, pos, kv_len)
+  out = np.asarray(out, np.float64)
+  assert np.isfinite(out).all()
+  tol = 2e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
+
+
+def test_tpu_flash_kernel_lowers_for_tpu():
+  """The Pallas -> Mosaic TPU lowering (block shapes, scalar prefetch) at M3's shapes, on CPU:
+  a 8K prefill chunk, a 128K-cache decode step, float32 with odd sizes."""
+  from jax import export
+  from jax._src import mesh as mesh_lib
+  from msa_jax.kernels.tpu import flash_attention
+  try:
+    device = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  except TypeError:
+    pytest.skip("this jax's AbstractDevice cannot name a TPU")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  fn = jax.jit(lambda q, k, v, p, n: flash_attention.flash_attention(q, k, v, p, n, scale=0.1))
+  for b, t, s, hq, g, d, dtype in [(1, 8192, 8192, 64, 4, 128, jnp.bfloat16),
+                                   (2, 1, 131072, 64, 4, 128, jnp.bfloat16),
+                                   (1, 300, 1000, 16, 4, 64, jnp.float32)]:
+    q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
+    kv = jax.ShapeDtypeStruct((b, s, g, d), dtype)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    with jax.sharding.use_abstract_mesh(mesh):
+      exported = export.export(fn, platforms=["tpu"])(q, kv, kv, ints(b, t), ints(b))
+    assert b"tpu_custom_call" in exported.mlir_module_serialized
+
+
 @pytest.mark.parametrize("name,b,t,s,hq,g,first,n",
                          [c for c in LAYOUTS if c[2] <= fa.MAX_DECODE_QUERIES],
                          ids=[c[0] for c in LAYOUTS if c[2] <= fa.MAX_DECODE_QUERIES])
@@ -85,7 +127,7 @@ def test_gpu_decode_kernel_matches_oracle(name, b, t, s, hq, g, first, n):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu", "pallas_tpu"])
 def test_paged_decode_matches_contiguous(implementation):
   """Decode over shuffled pages without gathering them = the contiguous result."""
   b, t, hq, g, d, bk, max_pages = 2, 2, 8, 2, 32, 16, 6
@@ -108,7 +150,7 @@ def test_paged_decode_matches_contiguous(implementation):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu", "pallas_tpu"])
 def test_a_nan_value_reaches_only_the_queries_that_see_it(implementation):
   """A NaN value at key 50 (inside kv_lengths): queries at positions >= 50 get NaN, earlier
   ones are exact (no 0 * NaN through P @ V); a +Inf key makes its viewers NaN, not empty."""
