@@ -309,10 +309,14 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
           block_size=block_size, scale=scale, interpret=interpret)
       written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
       return sched.combine(partial_out, partial_lse, written, q.dtype)
+    from msa_jax.kernels.gpu import sparse_attention_mgpu
     from msa_jax.kernels.gpu import tuning
     kernel = gpu_sparse_kernel(q, k, v, block_size)
     per_tile, per_item = kernel.work_item_size(
         hq // g, tile_rows=INTERPRET_TILE_ROWS if interpret else None)
+    guarded = kernel is sparse_attention_mgpu  # its P @ V takes V as loaded: clean it first
+    if guarded:
+      v, bad_prefix = kernel.guard_values(v, kv_lengths)
 
     def kv_outer(lo, hi):  # queries [lo, hi): schedule -> kernel -> combine
       ids = block_indices[:, lo:hi]
@@ -329,9 +333,12 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
     # of a 64K chunk, so its table has None).
     piece = tuning.config("sparse").get("query_chunk") or t
     outs = [kv_outer(lo, min(lo + piece, t)) for lo in range(0, t, piece)]
-    if len(outs) == 1:
-      return outs[0]
-    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs))
+    out, lse = (outs[0] if len(outs) == 1 else
+                tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
+    if guarded:
+      out = kernel.poison(out, bad_prefix, block_indices, valid, q_positions, kv_lengths,
+                          block_size)
+    return out, lse
   else:
     from msa_jax.kernels.tpu import sparse_attention as kernel
     qpi = _queries_per_item(hq // g, interpret)

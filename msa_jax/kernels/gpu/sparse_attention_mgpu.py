@@ -439,6 +439,39 @@ def _softmax(s, *, limits, heads, rows, block_size, scale, dtype, skip_mask):
   return m, probs.sum(axis=1), probs.astype(dtype)
 
 
+def guard_values(v, kv_lengths):
+  """V as this kernel may read it, and what ``poison`` needs.
+
+  The kernel's ``P @ V`` reads V straight from the TMA loads, so ``0 * NaN`` would reach rows
+  whose P is 0 there. Here (in XLA, one pass over V) value rows past ``kv_lengths`` and
+  non-finite rows are zeroed, as the Triton kernel does per block (``kernels/masking.py``).
+  Returns (V ``[B,S,G,Dv]``, int32 ``[B,G,S+1]`` prefix counts of non-finite rows before
+  ``kv_lengths``).
+  """
+  s = v.shape[1]
+  live = jnp.arange(s)[None, :, None] < kv_lengths[:, None, None]  # [B, S, 1]
+  finite = jnp.all(jnp.isfinite(v), axis=-1)  # [B, S, G]
+  v = jnp.where((live & finite)[..., None], v, jnp.zeros((), v.dtype))
+  bad = (live & ~finite).astype(jnp.int32)
+  return v, jnp.pad(jnp.cumsum(bad, axis=1), ((0, 0), (1, 0), (0, 0))).transpose(0, 2, 1)
+
+
+def poison(out, bad_prefix, block_indices, valid, q_positions, kv_lengths, block_size):
+  """``out [B,T,Hq,Dv]`` with NaN for the queries that see a non-finite value (counted by
+  ``guard_values``) in one of their selected blocks, as exact attention gives."""
+  b, t, hq, _ = out.shape
+  g, n = bad_prefix.shape[1], bad_prefix.shape[2]
+  lo = jnp.clip(block_indices, 0) * block_size  # [B, T, G, k]
+  hi = jnp.minimum(lo + block_size - 1, jnp.minimum(q_positions[:, :, None, None],
+                                                    kv_lengths[:, None, None, None] - 1))
+  rows = jnp.arange(b)[:, None, None, None]
+  groups = jnp.arange(g)[None, None, :, None]
+  count = lambda i: bad_prefix[rows, groups, jnp.clip(i, 0, n - 1)]
+  sees = valid & (hi >= lo) & (count(hi + 1) > count(lo))
+  sees = jnp.repeat(jnp.any(sees, axis=-1), hq // g, axis=2)  # [B, T, Hq]
+  return jnp.where(sees[..., None], jnp.nan, out)
+
+
 def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
                kv_stages=None) -> int:
   """Shared memory the kernel allocates (barriers and Mosaic's own scratch not included):
