@@ -1,6 +1,23 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must precede the first jax import)."""
+"""Test setup: 8 fake CPU devices for sharding tests (must precede the first jax import), and
+the "slow" marker on the tests listed in ``slow_tests.txt``."""
 
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_SLOW_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
+
+
+def _slow_ids() -> set[str]:
+  with open(_SLOW_LIST) as f:
+    return {line.strip() for line in f if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+  slow = _slow_ids()
+  for item in items:
+    if item.nodeid in slow:
+      item.add_marker(pytest.mark.slow)
