@@ -138,9 +138,13 @@ class _AtomicFolder:
     if kind is not None:
       shutil.rmtree(self.tmp, ignore_errors=True)
       return False
-    if os.path.isdir(self.folder) and not os.listdir(self.folder):
-      os.rmdir(self.folder)  # an empty destination is fine: replaced
-    os.replace(self.tmp, self.folder)
+    try:
+      if os.path.isdir(self.folder) and not os.listdir(self.folder):
+        os.rmdir(self.folder)  # an empty destination is fine: replaced
+      os.replace(self.tmp, self.folder)
+    except OSError:  # e.g. another process wrote the destination meanwhile
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      raise
     return False
 
 

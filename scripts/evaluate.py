@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from models import data as data_lib
 from models import metrics
+from models import serving
 from models import sharding
 from models import training
 
@@ -205,4 +206,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  serving.enable_compilation_cache()  # reruns skip most compilation
   sys.exit(main())

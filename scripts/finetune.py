@@ -92,6 +92,7 @@ import evaluate as eval_cli  # scripts/evaluate.py: data flags, mesh parsing
 from models import checkpoint as checkpoint_lib
 from models import config as config_lib
 from models import metrics
+from models import serving
 from models import sharding
 from models import training
 from msa_jax import profiling
@@ -544,4 +545,5 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
 
 
 if __name__ == "__main__":
+  serving.enable_compilation_cache()  # reruns skip most compilation
   sys.exit(main())

@@ -1,7 +1,8 @@
 """Generate text with a MiniMax-M3-family model from a Hugging Face checkpoint folder.
 
-Loads ``--checkpoint`` (config.json + safetensors, bf16 or MXFP8; default: a tiny random model
-written on the fly), places it on a device mesh, prefills the prompts (a batch of different
+Loads ``--checkpoint`` (config.json + safetensors, bf16 or MXFP8; default: a tiny model with
+random weights, written once under ``~/.cache/msa-jax`` and reused: its output is noise),
+places it on a device mesh, prefills the prompts (a batch of different
 lengths in one call) and decodes with greedy or temperature/top-p sampling, streaming tokens as
 they come. The last line reports prefill and decode tokens/s and peak device memory.
 
@@ -42,7 +43,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +50,27 @@ import jax.numpy as jnp
 from models import checkpoint
 from models import serving
 from models import sharding
-from models.data import ByteTokenizer, load_tokenizer
+from models.data import load_tokenizer
 
 
-def serve(model, prompts, args, mesh):
+def stream_line(step, request, ids, tokenizer):
+  """The streaming format of both paths: a request's new tokens, decoded, after a step."""
+  print(f"[step {step}] request {request}: {tokenizer.decode([int(i) for i in ids])!r}",
+        flush=True)
+
+
+def show_results(prompts, generated, tokenizer):
+  """Each prompt (a long one by its length only) and its completion, on lines of their own.
+  Returns the completions' text."""
+  texts = [tokenizer.decode(g) for g in generated]
+  for i, (p, text) in enumerate(zip(prompts, texts)):
+    shown = repr(tokenizer.decode(p)) if len(p) <= 200 else f"({len(p)} tokens)"
+    print(f"prompt {i}: {shown}")
+    print(f"completion {i}: {text!r}")
+  return texts
+
+
+def serve(model, prompts, args, mesh, tokenizer):
   """Continuous batching over a paged cache (see the module docstring): the generated ids per
   prompt, per-request records and timings."""
   bk = model.config.index_block_size
@@ -71,7 +88,7 @@ def serve(model, prompts, args, mesh):
   def on_tokens(step, tokens):
     if not args.quiet:
       for i, toks in tokens.items():
-        print(f"[step {step}] request {i}: {' '.join(map(str, toks))}", flush=True)
+        stream_line(step, i, toks, tokenizer)
 
   def on_refused(i, why):
     print(f"request {i} refused: {why}", file=sys.stderr, flush=True)
@@ -80,6 +97,20 @@ def serve(model, prompts, args, mesh):
   result = server.serve(prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         stop_ids=stop_ids, on_tokens=on_tokens, on_refused=on_refused)
   return result.generated, result.records, result.timings
+
+
+def demo_checkpoint() -> str:
+  """The default demo's tiny random model (float32, seed 0), written once into the user's
+  cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, then ``msa-jax/``) and reused."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  folder = os.path.join(root, "msa-jax", "tiny-m3-random-float32")
+  if not checkpoint.is_hf_folder(folder):
+    try:
+      checkpoint.write_random(folder, dtype="float32")
+    except Exception:  # pylint: disable=broad-except
+      if not checkpoint.is_hf_folder(folder):  # not another process that wrote it first
+        raise
+  return folder
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -124,7 +155,8 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=None,
                       help="HF folder or Orbax checkpoint from scripts/convert.py (default: a "
-                           "tiny random model made on the fly)")
+                           "tiny model with random weights, cached under ~/.cache/msa-jax; "
+                           "output is noise)")
   parser.add_argument("--random-weights", default=None, metavar="CONFIG",
                       help="no checkpoint: random weights of CONFIG (a preset name such as "
                            "gen_1b or m3_slice, or a config.json) made directly on the "
@@ -198,8 +230,9 @@ def main(argv=None):
                      f"checkpoint from scripts/convert.py)")
   folder = args.checkpoint
   if folder is None and args.random_weights is None:
-    folder = checkpoint.write_random(os.path.join(tempfile.mkdtemp(), "tiny-m3"),
-                                     dtype="float32")
+    folder = demo_checkpoint()
+    print(f"no --checkpoint: a tiny model with random weights ({folder}); its output is "
+          f"noise. Pass --checkpoint for a real model.", file=sys.stderr, flush=True)
   tokenizer = load_tokenizer(folder)
   prompts = read_prompts(args.inputs, tokenizer)
   if not prompts:
@@ -243,11 +276,10 @@ def main(argv=None):
       raise SystemExit(f"--prefill-chunk must be a positive multiple of the block size {bk}; "
                        f"got {args.prefill_chunk}")
     with sharding.activation_sharding(mesh):
-      generated, records, timings = serve(model, prompts, args, mesh)
+      generated, records, timings = serve(model, prompts, args, mesh, tokenizer)
     result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
               "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
-    for i, p in enumerate(prompts):
-      print(f"prompt {i}: {tokenizer.decode(p + generated[i])!r}")
+    result["generated_text"] = show_results(prompts, generated, tokenizer)
     rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
     peak = max(_peak_memory(), default=-1)
     result["peak_bytes"] = peak
@@ -292,13 +324,13 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
   def progress(done, total):
     bar.update(done - bar.n)
 
-  def stream(block):
-    if args.quiet:
-      return
-    for step in range(block.shape[1]):
-      text = " | ".join(tokenizer.decode([int(t)]) if not isinstance(tokenizer, ByteTokenizer)
-                        else str(int(t)) for t in block[:, step])
-      print(text, flush=True)
+  steps_done = [0]
+
+  def stream(block):  # [batch, steps] new tokens
+    steps_done[0] += block.shape[1]
+    if not args.quiet:
+      for i, ids in enumerate(block):
+        stream_line(steps_done[0], i, ids, tokenizer)
 
   with sharding.activation_sharding(mesh):
     cache = gen.init_cache()
@@ -322,14 +354,10 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
       "peak_bytes": int(peak), "peak_bytes_per_device": peaks,
       "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype,
   }
+  result["generated_text"] = show_results(prompts, generated, tokenizer)
   if args.output_json:
     with open(args.output_json, "w") as f:
       json.dump(result, f, indent=1)
-  for b in range(batch):
-    if len(prompts[b]) > 200:  # a long prompt is not echoed whole
-      print(f"prompt {b} ({len(prompts[b])} tokens) -> {tokenizer.decode(generated[b])!r}")
-    else:
-      print(f"prompt {b}: {tokenizer.decode(prompts[b] + generated[b])!r}")
   memory = f"{peak / 2**30:.2f} GiB" if peak >= 0 else "n/a"
   rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
   print(f"prefill {rate(result['prefill_tokens_per_s'])} ({sum(map(len, prompts))} tokens), "
@@ -339,4 +367,5 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
 
 
 if __name__ == "__main__":
+  serving.enable_compilation_cache()  # reruns skip most compilation
   sys.exit(main())
