@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # scripts/generate.py on GPUs against the CPU xla path, on a ~1B-parameter random checkpoint in
-# the released layout (configs/gen_1b.json, ~2 GB bf16) with prompts longer than k*Bk = 2048
+# the released layout (models/configs/gen_1b.json, ~2 GB bf16) with prompts longer than k*Bk = 2048
 # tokens, so MSA selection is active. Greedy float32 tokens must agree across: 1 GPU (Pallas
 # GPU kernels), 2 GPUs tensor-parallel, 2 GPUs expert-parallel (when 2 GPUs are present), and
 # the CPU xla path. SERVE_BATCH=N adds a continuous-batching run on 1 GPU (the prompts as a
@@ -9,7 +9,7 @@
 set -uo pipefail
 out=${1:?usage: generate_check.sh OUT_DIR}
 mkdir -p "$out"
-config=${CONFIG:-configs/gen_1b.json}
+config=${CONFIG:-models/configs/gen_1b.json}
 ckpt=${CKPT:-/tmp/gen_1b}
 new=${NEW_TOKENS:-16}
 lengths=${LENGTHS:-3000 2300}

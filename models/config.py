@@ -14,8 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +251,7 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 
 def preset(name: str) -> ModelConfig:
-  """A config shipped in ``configs/``: "tiny", "msa_109b" or "minimax_m3"."""
+  """A config shipped in ``models/configs/`` (package data): "tiny", "msa_109b" or "minimax_m3"."""
   path = os.path.join(CONFIG_DIR, f"{name}.json")
   if not os.path.exists(path):
     names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))

@@ -18,7 +18,7 @@ Attention schedule:
   --attention msa|dense   after the warm-up: MSA (KL over the selected blocks, stage 2) or
                           dense (dense training, e.g. from scratch before a conversion).
 
-Model: --config (a preset in configs/ or a config.json; default tiny) with size overrides
+Model: --config (a preset in models/configs/ or a config.json; default tiny) with size overrides
 (--num-layers, --hidden-size, ..., --sparse-layers, --block-size, --topk), randomly
 initialised from --seed; or --init-from a previous run folder, an Orbax model folder or a HF
 folder, keeping its weights and adding fresh index projections where the new config has MSA
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   model = p.add_argument_group("model")
   model.add_argument("--config", default="tiny",
-                     help="preset name in configs/ (tiny, msa_109b, minimax_m3) or a "
+                     help="preset name in models/configs/ (tiny, msa_109b, minimax_m3) or a "
                           "config.json path (default tiny); ignored with --init-from")
   model.add_argument("--init-from", default=None,
                      help="start from these weights: a run folder (latest checkpoint), an "

@@ -190,7 +190,7 @@ def test_bad_arguments_exit_with_a_message(ckpt, args, message):
 
 
 def test_prompt_past_max_position_embeddings_is_refused(tmp_path):
-  config = json.loads(open(os.path.join(ROOT, "configs", "tiny.json")).read())
+  config = json.loads(open(os.path.join(ROOT, "models", "configs", "tiny.json")).read())
   config["max_position_embeddings"] = 32
   path = tmp_path / "short.json"
   path.write_text(json.dumps(config))
