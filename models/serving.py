@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -479,14 +478,3 @@ class PagedServer(_CompiledSteps):
     return ServeResult(generated, records, timings)
 
 
-
-def enable_compilation_cache(folder: str | None = None):
-  """Keep compiled programs on disk between runs (JAX's persistent compilation cache): a
-  script's second run skips most of its compilation. ``folder`` defaults to
-  ``$JAX_COMPILATION_CACHE_DIR``, else ``msa-jax/jax`` in the user's cache folder
-  (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
-  if folder is None:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "msa-jax", "jax")
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

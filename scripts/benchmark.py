@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import cli
 import msa_jax
 
 
@@ -802,7 +803,7 @@ def _commit():
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--sizes", type=int, nargs="+",
                       default=[8192, 32768, 131072, 262144, 524288, 1048576],
                       help="prefill context lengths N")

@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchm
 import models  # noqa: E402
 from benchmark import _commit  # noqa: E402  (scripts/benchmark.py: the commit of a run)
 from models import checkpoint  # noqa: E402
+from models import cli  # noqa: E402
 from models import serving  # noqa: E402
 
 
@@ -437,7 +438,7 @@ def plot(result, path):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--configs", nargs="+", default=["gen_1b", "m3_slice"],
                       help="presets or config.json paths (default: gen_1b m3_slice)")
   parser.add_argument("--prefill-sizes", type=int, nargs="+", default=[131072, 1048576],

@@ -24,13 +24,14 @@ import ml_dtypes
 import numpy as np
 
 from models import checkpoint
+from models import cli
 from models import config as config_lib
 from models import sharding
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
   parser.add_argument("src")
   parser.add_argument("dst")

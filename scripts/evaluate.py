@@ -45,9 +45,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from models import cli
 from models import data as data_lib
 from models import metrics
-from models import serving
 from models import sharding
 from models import training
 
@@ -123,7 +123,7 @@ def make_source(args, vocab_size: int, tokenizer_dirs=()):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--checkpoint", required=True,
                       help="run folder, Orbax model folder or Hugging Face folder")
   parser.add_argument("--attention", default="dense,msa",
@@ -206,5 +206,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  serving.enable_compilation_cache()  # reruns skip most compilation
+  cli.enable_compilation_cache()  # reruns skip most compilation
   sys.exit(main())

@@ -90,9 +90,9 @@ import numpy as np
 
 import evaluate as eval_cli  # scripts/evaluate.py: data flags, mesh parsing
 from models import checkpoint as checkpoint_lib
+from models import cli
 from models import config as config_lib
 from models import metrics
-from models import serving
 from models import sharding
 from models import training
 from msa_jax import profiling
@@ -105,7 +105,7 @@ DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "fused_pa
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=cli.HelpFormatter)
   run = p.add_argument_group("run")
   run.add_argument("--output-dir", required=True,
                    help="run folder: checkpoints, metrics.jsonl, curves.png, model/")
@@ -545,5 +545,5 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
 
 
 if __name__ == "__main__":
-  serving.enable_compilation_cache()  # reruns skip most compilation
+  cli.enable_compilation_cache()  # reruns skip most compilation
   sys.exit(main())

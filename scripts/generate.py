@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from models import checkpoint
+from models import cli
 from models import serving
 from models import sharding
 from models.data import load_tokenizer
@@ -152,7 +153,7 @@ def read_prompts(inputs, tokenizer) -> list[list[int]]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--checkpoint", default=None,
                       help="HF folder or Orbax checkpoint from scripts/convert.py (default: a "
                            "tiny model with random weights, cached under ~/.cache/msa-jax; "
@@ -367,5 +368,5 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
 
 
 if __name__ == "__main__":
-  serving.enable_compilation_cache()  # reruns skip most compilation
+  cli.enable_compilation_cache()  # reruns skip most compilation
   sys.exit(main())

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import cli
 import msa_jax
 from msa_jax import reference
 
@@ -138,7 +139,7 @@ def check_decode(ctx, q_len, args):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768],
                       help="context lengths N (batch 1, causal prefill)")
   parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement")

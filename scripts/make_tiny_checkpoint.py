@@ -14,11 +14,12 @@ import argparse
 import sys
 
 from models import checkpoint
+from models import cli
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--out", required=True, help="folder to write")
   parser.add_argument("--config", default="tiny",
                       help="a preset name (tiny, msa_109b, minimax_m3) or a config.json path")

@@ -20,6 +20,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from models import cli
 import msa_jax
 from msa_jax import profiling
 
@@ -45,7 +46,7 @@ def profile(name, fn, args, calls, out_dir):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
   parser.add_argument("--decode-context", type=int, default=1048576)
   parser.add_argument("--decode-batch", type=int, default=1)
   parser.add_argument("--prefill-context", type=int, default=131072)

@@ -1,0 +1,45 @@
+"""What the command-line scripts share: one ``--help`` style and the compilation cache."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and every option's default in ``--help`` (also for
+  options without a help text; not where the help already names its default, nor for
+  defaults of None/False/empty, which mean "not given")."""
+
+  @staticmethod
+  def _shows_default(action) -> bool:
+    default = action.default
+    return (bool(action.option_strings) and default is not argparse.SUPPRESS
+            and default is not None and default is not False and default not in ([], ""))
+
+  def _format_action(self, action):
+    if action.help is None and self._shows_default(action):
+      action = copy.copy(action)
+      action.help = "default: %(default)s"
+    return super()._format_action(action)
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if "default" in text or not self._shows_default(action):
+      return text
+    return super()._get_help_string(action)
+
+
+def enable_compilation_cache(folder: str | None = None):
+  """Keep compiled programs on disk between runs (JAX's persistent compilation cache): a
+  script's second run skips most of its compilation. ``folder`` defaults to
+  ``$JAX_COMPILATION_CACHE_DIR``, else ``msa-jax/jax`` in the user's cache folder
+  (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if folder is None:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "msa-jax", "jax")
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
