@@ -144,8 +144,9 @@ def main(argv=None):
                            "not finetune.py's default --seed 0, which drew the initial index "
                            "projections of a converted model: that control would be the "
                            "conversion's own starting point)")
-  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                      help="activation and parameter dtype (default float32)")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                      help="activation and parameter dtype (default: bfloat16 on GPUs and "
+                           "TPUs, float32 on CPUs)")
   parser.add_argument("--mesh", default=None,
                       help="e.g. data=2,fsdp=4 (default: all devices on data)")
   parser.add_argument("--implementation", default=None,
@@ -162,6 +163,7 @@ def main(argv=None):
   bad = [v for v in variants if v not in VARIANTS]
   if bad or not variants:
     raise SystemExit(f"--attention: unknown variant(s) {bad}; choose from {VARIANTS}")
+  args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   dtype = DTYPES[args.dtype]
   mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {"data": jax.device_count()}))
   try:

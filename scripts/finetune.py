@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override which layers are MSA: all, none, from=N or 0/1 per layer")
   model.add_argument("--moe-layers", default=None,
                      help="override which layers are MoE: all, none, from=N or 0/1 per layer")
-  model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                     help="activation dtype (default float32)")
+  model.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="activation dtype (default: bfloat16 on GPUs and TPUs, float32 on "
+                          "CPUs; parameters keep --param-dtype)")
   model.add_argument("--param-dtype", choices=sorted(DTYPES), default="float32",
                      help="parameter storage dtype; bfloat16 keeps float32 master weights "
                           "and AdamW moments (default float32)")
@@ -346,6 +347,7 @@ def main(argv=None, *, on_step=None):
 
 def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   log_path = os.path.join(out_dir, "metrics.jsonl")
+  args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype]
   resume_step = ckpts.latest_step()
   if resume_step is not None and not args.resume:

@@ -180,7 +180,8 @@ def main(argv=None):
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+  parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                      help="default: bfloat16 on GPUs and TPUs, float32 on CPUs")
   parser.add_argument("--mesh", default=None,
                       help="e.g. data=1,tensor=4,expert=2 (default: all devices on tensor)")
   parser.add_argument("--implementation", default=None,
@@ -211,6 +212,7 @@ def main(argv=None):
 
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
+  args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   if args.dtype == "float32":  # true float32 matmuls (GPUs would otherwise use TF32)
     jax.config.update("jax_default_matmul_precision", "highest")
