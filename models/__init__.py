@@ -1,4 +1,4 @@
-"""Flax NNX models of the MiniMax-M3 family, built on msa_jax (spec/minimax_m3.md)."""
+"""Flax NNX models of the MiniMax-M3 family, built on msa_jax (docs/minimax_m3.md)."""
 
 from models.cache import Cache, init_cache
 from models.config import ModelConfig, from_hf_config, preset

@@ -1,4 +1,4 @@
-"""Attention of the MiniMax-M3 family (spec/minimax_m3.md §3.4, §3.6).
+"""Attention of the MiniMax-M3 family (docs/minimax_m3.md §3.4, §3.6).
 
 Full-attention layers and the main branch of MSA layers share one structure:
 ``q/k/v`` projections, per-head Gemma RMSNorm on q and k, partial NeoX RoPE, GQA with query
@@ -64,7 +64,7 @@ class Attention(nnx.Module):
     return self._rope(self.q_norm(q), positions), self._rope(self.k_norm(k), positions), v
 
   def project_index(self, h, positions):
-    """Index branch on stop_gradient(h) (spec §3.1, paper Eq. 11): q_idx [B,T,G,Di] and
+    """Index branch on stop_gradient(h) (docs/msa.md §3.1, paper Eq. 11): q_idx [B,T,G,Di] and
     k_idx [B,T,Di]. Only the index projections and norms see gradient here (from the KL)."""
     c = self.config
     b, t, _ = h.shape
@@ -151,9 +151,9 @@ class Attention(nnx.Module):
       attention: "msa" (an MSA layer selects blocks and attends to them) or "dense" (dense
         causal attention in every layer: the warm-up and dense-training mode).
       indexer_loss: None (no KL), "selected" (KL over the visible tokens of the index
-        branch's own top-k blocks, spec §5; in dense mode the selection comes from
+        branch's own top-k blocks, docs/msa.md §5; in dense mode the selection comes from
         ``msa_jax.index_topk`` while attention stays dense), "causal" (KL over the whole
-        causal context: the paper's warm-up stage 1, research/paper.md §7.3 / App. B.4) or
+        causal context: the warm-up stage 1 of the MSA paper, arXiv 2606.13392) or
         "causal_block" (the same context, KL over block masses against max-pooled index
         scores: ``models.losses`` ``pool="block"``, an extension beyond the paper).
       capture: also return q, k, q_idx, k_idx and the selection (evaluation metrics).
@@ -196,7 +196,7 @@ class Attention(nnx.Module):
       kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, implementation=implementation,
                                    interpret=interpret, **index_kw)
     elif self.sparse and indexer_loss in ("causal", "causal_block"):
-      # Paper warm-up (research/paper.md §7.3, App. B.4): KL against the full causal
+      # The MSA paper's warm-up (arXiv 2606.13392): KL against the full causal
       # main-branch distribution, not only the selected blocks, while attention is dense
       # ("causal_block": over block masses with max-pooled index scores, an extension).
       kl = losses.causal_indexer_kl_loss(

@@ -1,4 +1,4 @@
-"""KV cache and index-key cache, contiguous or paged, spec/minimax_m3.md §3.4 and §3.6.
+"""KV cache and index-key cache, contiguous or paged, docs/minimax_m3.md §3.4 and §3.6.
 
 One ``Cache`` holds, per layer, the post-norm post-RoPE keys and raw values ``[B, S_max, G, D]``
 and, for MSA layers, the index keys ``[B, S_max, Di]`` (one vector per token), plus the number

@@ -1,4 +1,4 @@
-"""Hugging Face MiniMax-M3 checkpoints <-> model parameters (spec/minimax_m3.md §2, §4).
+"""Hugging Face MiniMax-M3 checkpoints <-> model parameters (docs/minimax_m3.md §2, §4).
 
 Reading streams one tensor at a time through ``safetensors.safe_open`` (lazy), so host memory
 stays bounded by the largest parameter (a stacked ``[E, ...]`` expert weight), and places each

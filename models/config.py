@@ -1,4 +1,4 @@
-"""MiniMax-M3 family configuration (spec/minimax_m3.md §1).
+"""MiniMax-M3 family configuration (docs/minimax_m3.md §1).
 
 ``ModelConfig`` holds every field the architecture needs, validated on construction.
 ``from_hf_config`` reads a released ``config.json`` in either shape (§1.2 nested

@@ -1,4 +1,4 @@
-"""Building blocks of the MiniMax-M3 family (spec/minimax_m3.md §3.1, §3.2, §3.5).
+"""Building blocks of the MiniMax-M3 family (docs/minimax_m3.md §3.1, §3.2, §3.5).
 
 * Gemma RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` in float32, weight stored as the
   offset ``w`` (initialised to 0); per-head q/k norms apply it over the head dimension.

@@ -1,7 +1,7 @@
 """Training losses: token cross-entropy and the whole-causal-context indexer KL (warm-up).
 
 ``causal_indexer_kl_loss`` is ``msa_jax.indexer_kl_loss`` with every visible token in the
-support: the paper's indexer warm-up (research/paper.md §7.3, App. B.4) trains the index branch
+support: the indexer warm-up of the MSA paper (arXiv 2606.13392) trains the index branch
 against the *full* causal main-branch distribution while attention is dense. msa_jax's loss
 gathers the selected blocks per query, which with every block selected is a copy of K per query
 chunk; this version scores queries chunk by chunk against K directly, under ``jax.checkpoint``,
@@ -10,7 +10,7 @@ blocks selected, value and gradient.
 
 ``pool="block"`` is an extension beyond the paper: the KL between the teacher's attention mass
 per KV block (summed over the block's tokens) and a student distribution over blocks whose
-logit is the block's **largest** index score (MSA's max-pool, spec §3). It trains the block
+logit is the block's **largest** index score (MSA's max-pool, docs/msa.md §3). It trains the block
 ranking that selection uses against the block ranking the recall metrics use, instead of the
 token distribution (models/metrics.py: a perfect token-level indexer's selection is not the
 main branch's top-k blocks by mass when attention is diffuse).

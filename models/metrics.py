@@ -1,10 +1,10 @@
 """Evaluation metrics: retrieval accuracy, perplexity and the indexer's recall (paper §5.2).
 
 Indexer recall compares the index branch's selection Î with the main branch's own top-k blocks
-I* (spec/msa.md §5, research/paper.md §9.2), per query and GQA group:
+I* (docs/msa.md §5, the MSA paper, arXiv 2606.13392), per query and GQA group:
 
 * ``P_b``: the main branch's full causal attention probability summed over the tokens of block
-  b, averaged over the group's heads (the KL teacher of spec §5 at block granularity; the
+  b, averaged over the group's heads (the KL teacher of docs/msa.md §5 at block granularity; the
   paper leaves per-head vs group-mean open, and selection is per group).
 * ``I*``: the top-k blocks by ``P_b`` among the visible blocks, chosen by the same rule as the
   index selection (own block forced into one slot, ties to the lower block id, every visible
@@ -16,7 +16,7 @@ Two diagnostics put the block recall in context:
 
 * ``block_recall_maxpool``: the same recall against I*_max, the main branch's top-k blocks
   ranked the way MSA ranks the index scores: by the block's **largest** token probability
-  (max-pool, spec §3) instead of its summed mass. The paper's "top-k block set induced by the
+  (max-pool, docs/msa.md §3) instead of its summed mass. The paper's "top-k block set induced by the
   main-branch scores" does not say which pool; the summed mass is the headline.
 * ``oracle_block_recall`` / ``oracle_score_recall``: the recall of I*_max itself against I*.
   I*_max is what an indexer whose token distribution equals the KL teacher exactly would select,

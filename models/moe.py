@@ -1,4 +1,4 @@
-"""Feed-forward blocks of the MiniMax-M3 family (spec/minimax_m3.md §3.5).
+"""Feed-forward blocks of the MiniMax-M3 family (docs/minimax_m3.md §3.5).
 
 * ``MLP``: ``down(swiglu_oai(gate(h), up(h)))`` (dense layers and the shared expert).
 * ``MoE``: fp32 sigmoid router; ``e_score_correction_bias`` shifts the top-k *selection*

@@ -7,7 +7,7 @@ copies of the trainable parameters) when some trainable parameter is stored in l
 precision: gradients and AdamW moments are then float32 and the bf16 parameters are re-cast
 from the master copy after every update.
 
-Training schedule (spec/msa.md §5, research/paper.md §7):
+Training schedule (docs/msa.md §5, the MSA paper, arXiv 2606.13392):
 
 * ``mode="full"``: every parameter trains (except the MoE routing bias, which load balancing
   moves, not gradients, and the index branch when ``kl_weight`` is 0: with no gradient, AdamW

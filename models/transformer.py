@@ -1,4 +1,4 @@
-"""Decoder layer and model of the MiniMax-M3 family (spec/minimax_m3.md §3.3).
+"""Decoder layer and model of the MiniMax-M3 family (docs/minimax_m3.md §3.3).
 
 ``x0 = embed_tokens[ids]`` (no scaling); per layer a pre-norm residual block
 ``x += Attn(rms(x)); x += FFN(rms(x))`` with full attention or MSA and a dense MLP or MoE as

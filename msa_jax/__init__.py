@@ -1,6 +1,6 @@
 """msa_jax: MiniMax Sparse Attention (MSA) in JAX and Pallas.
 
-Public API (``spec/msa.md``, ``design.md``):
+Public API (``docs/msa.md``):
 
 * ``index_topk``: the index branch's block selection (block-max scores, own block forced,
   exp-free top-k).

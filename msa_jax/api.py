@@ -225,7 +225,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
 
 def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_lengths=None,
                implementation=None, interpret=False):
-  """Select the top-k KV blocks per (query, group) from the index branch (spec §3).
+  """Select the top-k KV blocks per (query, group) from the index branch (docs/msa.md §3).
 
   Args:
     q_idx: [B, T, G, Di] index queries, one head per KV group.
@@ -391,7 +391,7 @@ _pallas_sparse_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 def sparse_attention(q, k, v, block_indices, *, block_size=128, scale=None, q_positions=None,
                      kv_lengths=None, return_lse=False, implementation=None, interpret=False):
-  """Exact attention of each query over the visible keys of its selected blocks (spec §4).
+  """Exact attention of each query over the visible keys of its selected blocks (docs/msa.md §4).
 
   Args:
     q: [B, T, Hq, D]; k: [B, S, G, D]; v: [B, S, G, Dv]; Hq a multiple of G. Query head h
@@ -458,7 +458,7 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
 
 def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=None,
                     q_positions=None, kv_lengths=None, implementation=None, interpret=False):
-  """KL alignment loss of the index branch (spec §5), a float32 scalar.
+  """KL alignment loss of the index branch (docs/msa.md §5), a float32 scalar.
 
   ``1/(N*G) * sum_{t,g} KL(P_teacher || P_idx)`` over the visible tokens of the selected blocks,
   N = number of non-padding queries. The teacher is the mean over the group's heads of each
@@ -519,7 +519,7 @@ def _kl_grads(q, k, q_idx, k_idx, block_indices, q_positions, kv_lengths, *, blo
               scale, impl, interpret):
   """(d/d q_idx, d/d k_idx) of the indexer KL (float32) from two sparse attentions.
 
-  With c = 1/(N*G*sqrt(Di)) the gradients are (spec §5), over the support:
+  With c = 1/(N*G*sqrt(Di)) the gradients are (docs/msa.md §5), over the support:
     ``dq_idx[t,g] = c * sum_j (P_idx - P_teacher)[t,g,j] * k_idx[j]``
     ``dk_idx[j] = c * sum_{t,g} (P_idx - P_teacher)[t,g,j] * q_idx[t,g]``.
   Attend with the index queries (one head per group, keys k_idx, scale 1/sqrt(Di)) and with

@@ -1,4 +1,4 @@
-"""Paged KV and index-key caches for serving (spec/msa.md §6 "Decode": page size = Bk).
+"""Paged KV and index-key caches for serving (docs/msa.md §6 "Decode": page size = Bk).
 
 Device side, one layer's cache as a pytree (``PagedCache``):
 

@@ -1,4 +1,4 @@
-"""Public API of MSA decode on paged caches (``msa_jax.paged`` layouts; spec/msa.md §6).
+"""Public API of MSA decode on paged caches (``msa_jax.paged`` layouts; docs/msa.md §6).
 
 Page size = block size Bk, so a selected block id ``j`` of sequence b is the sequence's j-th
 page, ``page_table[b, j]``: selections are *logical* block ids, exactly the ids the contiguous
@@ -147,7 +147,7 @@ def _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions, *, b
 
 def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128, topk=16,
                      q_positions=None, implementation=None, interpret=False):
-  """Top-k blocks per (query, group) over all pages of each sequence (spec §3, paged).
+  """Top-k blocks per (query, group) over all pages of each sequence (docs/msa.md §3, paged).
 
   Args:
     q_idx: [B, q, G, Di] index queries of the q (1-16) newest tokens, one head per KV group.
@@ -213,7 +213,7 @@ def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices
 def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices, *,
                         block_size=128, scale=None, q_positions=None, return_lse=False,
                         implementation=None, interpret=False):
-  """Exact attention of each new token over the visible keys of its selected pages (spec §4).
+  """Exact attention of each new token over the visible keys of its selected pages (docs/msa.md §4).
 
   Args:
     q: [B, q, Hq, D] the q (1-16) newest tokens' queries; Hq a multiple of G.

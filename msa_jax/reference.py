@@ -1,4 +1,4 @@
-"""Pure ``jax.numpy`` MSA: the executable spec (``spec/msa.md`` §2-5).
+"""Pure ``jax.numpy`` MSA: the executable spec (``docs/msa.md`` §2-5).
 
 This module is both the ``implementation="xla"`` path and the oracle every kernel is tested
 against. Functions here take already-validated arguments (see ``api.py``); ``q_positions`` and
@@ -40,7 +40,7 @@ def own_block(q_positions: jax.Array, kv_lengths: jax.Array, block_size: int) ->
 
 
 def key_visible(key_pos: jax.Array, q_pos: jax.Array, kv_len: jax.Array) -> jax.Array:
-  """Key j is visible to a query at p iff j <= p and j < kv_len (spec §2); broadcasts."""
+  """Key j is visible to a query at p iff j <= p and j < kv_len (docs/msa.md §2); broadcasts."""
   return (key_pos <= q_pos) & (key_pos < kv_len)
 
 
@@ -100,7 +100,7 @@ def map_query_chunks(fn, chunk_size: int, q_positions: jax.Array, *per_query: ja
 def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size):
   """Block-max index scores ``M[b,t,g,j]`` (fp32), -inf where block j has no visible key.
 
-  Causal/length masking is applied per token before the max-pool (spec §3.3).
+  Causal/length masking is applied per token before the max-pool (docs/msa.md §3.3).
   """
   s_len = k_idx.shape[1]
   nb = cdiv(s_len, block_size)
@@ -113,7 +113,7 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size):
 
 
 def select_blocks(scores: jax.Array, own: jax.Array, topk: int) -> jax.Array:
-  """Exp-free top-k over block scores [B,T,G,nb] with the own block forced (spec §3.4-5).
+  """Exp-free top-k over block scores [B,T,G,nb] with the own block forced (docs/msa.md §3.4-5).
 
   The own block takes one slot (its score is raised to +inf, so it cannot appear twice);
   the other slots take the highest-scoring visible blocks, ties to the lower block id

@@ -1,6 +1,6 @@
 """Selection -> KV-outer work lists (the inverse map), and the partial-output combine.
 
-The forward of KV-outer sparse attention (spec §6) turns the per-query selection
+The forward of KV-outer sparse attention (docs/msa.md §6) turns the per-query selection
 ``block_indices [B,T,G,k]`` around: for every (batch, group, KV block) it lists the
 (query, slot) entries that picked the block, as MoE dispatch groups tokens by expert. Each
 list is cut into work items of at most ``queries_per_item`` queries, so a block that every

@@ -86,7 +86,7 @@ def in_loop(fn, steps: int):
 
   Timing this and dividing by ``steps`` gives the per-step device time of a decode step
   without the host's per-call dispatch: how a served model runs it (one program for all
-  layers, or a CUDA graph, as in benchmarks.md's reference points). Each step's q depends on
+  layers, or a CUDA graph, as in docs/benchmarks.md's reference points). Each step's q depends on
   the previous output (a nudge far below bf16 resolution), so nothing is hoisted out.
   """
   @jax.jit

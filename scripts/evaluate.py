@@ -6,7 +6,7 @@ Runs the model over held-out examples (the eval split, which training never read
   (``--task retrieval``) only the queried values are scored: retrieval accuracy. On text
   (``--task text``) every token: next-token accuracy.
 * ``loss`` and ``perplexity`` = exp(loss) over the same targets.
-* indexer metrics for every MSA layer (paper §5.2, spec/msa.md §5; definitions in
+* indexer metrics for every MSA layer (paper §5.2, docs/msa.md §5; definitions in
   models/metrics.py): ``block_recall`` = |I* ∩ Î| / |I*| and ``score_recall`` = attention
   mass of I* that Î captures, where Î is the index branch's top-k selection and I* the main
   branch's own top-k blocks by (group-mean) full causal attention mass; averaged over all

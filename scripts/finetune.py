@@ -1,6 +1,6 @@
 """Train or fine-tune a MiniMax-M3-family model with MSA (Optax AdamW, sharded, resumable).
 
-What trains (spec/msa.md §5, research/paper.md §7):
+What trains (docs/msa.md §5, the MSA paper, arXiv 2606.13392):
   --mode full           every parameter (the MoE routing bias excepted) on
                         L = L_LM + λ·Σ_layers L_KL (λ = --kl-weight; 0 = no KL).
   --mode indexer-only   the backbone frozen; only the index projections and their norms

@@ -1,4 +1,4 @@
-"""Test cases covering spec/msa.md §8, on fresh random data (never zeros)."""
+"""Test cases covering docs/msa.md §8, on fresh random data (never zeros)."""
 
 from __future__ import annotations
 

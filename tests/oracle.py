@@ -1,4 +1,4 @@
-"""Brute-force float64 NumPy oracles, written from spec/msa.md independently of msa_jax.
+"""Brute-force float64 NumPy oracles, written from docs/msa.md independently of msa_jax.
 
 Loops over every (batch, query, group) and key; only for the small shapes of the tests.
 """
@@ -16,12 +16,12 @@ def positions(b, t, kv_lengths, q_positions=None):
 
 
 def visible_keys(p, kv_len, s):
-  """Sorted key ids visible to a query at position p (spec §2)."""
+  """Sorted key ids visible to a query at position p (docs/msa.md §2)."""
   return [j for j in range(s) if j <= p and j < kv_len]
 
 
 def index_topk(q_idx, k_idx, block_size, topk, q_positions, kv_lengths):
-  """Selection per spec §3 as a list-of-sets structure: sets[b][t][g] = set of block ids."""
+  """Selection per docs/msa.md §3 as a list-of-sets structure: sets[b][t][g] = set of block ids."""
   q_idx = np.asarray(q_idx, np.float64)
   k_idx = np.asarray(k_idx, np.float64)
   b_, t_, g_, _ = q_idx.shape
@@ -47,7 +47,7 @@ def index_topk(q_idx, k_idx, block_size, topk, q_positions, kv_lengths):
 
 
 def sparse_attention(q, k, v, block_indices, block_size, scale, q_positions, kv_lengths):
-  """Dense masked float64 attention restricted to the selected blocks (spec §4)."""
+  """Dense masked float64 attention restricted to the selected blocks (docs/msa.md §4)."""
   q = np.asarray(q, np.float64)
   k = np.asarray(k, np.float64)
   v = np.asarray(v, np.float64)

@@ -1,7 +1,7 @@
 """Parity with an independent implementation: Hugging Face transformers' ``minimax_m3_vl``.
 
 A tiny random ``MiniMaxM3SparseForConditionalGeneration`` is built in transformers from a
-config.json in the released nested shape (spec/minimax_m3.md §1.2), every weight re-drawn so
+config.json in the released nested shape (docs/minimax_m3.md §1.2), every weight re-drawn so
 nothing sits at its trivial init (Gemma norm offsets, routing bias, SwiGLU clamps all matter),
 and written with transformers' own ``save_pretrained``. transformers reverses its
 ``conversion_mapping.py`` renames on save, so the folder holds the released tensor names
@@ -14,7 +14,7 @@ prompt long enough that MSA selection is active in both sparse layers, and (b) g
 tokens and per-step logits of transformers' ``generate`` against this project's cached
 decode path, across a KV-block boundary.
 
-transformers 5.24 agrees with spec/msa.md on every point checked here: per-group (per index
+transformers 5.24 agrees with docs/msa.md on every point checked here: per-group (per index
 head) top-k, fp32 unscaled index scores, token-level causal mask before the block max-pool,
 the query's own block forced (+inf), -1 padding. It reads the RoPE width from
 ``rope_parameters.partial_rotary_factor`` and ignores ``rotary_dim`` (the released config
@@ -42,7 +42,7 @@ PROMPT_LEN = 76  # 5 KV blocks: 3 of the 5 visible blocks are dropped for the la
 NEW_TOKENS = 8  # decode positions 76..83 cross into block 5
 RTOL = 1e-4  # max |diff| <= RTOL * max |logit| (float32 on both sides)
 
-# The released text_config shape (spec §1.2), scaled down; layer 0 full attention + dense MLP,
+# The released text_config shape (docs/msa.md §1.2), scaled down; layer 0 full attention + dense MLP,
 # layers 1-2 MSA + MoE, as layers 0-2 / 3-59 in MiniMax-M3.
 TEXT_CONFIG = {
     "architectures": ["MiniMaxM3SparseForCausalLM"],

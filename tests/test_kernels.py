@@ -1,4 +1,4 @@
-"""Pallas kernels (interpret mode) against reference.py, on the edge cases of spec/msa.md §8."""
+"""Pallas kernels (interpret mode) against reference.py, on the edge cases of docs/msa.md §8."""
 
 import contextlib
 

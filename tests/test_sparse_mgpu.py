@@ -124,7 +124,7 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas, pingpong, st
     got = np.asarray(f32(p_out[s]))[mask]
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, np.asarray(want_out)[mask], atol=2e-2, rtol=2e-2)
-  # Combined, as the API returns it: spec §8 bf16 tolerance against the float64 oracle.
+  # Combined, as the API returns it: docs/msa.md §8 bf16 tolerance against the float64 oracle.
   out, lse = sched.combine(p_out, p_lse, valid, jnp.bfloat16)
   assert C.rel_err(out, C.oracle_attention(case, x, ids)[0]) <= 1e-2
 

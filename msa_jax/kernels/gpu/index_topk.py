@@ -6,7 +6,7 @@ every group. Per block: one ``[block_rows, Di] x [Di, Bk]`` GEMM, the causal/len
 applied token by token, then the max over the block's keys. Only the block maxima
 ``[block_rows, blocks_per_tile]`` leave the program: token scores never reach HBM. Key tiles
 entirely past every row's last visible key skip the GEMMs (causal prefill: half the grid).
-No exponentials anywhere (exp-free selection, spec §3.5).
+No exponentials anywhere (exp-free selection, docs/msa.md §3.5).
 
 Three ways to select, chosen per card and per phase by the tuning table's ``selection``:
 
@@ -15,7 +15,7 @@ Three ways to select, chosen per card and per phase by the tuning table's ``sele
   full block-score matrix is never written; the final top-k runs over those candidates.
 * ``"fused"``: ``fused_topk`` gives each program a row tile and walks all of its key tiles,
   merging every tile's block maxima into a running top-k held in registers: only the final
-  block ids leave the kernel (spec §6: the ``[G, T, S/Bk]`` matrix is never materialised, no
+  block ids leave the kernel (docs/msa.md §6: the ``[G, T, S/Bk]`` matrix is never materialised, no
   top-k outside). One program per row tile, so it needs many query rows (prefill), not decode.
 """
 

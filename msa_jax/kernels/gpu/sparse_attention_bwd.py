@@ -3,7 +3,7 @@
 Given the forward's ``out`` and ``lse`` and the cotangents ``d_out`` (and optionally
 ``d_lse``), recompute each selected (query, block) pair's probabilities
 ``p = exp(scale * q.k - lse)`` on the block's visible keys and form
-``ds = p * (d_out.v - Delta)`` with ``Delta = rowsum(d_out * out) - d_lse`` (spec §6,
+``ds = p * (d_out.v - Delta)`` with ``Delta = rowsum(d_out * out) - d_lse`` (docs/msa.md §6,
 backward). Three Pallas calls:
 
 * **dQ, query-outer.** Grid ``(B, T / P, G)``: one program takes ``P`` query positions of one

@@ -5,7 +5,7 @@ prefetch. Scores are computed transposed, ``[Bk, block_q] = k_blk @ q^T``, so qu
 lanes: the causal mask compares a sublane iota of key positions with a lane row of query
 positions, the block max is a sublane reduction, and a tile of ``blocks_per_tile`` block
 maxima ``[blocks_per_tile, block_q]`` is the only output. Token scores never reach HBM; no
-exponentials (exp-free selection, spec §3.5).
+exponentials (exp-free selection, docs/msa.md §3.5).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Given the forward's ``out`` and ``lse`` and the cotangents ``d_out`` (and optionally
 ``d_lse``), recompute each selected (query, block) pair's probabilities
 ``p = exp(scale * q.k - lse)`` on the block's visible keys and form
-``ds = p * (d_out.v - Delta)`` with ``Delta = rowsum(d_out * out) - d_lse`` (spec §6,
+``ds = p * (d_out.v - Delta)`` with ``Delta = rowsum(d_out * out) - d_lse`` (docs/msa.md §6,
 backward). Two Pallas calls, both driven by tables in SMEM (scalar prefetch):
 
 * **dQ, query-outer.** Grid ``(B, T, G, topk)``, the last axis ``"arbitrary"`` (a reduction).
@@ -412,7 +412,7 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
   if d_lse is not None:
     delta = delta - d_lse.astype(jnp.float32)
   d_out = d_out.astype(q.dtype)
-  # Key j is visible to a query iff j <= min(position, kv_len - 1) (spec §2).
+  # Key j is visible to a query iff j <= min(position, kv_len - 1) (docs/msa.md §2).
   last_key = jnp.minimum(q_positions, kv_lengths[:, None] - 1)
 
   stats = jnp.stack([lse.reshape(b, t, g, heads), delta.reshape(b, t, g, heads)], axis=-2)
