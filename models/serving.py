@@ -32,8 +32,9 @@ from models import cache as cache_lib
 from models import sharding
 
 
-def check_sampling(temperature: float, top_p: float):
-  """``ValueError`` unless temperature is finite and >= 0 and top_p is in [0, 1]."""
+def check_sampling(temperature: float, top_p: float, top_k: int = 0):
+  """``ValueError`` unless temperature is finite and >= 0, top_p is in [0, 1] and top_k is an
+  integer >= 0."""
   import math
   if not math.isfinite(temperature) or temperature < 0:
     raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
@@ -41,16 +42,22 @@ def check_sampling(temperature: float, top_p: float):
   if not 0 <= top_p <= 1:  # also refuses NaN
     raise ValueError(f"top_p must lie in [0, 1] (0 keeps only the most likely token); got "
                      f"{top_p}")
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k must be an integer >= 0 (0 = no limit); got {top_k!r}")
 
 
-def sample(logits, key, temperature: float, top_p: float):
-  """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-p sampling (the
-  smallest set of most likely tokens whose probability reaches top_p; the most likely token
-  is always kept, so top_p 0 keeps only it)."""
-  check_sampling(temperature, top_p)
+def sample(logits, key, temperature: float, top_p: float, top_k: int = 0):
+  """Next tokens [B] from logits [B, V]: greedy at temperature 0, else sampling from the
+  ``top_k`` most likely tokens (0: all), then top-p (the smallest set of most likely tokens
+  whose probability reaches top_p; the most likely token is always kept, so top_p 0 keeps
+  only it)."""
+  check_sampling(temperature, top_p, top_k)
   if temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
+  if 0 < top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -134,24 +141,24 @@ class Generator(_CompiledSteps):
       decode kernels see the cache as whole pages without copying it.
     prefill_chunk: prompt tokens per prefill call (the compiled width).
     decode_block: decode steps per call.
-    temperature, top_p: sampling (static: compiled into the decode loop).
+    temperature, top_p, top_k: sampling (static: compiled into the decode loop).
     mesh: the device mesh of the model (None: one device).
   """
 
   def __init__(self, model, *, batch: int, max_len: int, prefill_chunk: int = 8192,
                decode_block: int = 16, temperature: float = 0.0, top_p: float = 1.0,
-               mesh=None):
+               top_k: int = 0, mesh=None):
     if prefill_chunk < 1 or decode_block < 1:
       raise ValueError(f"prefill_chunk and decode_block must be >= 1; got {prefill_chunk}, "
                        f"{decode_block}")
-    check_sampling(float(temperature), float(top_p))
+    check_sampling(float(temperature), float(top_p), top_k)
     super().__init__(model, mesh)
     self.dtype = model.dtype
     self.batch = batch
     self.max_len = round_up(max_len, 128)
     self.prefill_chunk = prefill_chunk
     self.decode_block = decode_block
-    self.temperature, self.top_p = float(temperature), float(top_p)
+    self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
     self.timings = Timings()
 
   # ------------------------------------------------------------------ compiled steps
@@ -167,7 +174,7 @@ class Generator(_CompiledSteps):
     def body(i, carry):
       cache, logits, key, out = carry
       key, sub = jax.random.split(key)
-      token = sample(logits, sub, self.temperature, self.top_p)
+      token = sample(logits, sub, self.temperature, self.top_p, self.top_k)
       out = out.at[:, i].set(token)
       logits, cache = model(token[:, None], cache, last_only=True)
       return cache, logits, key, out
@@ -305,13 +312,13 @@ class PagedServer(_CompiledSteps):
 
   def __init__(self, model, *, rows: int, num_pages: int, max_pages: int, prefill_width: int,
                decode_block: int = 16, temperature: float = 0.0, top_p: float = 1.0,
-               mesh=None):
+               top_k: int = 0, mesh=None):
     import msa_jax
-    check_sampling(float(temperature), float(top_p))
+    check_sampling(float(temperature), float(top_p), top_k)
     super().__init__(model, mesh)
     self.rows, self.width = rows, prefill_width
     self.decode_block = decode_block
-    self.temperature, self.top_p = float(temperature), float(top_p)
+    self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
     bk = self.config.index_block_size
     self.alloc = msa_jax.PageAllocator(num_pages, bk, rows, max_pages)
     self.num_pages = num_pages
@@ -323,7 +330,7 @@ class PagedServer(_CompiledSteps):
   def _prefill_fn(self, state, cache, tokens, num_new, key):
     model = nnx.merge(self.graphdef, state)
     logits, cache = model(tokens, cache, num_new, last_only=True)
-    return cache, sample(logits, key, self.temperature, self.top_p)
+    return cache, sample(logits, key, self.temperature, self.top_p, self.top_k)
 
   def _decode_fn(self, state, cache, tokens, active, key, steps):
     model = nnx.merge(self.graphdef, state)
@@ -333,7 +340,7 @@ class PagedServer(_CompiledSteps):
       cache, tokens, key, out = carry
       logits, cache = model(tokens[:, None], cache, num_new, last_only=True)
       key, sub = jax.random.split(key)
-      nxt = sample(logits, sub, self.temperature, self.top_p)
+      nxt = sample(logits, sub, self.temperature, self.top_p, self.top_k)
       tokens = jnp.where(active, nxt, tokens)
       return cache, tokens, key, out.at[:, i].set(nxt)
 

@@ -3,7 +3,7 @@
 Loads ``--checkpoint`` (config.json + safetensors, bf16 or MXFP8; default: a tiny model with
 random weights, written once under ``~/.cache/msa-jax`` and reused: its output is noise),
 places it on a device mesh, prefills the prompts (a batch of different
-lengths in one call) and decodes with greedy or temperature/top-p sampling, streaming tokens as
+lengths in one call) and decodes with greedy or temperature/top-k/top-p sampling, streaming tokens as
 they come. The last line reports prefill and decode tokens/s and peak device memory.
 
 Prompts: ``--prompt TEXT`` (tokenised with the folder's tokenizer.json through the
@@ -84,7 +84,7 @@ def serve(model, prompts, args, mesh, tokenizer):
   server = serving.PagedServer(
       model, rows=args.max_batch, num_pages=args.num_pages or args.max_batch * max_pages,
       max_pages=max_pages, prefill_width=width, decode_block=args.decode_block,
-      temperature=args.temperature, top_p=args.top_p, mesh=mesh)
+      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, mesh=mesh)
 
   def on_tokens(step, tokens):
     if not args.quiet:
@@ -179,6 +179,8 @@ def main(argv=None):
   parser.add_argument("--max-new-tokens", type=int, default=16)
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   parser.add_argument("--top-p", type=float, default=1.0)
+  parser.add_argument("--top-k", type=int, default=0,
+                      help="sample from the k most likely tokens only (0: no limit)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                       help="default: bfloat16 on GPUs and TPUs, float32 on CPUs")
@@ -221,9 +223,9 @@ def main(argv=None):
   if args.max_new_tokens < 0:
     raise SystemExit(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
   try:
-    serving.check_sampling(args.temperature, args.top_p)
+    serving.check_sampling(args.temperature, args.top_p, args.top_k)
   except ValueError as e:
-    raise SystemExit(f"--temperature/--top-p: {e}")
+    raise SystemExit(f"--temperature/--top-p/--top-k: {e}")
   if args.checkpoint is not None and args.random_weights is not None:
     raise SystemExit("--checkpoint and --random-weights exclude each other")
   if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
@@ -317,7 +319,7 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
   gen = serving.Generator(model, batch=batch, max_len=longest + args.max_new_tokens,
                           prefill_chunk=min(args.prefill_chunk, serving.round_up(longest, 16)),
                           decode_block=args.decode_block, temperature=args.temperature,
-                          top_p=args.top_p, mesh=mesh)
+                          top_p=args.top_p, top_k=args.top_k, mesh=mesh)
   stop_ids = [] if args.stop_id is None else [args.stop_id]
   bar = None
   if not args.quiet and longest > gen.prefill_chunk:

@@ -110,3 +110,15 @@ def test_prompt_longer_than_cache_is_refused(model):
   g = serving.Generator(model, batch=1, max_len=10, prefill_chunk=8)
   with pytest.raises(ValueError, match="does not fit"):
     g.prefill([list(range(200))], g.init_cache())
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+  logits = jnp.log(jnp.asarray([[0.1, 0.4, 0.05, 0.3, 0.15]]))
+  keys = jax.random.split(jax.random.PRNGKey(1), 300)
+  drawn = lambda **kw: {int(serving.sample(logits, k, 1.0, **kw)[0]) for k in keys}
+  assert drawn(top_p=1.0, top_k=2) == {1, 3}
+  assert drawn(top_p=1.0, top_k=1) == {1}  # = greedy
+  assert drawn(top_p=1.0, top_k=0) == {0, 1, 2, 3, 4}  # no limit
+  assert drawn(top_p=0.5, top_k=3) == {1, 3}  # top-k first, then top-p within it
+  with pytest.raises(ValueError, match="top_k"):
+    serving.sample(logits, keys[0], 1.0, 1.0, top_k=-1)
