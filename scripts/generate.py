@@ -3,8 +3,8 @@
 Loads ``--checkpoint`` (config.json + safetensors, bf16 or MXFP8; default: a tiny model with
 random weights, written once under ``~/.cache/msa-jax`` and reused: its output is noise),
 places it on a device mesh, prefills the prompts (a batch of different lengths in one call)
-and decodes with greedy or temperature/top-k/top-p sampling, streaming tokens as they come. The last line reports prefill and decode tokens/s and peak
-device memory.
+and decodes with greedy or temperature/top-k/top-p sampling, streaming tokens as they come.
+The last line reports prefill and decode tokens/s and peak device memory.
 
 Prompts: ``--prompt TEXT`` (tokenised with the folder's tokenizer.json through the
 ``tokenizers`` library, or as raw bytes when the folder has none), ``--prompt-ids 5,17,42``,
