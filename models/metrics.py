@@ -16,8 +16,8 @@ Two diagnostics put the block recall in context:
 
 * ``block_recall_maxpool``: the same recall against I*_max, the main branch's top-k blocks
   ranked the way MSA ranks the index scores: by the block's **largest** token probability
-  (max-pool, docs/msa.md §3) instead of its summed mass. The paper's "top-k block set induced by the
-  main-branch scores" does not say which pool; the summed mass is the headline.
+  (max-pool, docs/msa.md §3) instead of its summed mass. The paper's "top-k block set induced by
+  the main-branch scores" does not say which pool; the summed mass is the headline.
 * ``oracle_block_recall`` / ``oracle_score_recall``: the recall of I*_max itself against I*.
   I*_max is what an indexer whose token distribution equals the KL teacher exactly would select,
   so this is the block recall that perfect KL training reaches under MSA's max-pool selection:

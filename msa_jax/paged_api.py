@@ -213,7 +213,8 @@ def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices
 def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices, *,
                         block_size=128, scale=None, q_positions=None, return_lse=False,
                         implementation=None, interpret=False):
-  """Exact attention of each new token over the visible keys of its selected pages (docs/msa.md §4).
+  """Exact attention of each new token over the visible keys of its selected pages
+  (docs/msa.md §4).
 
   Args:
     q: [B, q, Hq, D] the q (1-16) newest tokens' queries; Hq a multiple of G.

@@ -5,8 +5,8 @@ pages of the sequence, each read through the page table (``index_pages[page_tabl
 a ``[Bk, Di]`` page), so block ``j`` of the sequence is whatever page row b lists at ``j``.
 Rows are the ``q_len * G`` (query, group) pairs of a sequence (1-16 query tokens). Per page:
 one ``[block_rows, Di] x [Di, Bk]`` GEMM, the causal/length mask token by token, the max over
-the page's keys; no exponentials (docs/msa.md §3.5). Page tiles past every row's last visible key are
-skipped; inside a tile, table entries past the sequence's pages are clamped into the pool and
+the page's keys; no exponentials (docs/msa.md §3.5). Page tiles past every row's last visible key
+are skipped; inside a tile, table entries past the sequence's pages are clamped into the pool and
 their keys masked, so page-table entries past a sequence's length may be anything.
 
 Selection as in ``index_topk.py`` (tuning table section ``index_decode``, key ``selection``):

@@ -9,8 +9,8 @@ entries past a sequence's length may be anything. Scores are computed transposed
 ``[Bk, rows] = page @ q^T`` with the ``q_len * G`` (query, group) rows in lanes: the causal and
 length masks compare a sublane iota of key positions with a lane row of query positions, the
 block max is a sublane reduction, and the ``[pages_per_tile, rows]`` block maxima are the only
-output. No exponentials (docs/msa.md §3.5); the top-k with the own block forced runs in XLA over the
-``[B, q, G, max_pages]`` maxima (small at decode).
+output. No exponentials (docs/msa.md §3.5); the top-k with the own block forced runs in XLA over
+the ``[B, q, G, max_pages]`` maxima (small at decode).
 """
 
 from __future__ import annotations
