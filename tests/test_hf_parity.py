@@ -42,8 +42,8 @@ PROMPT_LEN = 76  # 5 KV blocks: 3 of the 5 visible blocks are dropped for the la
 NEW_TOKENS = 8  # decode positions 76..83 cross into block 5
 RTOL = 1e-4  # max |diff| <= RTOL * max |logit| (float32 on both sides)
 
-# The released text_config shape (docs/msa.md §1.2), scaled down; layer 0 full attention + dense
-# MLP, layers 1-2 MSA + MoE, as layers 0-2 / 3-59 in MiniMax-M3.
+# The released text_config shape (docs/minimax_m3.md §1.2), scaled down; layer 0 full attention
+# + dense MLP, layers 1-2 MSA + MoE, as layers 0-2 / 3-59 in MiniMax-M3.
 TEXT_CONFIG = {
     "architectures": ["MiniMaxM3SparseForCausalLM"],
     "num_hidden_layers": 3, "hidden_size": 64, "num_attention_heads": 4,
