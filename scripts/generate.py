@@ -94,7 +94,7 @@ def serve(model, prompts, args, mesh, tokenizer):
   def on_refused(i, why):
     print(f"request {i} refused: {why}", file=sys.stderr, flush=True)
 
-  stop_ids = [] if args.stop_id is None else [args.stop_id]
+  stop_ids = args.stop_ids
   result = server.serve(prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         stop_ids=stop_ids, on_tokens=on_tokens, on_refused=on_refused)
   return result.generated, result.records, result.timings
@@ -112,6 +112,23 @@ def demo_checkpoint() -> str:
       if not checkpoint.is_hf_folder(folder):  # not another process that wrote it first
         raise
   return folder
+
+
+def eos_ids(folder: str) -> list[int]:
+  """``eos_token_id`` (one id or a list) of the checkpoint's ``generation_config.json``; none
+  when the folder has no such file."""
+  path = os.path.join(folder, "generation_config.json")
+  if not os.path.isfile(path):
+    return []
+  try:
+    with open(path) as f:
+      eos = json.load(f).get("eos_token_id")
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"{path}: cannot read: {e}")
+  eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+  if not all(isinstance(i, int) for i in eos):
+    raise SystemExit(f"{path}: eos_token_id must be an integer or a list of them; got {eos!r}")
+  return eos
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -207,8 +224,12 @@ def main(argv=None):
   parser.add_argument("--decode-block", type=int, default=16,
                       help="decode steps per device call (sampling on the device; tokens "
                            "stream per block; default 16)")
-  parser.add_argument("--stop-id", type=int, default=None,
-                      help="a request ends early when it produces this token id")
+  parser.add_argument("--stop-id", type=int, action="append", default=None,
+                      help="a request ends early when it produces this token id (repeatable; "
+                           "default: the checkpoint's eos_token_id from "
+                           "generation_config.json, if it has one)")
+  parser.add_argument("--ignore-eos", action="store_true",
+                      help="do not stop at the checkpoint's eos_token_id")
   parser.add_argument("--quiet", action="store_true", help="no streaming output")
   args = parser.parse_args(argv)
 
@@ -263,6 +284,8 @@ def main(argv=None):
                               implementation=args.implementation, progress=not args.quiet)
     except checkpoint.CheckpointError as e:
       raise SystemExit(f"--checkpoint: {e}")
+  args.stop_ids = (args.stop_id if args.stop_id is not None else
+                   [] if args.ignore_eos else eos_ids(folder))
   vocab = model.config.vocab_size
   if any(i < 0 or i >= vocab for p in prompts for i in p):
     raise SystemExit(f"prompt token ids must lie in [0, {vocab})")
@@ -320,7 +343,7 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
                           prefill_chunk=min(args.prefill_chunk, serving.round_up(longest, 16)),
                           decode_block=args.decode_block, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, mesh=mesh)
-  stop_ids = [] if args.stop_id is None else [args.stop_id]
+  stop_ids = args.stop_ids
   bar = None
   if not args.quiet and longest > gen.prefill_chunk:
     from tqdm import tqdm

@@ -230,3 +230,25 @@ def test_every_request_refused_exits_nonzero(ckpt):
   assert proc.returncode != 0
   assert "request 0 refused" in proc.stderr and "no request could be served" in proc.stderr
   assert "served 0 requests (1 refused)" in proc.stdout
+
+
+def test_eos_from_generation_config_stops_both_paths(ckpt, tmp_path):
+  """The checkpoint's generation_config.json eos_token_id ends a request (static and served
+  paths); --ignore-eos and an explicit --stop-id override it."""
+  import shutil
+  folder = tmp_path / "with_eos"
+  shutil.copytree(ckpt, folder)
+  base = ["--prompt-ids", LONG, "--max-new-tokens", "6", "--quiet"]
+  free = tmp_path / "free.json"
+  _run(["--checkpoint", ckpt, *base, "--output-json", str(free)])
+  tokens = json.loads(free.read_text())["generated_ids"][0]
+  eos = tokens[2]
+  (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [99999, eos]}))
+  for extra in ([], ["--max-batch", "1"]):
+    out = tmp_path / "eos.json"
+    _run(["--checkpoint", str(folder), *base, *extra, "--output-json", str(out)])
+    got = json.loads(out.read_text())["generated_ids"][0]
+    assert got == tokens[:tokens.index(eos) + 1], extra
+  out = tmp_path / "ignored.json"
+  _run(["--checkpoint", str(folder), *base, "--ignore-eos", "--output-json", str(out)])
+  assert json.loads(out.read_text())["generated_ids"][0] == tokens
