@@ -1,7 +1,19 @@
-"""Flax NNX models of the MiniMax-M3 family, built on msa_jax (docs/minimax_m3.md)."""
+"""Flax NNX models of the MiniMax-M3 family, built on msa_jax (docs/minimax_m3.md).
 
-from models.cache import Cache, init_cache
-from models.config import ModelConfig, from_hf_config, preset
-from models.transformer import MiniMaxM3
+The names below load on first use, so importing a light submodule (``models.cli``) does not
+import JAX: a script's ``--help`` answers at once.
+"""
 
-__all__ = ["Cache", "MiniMaxM3", "ModelConfig", "from_hf_config", "init_cache", "preset"]
+import importlib
+
+_EXPORTS = {"Cache": "models.cache", "init_cache": "models.cache",
+            "ModelConfig": "models.config", "from_hf_config": "models.config",
+            "preset": "models.config", "MiniMaxM3": "models.transformer"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'models' has no attribute {name!r}")

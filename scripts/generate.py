@@ -44,14 +44,19 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-
-from models import checkpoint
 from models import cli
-from models import serving
-from models import sharding
-from models.data import load_tokenizer
+
+# JAX and the model load after the arguments are parsed (``_load_runtime``), so ``--help`` and
+# argument errors answer at once.
+jax = jnp = checkpoint = serving = sharding = load_tokenizer = None
+
+
+def _load_runtime():
+  global jax, jnp, checkpoint, serving, sharding, load_tokenizer
+  import jax  # pylint: disable=redefined-outer-name
+  import jax.numpy as jnp  # pylint: disable=redefined-outer-name
+  from models import checkpoint, serving, sharding  # pylint: disable=redefined-outer-name
+  from models.data import load_tokenizer  # pylint: disable=redefined-outer-name
 
 
 def stream_line(step, request, ids, tokenizer):
@@ -168,7 +173,8 @@ def read_prompts(inputs, tokenizer) -> list[list[int]]:
   return prompts
 
 
-def main(argv=None):
+def main(argv=None, *, compilation_cache=False):
+  """The CLI; ``compilation_cache``: keep compiled programs on disk (command-line runs)."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=cli.HelpFormatter)
   parser.add_argument("--checkpoint", default=None,
@@ -232,6 +238,9 @@ def main(argv=None):
                       help="do not stop at the checkpoint's eos_token_id")
   parser.add_argument("--quiet", action="store_true", help="no streaming output")
   args = parser.parse_args(argv)
+  _load_runtime()
+  if compilation_cache:
+    cli.enable_compilation_cache()  # reruns skip most compilation
 
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
@@ -395,5 +404,4 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
 
 
 if __name__ == "__main__":
-  cli.enable_compilation_cache()  # reruns skip most compilation
-  sys.exit(main())
+  sys.exit(main(compilation_cache=True))
