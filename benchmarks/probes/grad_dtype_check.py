@@ -1,6 +1,6 @@
 """Compiled GPU gradients of sparse_attention per dtype and head dim vs the float32 XLA path."""
 import jax, jax.numpy as jnp, msa_jax
-for dt, d in [("float32", 64), ("float32", 128), ("bfloat16", 128), ("float32", 256)]:
+for dt, d in [("float32", 64), ("float32", 128), ("bfloat16", 128), ("bfloat16", 256), ("float16", 256), ("float32", 256)]:
   key = jax.random.split(jax.random.PRNGKey(0), 4)
   b, t, s, hq, g = 1, 512, 2048, 16, 1
   q = jax.random.normal(key[0], (b, t, hq, d), dt); k = jax.random.normal(key[1], (b, s, g, d), dt)

@@ -77,6 +77,19 @@ def cases():
                                    num_warps=warps))
       yield "bwd", dict(dtype=dtype, d=d, heads=16, tile_rows=rows, warps=warps), fn, (
           q, k, k, out, lse, out)
+  for dtype, d, heads, stages, warps in itertools.product(  # the backward's dQ kernel alone
+      DTYPES, HEAD_DIMS, (16, 64), (1, 2), (2, 4)):
+    dt = jnp.dtype(dtype)
+    q, k, ids = qkv(dt, d, hq=heads)
+    rows = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
+    pos = jnp.arange(256, dtype=jnp.int32)[None] + 768
+    lens = jnp.array([1024], jnp.int32)
+    cfg = dict(dq_num_warps=warps, dq_num_stages=stages)
+    fn = lambda q, k, v, do, lse, delta, cfg=cfg, ids=ids: bwd._dq(
+        q, k, v, do, lse, delta, ids, ids >= 0, pos, lens, block_size=BK, scale=0.1, cfg=cfg,
+        interpret=False)
+    yield "dq", dict(dtype=dtype, d=d, heads=heads, stages=stages, warps=warps), fn, (
+        q, k, k, q, rows, rows)
   for dtype, d, t in itertools.product(DTYPES, HEAD_DIMS, (256, 1)):  # Triton forward, decode
     q, k, ids = qkv(jnp.dtype(dtype), d, t=t)
 
@@ -110,7 +123,7 @@ def main():
   parser.add_argument("--out", default="smem.jsonl")
   parser.add_argument("--budget-s", type=float, default=400, help="stop after this long")
   parser.add_argument("--cases", nargs="+", default=None,
-                      help="only these: grad bwd forward index moe (default all)")
+                      help="only these: grad bwd dq forward index moe (default all)")
   args = parser.parse_args()
   start = time.time()
   failures = collections.Counter()
