@@ -182,6 +182,19 @@ def test_dkv_shared_memory_model_matches_the_h200():
       assert r["requested"] <= est <= r["requested"] * 1.01, (r, est)
 
 
+def test_dq_launch_compiled_on_the_h200():
+  """The dQ kernel's launch parameters (its rows are fixed: max(16, Hq/G)) are ones that
+  compiled on an H200 for every dtype, head dim and row count recorded there, and the
+  setting that failed there is not the one picked."""
+  cfg = tuning.DEFAULTS["sparse_bwd"]
+  picked = lambda r: (r["warps"], r["stages"]) == (cfg["dq_num_warps"], cfg["dq_num_stages"])
+  records = [r for r in _smem_records() if r["case"] == "dq"]
+  seen = {(r["dtype"], r["d"], r["heads"]) for r in records if picked(r) and r["ok"]}
+  assert {(dt, d, 16) for dt in ("bfloat16", "float16") for d in (64, 128, 256)} <= seen
+  assert not [r for r in records if picked(r) and not r["ok"]]
+  assert any(not r["ok"] for r in records)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_backward_tiles_fit_shared_memory(dtype, d):
