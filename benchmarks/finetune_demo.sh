@@ -73,7 +73,7 @@ stage d_msa_8k --init-from "$runs/c_msa_8k" --sparse-layers all --block-size 128
 # E: the same held-out examples for every variant (evaluate.py's eval split)
 for name in b_dense_8k d_msa_8k; do
   [ -f "$runs/eval_$name.json" ] && continue
-  variants=dense; [ $name = d_msa_8k ] && variants=dense,msa,msa-random-indexer
+  variants=dense; [ $name = d_msa_8k ] && variants="dense msa msa-random-indexer"
   python3 scripts/evaluate.py --checkpoint "$runs/$name" --seq-len 8192 --num-pairs 64 \
       --num-queries 32 --fused-pairs --attention $variants \
       --num-examples "${EVAL_EXAMPLES:-128}" --dtype bfloat16 --dense-implementation cudnn --quiet \

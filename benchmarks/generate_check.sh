@@ -13,7 +13,7 @@ config=${CONFIG:-models/configs/gen_1b.json}
 ckpt=${CKPT:-/tmp/gen_1b}
 new=${NEW_TOKENS:-16}
 lengths=${LENGTHS:-3000 2300}
-[ -f "$ckpt/config.json" ] || python3 scripts/make_tiny_checkpoint.py --out "$ckpt" \
+[ -f "$ckpt/config.json" ] || python3 scripts/make_tiny_checkpoint.py --output-dir "$ckpt" \
     --config "$config" --shards 4 --dtype bfloat16 || exit 1
 prompts=$(python3 -c "
 import json, random, sys

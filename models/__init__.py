@@ -8,7 +8,8 @@ import importlib
 
 _EXPORTS = {"Cache": "models.cache", "init_cache": "models.cache",
             "ModelConfig": "models.config", "from_hf_config": "models.config",
-            "preset": "models.config", "MiniMaxM3": "models.transformer"}
+            "preset": "models.config", "MiniMaxM3": "models.transformer",
+            "create_model": "models.transformer"}
 
 __all__ = sorted(_EXPORTS)
 

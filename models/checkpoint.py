@@ -26,7 +26,7 @@ from flax import nnx
 
 from models import config as config_lib
 from models import sharding as sharding_lib
-from models.transformer import MiniMaxM3
+from models.transformer import MiniMaxM3, create_model
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +471,7 @@ def write_random(folder: str, *, config: str = "tiny", seed: int = 0, mxfp8: boo
   """A random model of ``config`` (preset name or config.json path) in the released layout."""
   cfg = (config_lib.preset(config) if not str(config).endswith(".json")
          else config_lib.from_hf_config(config))
-  model = MiniMaxM3(cfg, rngs=nnx.Rngs(seed))
+  model = create_model(cfg, seed=seed)
   store = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
   save_hf(model, folder, config_lib.to_hf_config(cfg), num_shards=num_shards, mxfp8=mxfp8,
           dtype=store)

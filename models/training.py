@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import losses
 from models import sharding as sharding_lib
-from models.transformer import MiniMaxM3
+from models.transformer import MiniMaxM3, create_model
 
 INDEX_PARAM_NAMES = ("index_q_proj", "index_k_proj", "index_q_norm", "index_k_norm")
 NEVER_TRAINED = ("e_score_correction_bias",)  # moved by load balancing, not by gradients
@@ -450,8 +450,8 @@ def build_model(config, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.flo
   ``init_params`` (flat dict): every parameter found there is copied (cast to its dtype),
   parameters missing there (e.g. index projections added to a dense model) keep their fresh
   init. Returns (model, {"added": [...], "dropped": [...]}); a shape mismatch raises."""
-  model = MiniMaxM3(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                    implementation=implementation, interpret=interpret)
+  model = create_model(config, seed=seed, dtype=dtype, param_dtype=param_dtype,
+                       implementation=implementation, interpret=interpret)
   report = {"added": [], "dropped": []}
   if init_params is None:
     return model, report
@@ -501,7 +501,7 @@ def load_params(path: str):
 def randomize_index_params(params: Mapping, config, seed: int) -> dict:
   """``params`` with the index projections and norms re-drawn from a fresh init (the
   random-indexer baseline: MSA selecting blocks by an untrained index branch)."""
-  fresh = ModelParts(MiniMaxM3(config, rngs=nnx.Rngs(seed))).params()
+  fresh = ModelParts(create_model(config, seed=seed)).params()
   out = dict(params)
   for key in out:
     if is_index_param(key):

@@ -1,39 +1,16 @@
 """Write a small random MiniMax-M3-family model in the exact released Hugging Face layout.
 
-Nested ``config.json`` (``text_config`` + ``sparse_attention_config``), sharded
-``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, tensor names with
-the ``language_model.`` prefix, optionally MXFP8 like MiniMax-M3-MXFP8. The default for demos
-and tests (``scripts/generate.py`` makes one on the fly when no checkpoint is given).
-
-Example:  python3 scripts/make_tiny_checkpoint.py --out /tmp/tiny-m3 --mxfp8
+Runs ``models/cli/make_tiny_checkpoint.py`` from a checkout, installed or not; installed, the
+same command is ``msa-make-tiny-checkpoint`` or ``python -m models.cli.make_tiny_checkpoint``.
+``--help`` says the rest.
 """
 
-from __future__ import annotations
-
-import argparse
+import os
 import sys
 
-from models import checkpoint
-from models import cli
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=cli.HelpFormatter)
-  parser.add_argument("--out", required=True, help="folder to write")
-  parser.add_argument("--config", default="tiny",
-                      help="a preset name (tiny, msa_109b, minimax_m3) or a config.json path")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--mxfp8", action="store_true", help="store Linear weights as MXFP8")
-  parser.add_argument("--shards", type=int, default=2, help="number of safetensors files")
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                      help="storage dtype of unquantised weights (router stays float32)")
-  args = parser.parse_args(argv)
-  checkpoint.write_random(args.out, config=args.config, seed=args.seed, mxfp8=args.mxfp8,
-                          num_shards=args.shards, dtype=args.dtype)
-  print(f"wrote {args.out}")
-  return 0
-
+from models.cli.make_tiny_checkpoint import run  # noqa: E402  pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -14,7 +14,7 @@ def test_benchmark_smoke(tmp_path):
                              check=True).stdout
   assert "--smoke" in help_text and "--chunk" in help_text
   proc = subprocess.run([sys.executable, script, "--smoke", "--tune", "--sizes", "256",
-                         "--decode-queries", "1", "--paged", "--out-dir", str(tmp_path)],
+                         "--decode-queries", "1", "--paged", "--output-dir", str(tmp_path)],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "smoke.json").read_text())
@@ -41,7 +41,7 @@ def test_benchmark_smoke(tmp_path):
   for name, part in (("a.json", first), ("b.json", second)):
     (tmp_path / name).write_text(json.dumps(part))
   proc = subprocess.run([sys.executable, script, "--merge", str(tmp_path / "a.json"),
-                         str(tmp_path / "b.json"), "--out-dir", str(tmp_path), "--tag", "both"],
+                         str(tmp_path / "b.json"), "--output-dir", str(tmp_path), "--tag", "both"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   merged = json.loads((tmp_path / "both.json").read_text())
@@ -54,7 +54,7 @@ def test_benchmark_model_smoke(tmp_path):
   """scripts/benchmark_model.py: prefill (one dense row extrapolated) and decode rows with
   their byte floors, on the tiny model."""
   script = os.path.join(ROOT, "scripts", "benchmark_model.py")
-  proc = subprocess.run([sys.executable, script, "--smoke", "--out-dir", str(tmp_path),
+  proc = subprocess.run([sys.executable, script, "--smoke", "--output-dir", str(tmp_path),
                          "--tag", "smoke"], capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,13 @@
-"""models.cli: the scripts' shared --help style."""
+"""models.cli: the commands' shared --help style, the console commands, the installed wheel."""
 
 import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
 
 from models import cli
 
@@ -18,3 +25,86 @@ def test_help_shows_every_meaningful_default_once():
   assert text.count("8192") == 1  # the help names its default: nothing appended
   assert "where to write\n" in text and "None" not in text
   assert "say less\n" in text and "False" not in text
+
+
+COMMANDS = ["benchmark", "benchmark_model", "convert", "evaluate", "finetune", "generate",
+            "gpu_check", "make_tiny_checkpoint", "profile_step"]
+
+
+class _Parsed(Exception):
+  pass
+
+
+def _parsers(name, monkeypatch):
+  """The argument parsers ``models.cli.<name>.main`` builds (sub-commands' too)."""
+  module = importlib.import_module(f"models.cli.{name}")
+  seen = []
+
+  def capture(self, *args, **kwargs):
+    seen.append(self)
+    raise _Parsed
+
+  monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+  with pytest.raises(_Parsed):
+    module.main([])
+  parsers = list(seen)
+  for parser in seen:
+    for action in parser._actions:  # pylint: disable=protected-access
+      if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+        parsers += list(action.choices.values())
+  return parsers
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_documents_every_option_and_default(name, monkeypatch):
+  """One --help style: each command's options have a help text, and every meaningful
+  default is shown."""
+  for parser in _parsers(name, monkeypatch):
+    assert parser.formatter_class is cli.HelpFormatter, (name, parser.prog)
+    text = " ".join(parser.format_help().split())  # unwrapped
+    for action in parser._actions:  # pylint: disable=protected-access
+      if not action.option_strings or action.help == argparse.SUPPRESS:
+        continue
+      assert action.help, (name, action.option_strings)
+      # A default the help does not name itself is appended by the formatter.
+      meaningful = cli.HelpFormatter._shows_default(action)  # pylint: disable=protected-access
+      if meaningful and "default" not in action.help:
+        shown = " ".join(str(action.default).split())
+        assert f"(default: {shown})" in text, (name, action.dest)
+
+
+def test_console_commands_exist():
+  """Each console command of pyproject.toml names a ``run`` that exists."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert {"msa-generate", "msa-finetune", "msa-evaluate", "msa-convert",
+          "msa-benchmark"} <= set(scripts)
+  for target in scripts.values():
+    module, func = target.split(":")
+    assert callable(getattr(importlib.import_module(module), func)), target
+    assert os.path.exists(os.path.join(root, "scripts", module.split(".")[-1] + ".py"))
+
+
+def test_installed_wheel_generates(tmp_path):
+  """A built wheel, installed (not editable) into a fresh folder, runs ``msa-generate`` end
+  to end from outside the checkout: presets and entry points ship with it."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args, **kw: subprocess.run(args, capture_output=True, text=True, **kw)
+  built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+              "-w", str(tmp_path / "wheel"), root)
+  assert built.returncode == 0, built.stderr[-2000:]
+  wheel, = (tmp_path / "wheel").glob("*.whl")
+  target = tmp_path / "site"
+  installed = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                  str(target), str(wheel))
+  assert installed.returncode == 0, installed.stderr[-2000:]
+  env = dict(os.environ, PYTHONPATH=str(target), XDG_CACHE_HOME=str(tmp_path / "cache"),
+             JAX_PLATFORMS="cpu")
+  where = run(sys.executable, "-c", "import models; print(models.__file__)", env=env,
+              cwd=tmp_path)
+  assert where.stdout.startswith(str(target)), where  # the wheel, not the checkout
+  out = run(sys.executable, str(target / "bin" / "msa-generate"), "--prompt", "hi",
+            "--max-new-tokens", "3", env=env, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "completion 0:" in out.stdout and "random weights" in out.stderr

@@ -1,5 +1,5 @@
 """Fine-tuning: train_forward modes, gradient separation, the trainer (indexer-only, sharded),
-and scripts/finetune.py + scripts/evaluate.py end to end (in-process; one --help subprocess)."""
+and the finetune and evaluate commands end to end (in-process; one --help subprocess)."""
 
 import json
 import os
@@ -17,9 +17,8 @@ from models import data, losses, sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
-sys.path.insert(0, SCRIPTS)
-import evaluate  # noqa: E402  (scripts/evaluate.py)
-import finetune  # noqa: E402  (scripts/finetune.py)
+from models.cli import evaluate  # noqa: E402
+from models.cli import finetune  # noqa: E402
 
 # Two layers (full attention, then MSA), dense MLPs: Bk = 16, k = 2, so at 128 tokens each
 # query of the MSA layer attends to 2 of up to 8 blocks.
@@ -211,7 +210,7 @@ def test_retrieval_run_end_to_end_and_evaluate(tmp_path, capsys):
 
   out = str(tmp_path / "eval.json")
   capsys.readouterr()
-  assert evaluate.main(["--checkpoint", run, "--attention", "dense,msa,msa-random-indexer",
+  assert evaluate.main(["--checkpoint", run, "--attention", "dense", "msa", "msa-random-indexer",
                         "--num-examples", "8", "--batch-size", "8", "--output-json", out,
                         "--quiet"] + data_flags) == 0
   assert "msa-random-indexer" in capsys.readouterr().out

@@ -1,10 +1,19 @@
-"""What the command-line scripts share: one ``--help`` style and the compilation cache."""
+"""The command line: one module per command, and what the commands share.
+
+Each command is ``models/cli/<name>.py`` with ``main(argv=None)`` (what tests call) and
+``run()`` (the console command). Installed, they are ``msa-generate``, ``msa-finetune``,
+``msa-evaluate``, ``msa-convert``, ``msa-benchmark`` and ``msa-benchmark-model``; all of them
+also run as ``python -m models.cli.<name>`` and, from a checkout, as ``python
+scripts/<name>.py``. Shared here: one ``--help`` style, the compilation cache and the commit a
+measurement was taken at.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import subprocess
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter,
@@ -43,3 +52,16 @@ def enable_compilation_cache(folder: str | None = None):
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "msa-jax", "jax")
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def commit() -> str:
+  """The commit results are recorded at: ``$MSA_COMMIT`` if set (a copied tree whose .git is
+  stale), else ``git rev-parse --short HEAD`` of this checkout, else ``"unknown"``."""
+  if os.environ.get("MSA_COMMIT"):
+    return os.environ["MSA_COMMIT"]
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=False)
+    return out.stdout.strip() or "unknown"
+  except OSError:
+    return "unknown"
