@@ -36,7 +36,8 @@ class ByteTokenizer:
 
   vocab_size = 256
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    del add_special_tokens  # no special tokens
     return list(text.encode("utf-8"))
 
   def decode(self, ids) -> str:
@@ -51,8 +52,10 @@ class HFTokenizer:
     self.tok = Tokenizer.from_file(path)
     self.vocab_size = self.tok.get_vocab_size()
 
-  def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text).ids
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Ids of ``text``; ``add_special_tokens=False`` for text that holds them already (a
+    rendered chat template)."""
+    return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids) -> str:
     return self.tok.decode(list(ids))
@@ -63,6 +66,78 @@ def load_tokenizer(path: str | None):
   if path and os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   return HFTokenizer(path) if path and os.path.exists(path) else ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+
+def chat_template(folder: str) -> str | None:
+  """The checkpoint's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+  ``chat_template`` (a string, or a list of named templates: the one named ``default``), else
+  None."""
+  path = os.path.join(folder, "chat_template.jinja")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  template = _tokenizer_config(folder).get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  if template is not None and not isinstance(template, str):
+    raise ValueError(f"{folder}/tokenizer_config.json: chat_template must be a string or a "
+                     f"list of {{name, template}}; got {type(template).__name__}")
+  return template
+
+
+def _tokenizer_config(folder: str) -> dict:
+  path = os.path.join(folder, "tokenizer_config.json")
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(value) -> str:
+  """A special token of tokenizer_config.json: a string or an AddedToken dict."""
+  if isinstance(value, dict):
+    return value.get("content", "")
+  return value or ""
+
+
+def render_chat(template: str, messages: Sequence[dict], *, folder: str | None = None,
+                add_generation_prompt: bool = True) -> str:
+  """``messages`` (``{"role", "content"}`` dicts) through a Hugging Face chat template, as
+  ``transformers``' ``apply_chat_template(tokenize=False)`` renders it: a sandboxed Jinja
+  environment with ``trim_blocks``/``lstrip_blocks``, the loop controls, ``raise_exception``,
+  ``strftime_now`` and a ``tojson`` filter; ``bos_token``/``eos_token`` and the other special
+  tokens from ``folder``'s tokenizer_config.json."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import jinja2  # pylint: disable=g-import-not-at-top
+  from jinja2 import ext, sandbox  # pylint: disable=g-import-not-at-top
+
+  def raise_exception(message):
+    raise ValueError(f"chat template: {message}")
+
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                              extensions=[ext.loopcontrols])
+  env.filters["tojson"] = tojson
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  config = _tokenizer_config(folder) if folder else {}
+  special = {k: _token_text(v) for k, v in config.items()
+             if k.endswith("_token") and isinstance(v, (str, dict))}
+  try:
+    return env.from_string(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
+  except jinja2.TemplateError as e:
+    raise ValueError(f"chat template: {e}") from None
 
 
 # ----------------------------------------------------------------------------- retrieval task

@@ -178,6 +178,8 @@ def test_random_weights_without_files(tmp_path):
     (["--mesh", "data=2"], "needs 2 devices"),
     (["--checkpoint", __file__], "is a file"),
     (["--checkpoint", "/nonexistent/folder"], "does not exist"),
+    (["--chat"], "has no chat template"),
+    (["--system", "be brief"], "--system needs --chat"),
 ])
 def test_bad_arguments_exit_with_a_message(ckpt, args, message):
   if "--checkpoint" not in args:
@@ -252,3 +254,70 @@ def test_eos_from_generation_config_stops_both_paths(ckpt, tmp_path):
   out = tmp_path / "ignored.json"
   _run(["--checkpoint", str(folder), *base, "--ignore-eos", "--output-json", str(out)])
   assert json.loads(out.read_text())["generated_ids"][0] == tokens
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[sys]{{ m.content }}"
+        "{% continue %}{% endif %}<{{ m.role }}>{{ m.content | tojson }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _chat_folder(ckpt, tmp_path, config):
+  import shutil
+  folder = tmp_path / "chat"
+  shutil.copytree(ckpt, folder)
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  return folder
+
+
+def test_chat_prompts_go_through_the_template(ckpt, tmp_path):
+  """--chat: each text prompt is a user message of the checkpoint's chat template (after
+  --system), and the model reads the rendered text; ids are refused with --chat."""
+  folder = _chat_folder(ckpt, tmp_path, {"chat_template": CHAT, "bos_token": "^"})
+  out = tmp_path / "chat.json"
+  proc = _run(["--checkpoint", str(folder), "--chat", "--system", "be brief", "--prompt", "hi",
+               "--max-new-tokens", "2", "--quiet", "--output-json", str(out)])
+  rendered = '^[sys]be brief<user>"hi"\n<assistant>'
+  assert json.loads(out.read_text())["prompt_ids"] == [list(rendered.encode())]
+  assert f"prompt 0: {rendered!r}" in proc.stdout
+  bad = subprocess.run([sys.executable, SCRIPT, "--checkpoint", str(folder), "--chat",
+                        "--prompt-ids", "1,2"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert bad.returncode != 0 and "not to ids" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_chat_template_sources_and_errors(tmp_path):
+  from models import data
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default",
+                                                                 "template": CHAT}],
+      "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>"}))
+  template = data.chat_template(str(tmp_path))
+  assert template == CHAT
+  messages = [{"role": "user", "content": "a\"b"}, {"role": "assistant", "content": "c"}]
+  assert data.render_chat(template, messages, folder=str(tmp_path)) == (
+      '<s><user>"a\\"b"\n<assistant>"c"\n<assistant>')
+  assert data.render_chat(template, messages, folder=str(tmp_path),
+                          add_generation_prompt=False).endswith('"c"\n')
+  (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no tools') }}")
+  with pytest.raises(ValueError, match="chat template: no tools"):
+    data.render_chat(data.chat_template(str(tmp_path)), messages)
+  with pytest.raises(ValueError, match="chat template"):
+    data.render_chat("{% for %}", messages)
+  assert data.chat_template(str(tmp_path / "nowhere")) is None
+
+
+def test_chat_template_renders_as_transformers_does(tmp_path):
+  """The same text as transformers' apply_chat_template (parity extra; skipped without)."""
+  transformers = pytest.importorskip("transformers")
+  from tokenizers import Tokenizer, models as tok_models
+  Tokenizer(tok_models.WordLevel({"<unk>": 0, "<s>": 1}, unk_token="<unk>")).save(
+      str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "chat_template": CHAT, "bos_token": "<s>", "unk_token": "<unk>",
+      "tokenizer_class": "PreTrainedTokenizerFast"}))
+  from models import data
+  messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q \u00e9"}]
+  want = transformers.AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True)
+  got = data.render_chat(data.chat_template(str(tmp_path)), messages, folder=str(tmp_path))
+  assert got == want

@@ -48,14 +48,15 @@ from models import cli
 
 # JAX and the model load after the arguments are parsed (``_load_runtime``), so ``--help`` and
 # argument errors answer at once.
-jax = jnp = checkpoint = serving = sharding = load_tokenizer = None
+jax = jnp = checkpoint = data = serving = sharding = load_tokenizer = None
 
 
 def _load_runtime():
-  global jax, jnp, checkpoint, serving, sharding, load_tokenizer
+  global jax, jnp, checkpoint, data, serving, sharding, load_tokenizer
   import jax  # pylint: disable=redefined-outer-name
   import jax.numpy as jnp  # pylint: disable=redefined-outer-name
   from models import checkpoint, serving, sharding  # pylint: disable=redefined-outer-name
+  from models import data  # pylint: disable=redefined-outer-name
   from models.data import load_tokenizer  # pylint: disable=redefined-outer-name
 
 
@@ -136,6 +137,24 @@ def eos_ids(folder: str) -> list[int]:
   return eos
 
 
+def chat_formatter(folder: str | None, system: str | None):
+  """``text -> the text the model reads``: ``text`` as the user's message (after ``system``,
+  if given) through the checkpoint's chat template, ending where the assistant answers."""
+  template = data.chat_template(folder) if folder else None
+  if template is None:
+    raise SystemExit(f"--chat: {folder or 'the model'} has no chat template (a "
+                     f"chat_template in tokenizer_config.json, or chat_template.jinja)")
+  head = [] if system is None else [{"role": "system", "content": system}]
+
+  def render(text):
+    try:
+      return data.render_chat(template, head + [{"role": "user", "content": text}],
+                              folder=folder)
+    except ValueError as e:
+      raise SystemExit(f"--chat: {e}")
+  return render
+
+
 def _parse_ids(text: str, where: str) -> list[int]:
   try:
     return [int(x) for x in text.replace(",", " ").split()]
@@ -144,8 +163,11 @@ def _parse_ids(text: str, where: str) -> list[int]:
     raise SystemExit(f"{where}: expected comma-separated integers, got {bad!r}")
 
 
-def read_prompts(inputs, tokenizer) -> list[list[int]]:
-  """Token ids of each ``(kind, value)`` prompt argument, in the order given."""
+def read_prompts(inputs, tokenizer, chat=None) -> list[list[int]]:
+  """Token ids of each ``(kind, value)`` prompt argument, in the order given. ``chat``
+  (optional) turns a text prompt into the text the model reads (a rendered chat template)."""
+  encode = (tokenizer.encode if chat is None else
+            lambda text: tokenizer.encode(chat(text), add_special_tokens=False))
   prompts = []
   stdin_used = False
   for kind, value in inputs:
@@ -163,11 +185,11 @@ def read_prompts(inputs, tokenizer) -> list[list[int]]:
         except OSError as e:
           raise SystemExit(f"{flag} {value}: cannot read: {e.strerror}")
       if kind == "text_file":
-        prompts.append(tokenizer.encode(text))
+        prompts.append(encode(text))
       else:
         prompts.append(_parse_ids(text, f"{flag} {value}"))
     elif kind == "text":
-      prompts.append(tokenizer.encode(value))
+      prompts.append(encode(value))
     else:
       prompts.append(_parse_ids(value, "--prompt-ids"))
   return prompts
@@ -199,6 +221,12 @@ def main(argv=None, *, compilation_cache=False):
                       type=tagged("ids_file"), metavar="PATH",
                       help="a file of token ids separated by commas or whitespace ('-' = "
                            "standard input; repeatable). Prompts are taken in the order given")
+  parser.add_argument("--chat", action="store_true",
+                      help="each text prompt is a user message, formatted by the "
+                           "checkpoint's chat template (tokenizer_config.json) so that the "
+                           "model answers it")
+  parser.add_argument("--system", default=None, metavar="TEXT",
+                      help="with --chat: a system message before each prompt")
   parser.add_argument("--max-new-tokens", type=int, default=16,
                       help="tokens to generate per request (0: prefill only)")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -271,9 +299,14 @@ def main(argv=None, *, compilation_cache=False):
     print(f"no --checkpoint: a tiny model with random weights ({folder}); its output is "
           f"noise. Pass --checkpoint for a real model.", file=sys.stderr, flush=True)
   tokenizer = load_tokenizer(folder)
-  prompts = read_prompts(args.inputs, tokenizer)
+  chat = chat_formatter(folder, args.system) if args.chat else None
+  if args.system is not None and not args.chat:
+    raise SystemExit("--system needs --chat")
+  if chat is not None and any(kind in ("ids", "ids_file") for kind, _ in args.inputs):
+    raise SystemExit("--chat applies to text prompts (--prompt, --prompt-file), not to ids")
+  prompts = read_prompts(args.inputs, tokenizer, chat)
   if not prompts:
-    prompts = [tokenizer.encode("The quick brown fox")]
+    prompts = read_prompts([("text", "The quick brown fox")], tokenizer, chat)
   if any(not p for p in prompts):
     raise SystemExit("every prompt needs at least one token")
 
