@@ -108,3 +108,30 @@ def test_installed_wheel_generates(tmp_path):
             "--max-new-tokens", "3", env=env, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "completion 0:" in out.stdout and "random weights" in out.stderr
+
+
+def test_compilation_cache_before_and_after_jax_starts(tmp_path):
+  """Before JAX is imported the cache is set through the environment JAX reads (so --help
+  imports nothing heavy); after, through jax.config."""
+  code = ("import sys; from models import cli; cli.enable_compilation_cache({folder!r}); "
+          "assert ('jax' in sys.modules) == {imported}; import jax; "
+          "print(jax.config.jax_compilation_cache_dir, "
+          "jax.config.jax_persistent_cache_min_compile_time_secs)")
+  for imported in (False, True):
+    folder = str(tmp_path / str(imported))
+    prefix = "import jax; " if imported else ""
+    out = subprocess.run([sys.executable, "-c", prefix + code.format(folder=folder,
+                                                                     imported=imported)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [folder, "0.5"], out
+
+
+@pytest.mark.parametrize("name", ["generate", "evaluate", "convert", "make_tiny_checkpoint"])
+def test_help_does_not_import_jax(name):
+  """These commands parse their arguments before JAX loads: --help answers at once."""
+  code = (f"import sys; from models.cli import {name} as m\n"
+          "sys.argv = ['x', '--help']\ntry:\n  m.run()\n"
+          "except SystemExit as e:\n  assert e.code == 0\n"
+          "assert 'jax' not in sys.modules, 'jax imported'")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]

@@ -14,6 +14,7 @@ import argparse
 import copy
 import os
 import subprocess
+import sys
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter,
@@ -45,13 +46,19 @@ def enable_compilation_cache(folder: str | None = None):
   """Keep compiled programs on disk between runs (JAX's persistent compilation cache): a
   script's second run skips most of its compilation. ``folder`` defaults to
   ``$JAX_COMPILATION_CACHE_DIR``, else ``msa-jax/jax`` in the user's cache folder
-  (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  (``$XDG_CACHE_HOME`` or ``~/.cache``). Before JAX is imported this only sets the
+  environment JAX reads at import, so ``--help`` stays instant."""
   if folder is None:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "msa-jax", "jax")
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  settings = {"jax_compilation_cache_dir": folder,
+              "jax_persistent_cache_min_compile_time_secs": 0.5}
+  if "jax" in sys.modules:
+    for name, value in settings.items():
+      sys.modules["jax"].config.update(name, value)
+  else:
+    for name, value in settings.items():
+      os.environ[name.upper()] = str(value)
 
 
 def commit() -> str:

@@ -19,14 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
-
-from models import checkpoint
 from models import cli
-from models import config as config_lib
-from models import sharding
 
 
 def main(argv=None):
@@ -41,6 +34,12 @@ def main(argv=None):
                       help="e.g. tensor=4,expert=2 (default: one device)")
   parser.add_argument("--shards", type=int, default=4, help="safetensors files (orbax-to-hf)")
   args = parser.parse_args(argv)
+  # JAX and the model load after parsing, so --help and argument errors answer at once.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from models import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  from models import config as config_lib  # pylint: disable=g-import-not-at-top
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   if args.shards < 1:
     raise SystemExit(f"--shards must be >= 1; got {args.shards}")

@@ -42,17 +42,11 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-
 from models import cli
 from models import data as data_lib
-from models import metrics
-from models import sharding
-from models import training
 
 VARIANTS = ("dense", "msa", "msa-random-indexer")
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+DTYPES = ("bfloat16", "float32")
 
 
 # ----------------------------------------------------------------------------- shared CLI bits
@@ -158,10 +152,14 @@ def main(argv=None):
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   add_data_arguments(parser)
   args = parser.parse_args(argv)
+  # JAX and the model load after parsing, so --help and argument errors answer at once.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from models import metrics, sharding, training  # pylint: disable=g-import-not-at-top
 
   variants = list(dict.fromkeys(args.attention))  # in order, once each
   args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  dtype = DTYPES[args.dtype]
+  dtype = jnp.dtype(args.dtype)
   mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {"data": jax.device_count()}))
   try:
     config, params = training.load_params(args.checkpoint)

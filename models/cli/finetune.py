@@ -97,7 +97,7 @@ from models import sharding
 from models import training
 from msa_jax import profiling
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+DTYPES = eval_cli.DTYPES
 # Settings that must not change when resuming (the data and the model they define).
 DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "fused_pairs",
              "text_files", "text_field", "eos_id", "eval_fraction", "data_seed", "batch_size")
@@ -348,7 +348,7 @@ def main(argv=None, *, on_step=None):
 def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   log_path = os.path.join(out_dir, "metrics.jsonl")
   args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype]
+  dtype, param_dtype = jnp.dtype(args.dtype), jnp.dtype(args.param_dtype)
   resume_step = ckpts.latest_step()
   if resume_step is not None and not args.resume:
     raise SystemExit(f"{out_dir} already holds checkpoints (step {resume_step}): pass --resume "

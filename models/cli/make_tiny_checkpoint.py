@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models import checkpoint
 from models import cli
 
 
@@ -29,6 +28,7 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                       help="storage dtype of unquantised weights (router stays float32)")
   args = parser.parse_args(argv)
+  from models import checkpoint  # pylint: disable=g-import-not-at-top  (JAX: after parsing)
   checkpoint.write_random(args.output_dir, config=args.config, seed=args.seed, mxfp8=args.mxfp8,
                           num_shards=args.shards, dtype=args.dtype)
   print(f"wrote {args.output_dir}")
