@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -91,8 +92,13 @@ def test_installed_wheel_generates(tmp_path):
   to end from outside the checkout: presets and entry points ship with it."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = lambda *args, **kw: subprocess.run(args, capture_output=True, text=True, **kw)
+  source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md", "msa_jax", "models"):
+    copy = shutil.copytree if os.path.isdir(os.path.join(root, name)) else shutil.copy
+    copy(os.path.join(root, name), source / name)
   built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-              "-w", str(tmp_path / "wheel"), root)
+              "-w", str(tmp_path / "wheel"), str(source))
   assert built.returncode == 0, built.stderr[-2000:]
   wheel, = (tmp_path / "wheel").glob("*.whl")
   target = tmp_path / "site"
