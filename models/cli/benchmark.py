@@ -38,6 +38,7 @@ import numpy as np
 
 from models import cli
 import msa_jax
+from msa_jax import workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,28 @@ def _random(key, shape, dtype):
   return jax.random.normal(key, shape, dtype)  # in the target dtype: no float32 copy
 
 
+SELECTIONS = ("random", "structured")
+
+
+def index_inputs(selection, key, batch, length, queries, w: Workload):
+  """``q_idx [batch, queries, G, Di]`` (the last ``queries`` positions) and ``k_idx [batch,
+  length, Di]``: random normal, or with the structure of a trained indexer's selections
+  (``msa_jax.workloads``: sink, recency and content blocks shared by neighbouring queries),
+  built one sequence at a time to bound the float32 temporaries."""
+  dtype = jnp.dtype(w.dtype)
+  if selection == "random":
+    kq, kk = jax.random.split(key)
+    return (_random(kq, (batch, queries, w.groups, w.index_dim), dtype),
+            _random(kk, (batch, length, w.index_dim), dtype))
+  features = min(16, (w.index_dim - 5) // 4)
+  build = jax.jit(lambda key: workloads.structured_index_inputs(
+      key, 1, length, w.groups, w.index_dim, block_size=w.block_size,
+      recency=8.0 * w.block_size, segment=2 * w.block_size, hits=max(1, w.topk // 2),
+      features=features, query_start=length - queries, dtype=dtype))
+  rows = [build(k) for k in jax.random.split(key, batch)]
+  return tuple(jnp.concatenate(parts) for parts in zip(*rows))
+
+
 # ----------------------------------------------------------------------------- ceilings
 
 
@@ -143,14 +166,15 @@ def kernel_tflops(row, workload: dict):
   return 4 * w.head_dim * w.q_heads * pairs / (row["last_chunk_kernel_ms"] * 1e-3) / 1e12
 
 
-def prefill_row(n, w: Workload, args, impl, interpret):
+def prefill_row(n, w: Workload, args, impl, interpret, selection="random", dense=None):
+  """One prefill row on ``selection`` index inputs; ``dense`` (a dict) keeps the dense
+  baseline's timings per N, so a second selection at the same N does not time it again."""
   dtype = jnp.dtype(w.dtype)
   keys = jax.random.split(jax.random.PRNGKey(n), 5)
   q = _random(keys[0], (1, n, w.q_heads, w.head_dim), dtype)
   k = _random(keys[1], (1, n, w.groups, w.head_dim), dtype)
   v = _random(keys[2], (1, n, w.groups, w.head_dim), dtype)
-  q_idx = _random(keys[3], (1, n, w.groups, w.index_dim), dtype)
-  k_idx = _random(keys[4], (1, n, w.index_dim), dtype)
+  q_idx, k_idx = index_inputs(selection, keys[3], 1, n, n, w)
   chunk = min(n, args.chunk)
   starts = [jnp.int32(s) for s in range(0, n, chunk)]
   common = dict(block_size=w.block_size, implementation=impl, interpret=interpret)
@@ -181,7 +205,9 @@ def prefill_row(n, w: Workload, args, impl, interpret):
                                  q_positions=pos, kv_lengths=kvl, **common)
 
   ids = [index(q_idx, k_idx, s) for s in starts]
-  row = {"N": n, "chunk": chunk, "chunks": len(starts)}
+  row = {"N": n, "selection": selection, "chunk": chunk, "chunks": len(starts)}
+  nb = -(-n // w.block_size)
+  row["union8"] = sum(float(workloads.union_size(i, nb, 8)) for i in ids) / len(ids)
   budget = args.budget_s
   row["index_ms"], row["index_iters"] = timed(
       lambda: block([index(q_idx, k_idx, s) for s in starts]), iters=args.iters,
@@ -210,18 +236,30 @@ def prefill_row(n, w: Workload, args, impl, interpret):
   row["flop_ratio"] = (2 * w.q_heads * w.head_dim * n * n) / (
       w.groups * w.index_dim * n * n + 4 * w.q_heads * w.head_dim * n * w.topk * w.block_size)
 
+  dense = {} if dense is None else dense
+  if n not in dense:
+    dense[n] = dense_prefill(q, k, v, w, args)
+  row.update(dense[n])
+  if "dense_ms" in row:
+    row["speedup"] = row["dense_ms"] / row["msa_ms"]
+  return row
+
+
+def dense_prefill(q, k, v, w: Workload, args) -> dict:
+  """Dense causal attention through cuDNN (XLA off GPUs): its time and TFLOP/s."""
+  n = q.shape[1]
   dense_impl = "cudnn" if jax.default_backend() == "gpu" else None
   dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                implementation=dense_impl))
+  out = {}
   try:
-    row["dense_ms"], row["dense_iters"] = timed(lambda: block(dense(q, k, v)), iters=args.iters,
+    out["dense_ms"], out["dense_iters"] = timed(lambda: block(dense(q, k, v)), iters=args.iters,
                                                 budget_s=args.dense_budget_s)
-    row["dense_tflops"] = (4 * w.head_dim * w.q_heads * n * (n + 1) / 2
-                           / (row["dense_ms"] * 1e-3) / 1e12)
-    row["speedup"] = row["dense_ms"] / row["msa_ms"]
+    out["dense_tflops"] = (4 * w.head_dim * w.q_heads * n * (n + 1) / 2
+                           / (out["dense_ms"] * 1e-3) / 1e12)
   except Exception as e:  # e.g. out of memory at 1M: report, keep going
-    row["dense_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-  return row
+    out["dense_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  return out
 
 
 def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
@@ -280,20 +318,23 @@ def _peak_bytes():
 # ----------------------------------------------------------------------------- decode
 
 
-def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
+def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret, selection="random",
+               dense=None):
+  """One decode row on ``selection`` index inputs; ``dense`` (a dict) keeps the dense
+  baselines' timings per (batch, context, queries) across selections."""
   dtype = jnp.dtype(w.dtype)
   keys = jax.random.split(jax.random.PRNGKey(batch * 7 + ctx + q_len), 5)
   q = _random(keys[0], (batch, q_len, w.q_heads, w.head_dim), dtype)
   k = _random(keys[1], (batch, ctx, w.groups, w.head_dim), dtype)
   v = _random(keys[2], (batch, ctx, w.groups, w.head_dim), dtype)
-  q_idx = _random(keys[3], (batch, q_len, w.groups, w.index_dim), dtype)
-  k_idx = _random(keys[4], (batch, ctx, w.index_dim), dtype)
+  q_idx, k_idx = index_inputs(selection, keys[3], batch, ctx, q_len, w)
   msa_step = lambda *a: msa_jax.msa_attention(
       *a, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret)
   msa = jax.jit(msa_step)
   steps = args.decode_loop_steps
   msa_loop = in_loop(msa_step, steps)
-  row = {"batch": batch, "context": ctx, "q_len": q_len, "loop_steps": steps}
+  row = {"batch": batch, "context": ctx, "q_len": q_len, "selection": selection,
+         "loop_steps": steps}
   row["msa_ms"], row["msa_iters"] = timed(lambda: block(msa(q, k, v, q_idx, k_idx)),
                                           iters=args.iters, budget_s=args.budget_s)
   ms, _ = timed(lambda: block(msa_loop(q, k, v, q_idx, k_idx)), iters=args.iters,
@@ -305,6 +346,8 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
   sparse = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
       q, k, v, ids, block_size=w.block_size, implementation=impl, interpret=interpret))
   ids = index(q_idx, k_idx)
+  if q_len > 1:  # the blocks the row's consecutive queries select together
+    row[f"union{q_len}"] = float(workloads.union_size(ids, -(-ctx // w.block_size), q_len))
   row["index_ms"], _ = timed(lambda: block(index(q_idx, k_idx)), iters=args.iters,
                              budget_s=args.budget_s / 3)
   if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
@@ -317,6 +360,30 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
                                              iters=args.iters, budget_s=args.budget_s / 3)
   row["sparse_ms"], _ = timed(lambda: block(sparse(q, k, v, ids)), iters=args.iters,
                               budget_s=args.budget_s / 3)
+  dense = {} if dense is None else dense
+  if (batch, ctx, q_len) not in dense:
+    dense[batch, ctx, q_len] = dense_decode(q, k, v, w, args)
+  row.update(dense[batch, ctx, q_len])
+  for suffix in ("", "_loop"):
+    if f"dense_best{suffix}_ms" in row:
+      row[f"speedup{suffix}"] = row[f"dense_best{suffix}_ms"] / row[f"msa{suffix}_ms"]
+  item = jnp.dtype(dtype).itemsize
+  must_move = batch * (ctx * w.index_dim * item  # every cached index key
+                       + q_len * w.groups * w.topk * w.block_size * 2 * w.head_dim * item
+                       + 2 * q_len * w.q_heads * w.head_dim * item)  # q in, o out
+  row["bytes_must_move"] = must_move
+  row["achieved_tbps"] = must_move / (row["msa_ms"] * 1e-3) / 1e12
+  row["achieved_tbps_loop"] = must_move / (row["msa_loop_ms"] * 1e-3) / 1e12
+  return row
+
+
+def dense_decode(q, k, v, w: Workload, args) -> dict:
+  """The dense decode baselines (an XLA einsum-softmax-einsum; Pallas' ``gqa`` for one query
+  on GPUs), per call and per step in a jitted loop, and the best of them."""
+  batch, q_len = q.shape[:2]
+  ctx = k.shape[1]
+  steps = args.decode_loop_steps
+  row = {}
 
   def dense_xla(q, k, v):
     hpg = w.q_heads // w.groups
@@ -346,14 +413,6 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
     dense = [row[f"dense_{n}{suffix}_ms"] for n in baselines if f"dense_{n}{suffix}_ms" in row]
     if dense:
       row[f"dense_best{suffix}_ms"] = min(dense)
-      row[f"speedup{suffix}"] = row[f"dense_best{suffix}_ms"] / row[f"msa{suffix}_ms"]
-  item = jnp.dtype(dtype).itemsize
-  must_move = batch * (ctx * w.index_dim * item  # every cached index key
-                       + q_len * w.groups * w.topk * w.block_size * 2 * w.head_dim * item
-                       + 2 * q_len * w.q_heads * w.head_dim * item)  # q in, o out
-  row["bytes_must_move"] = must_move
-  row["achieved_tbps"] = must_move / (row["msa_ms"] * 1e-3) / 1e12
-  row["achieved_tbps_loop"] = must_move / (row["msa_loop_ms"] * 1e-3) / 1e12
   return row
 
 
@@ -689,35 +748,39 @@ def markdown(result) -> str:
                                 f"{_fmt(p['ceilings']['copy_tbps'])} TB/s)"
                                 for p in result["parts"])]
   if result["prefill"]:
-    lines += ["| N | chunk | index+top-k ms | sparse attn ms | MSA total ms | dense cuDNN ms | "
-              "speedup | FLOP ratio | sparse TFLOP/s | sparse kernel TFLOP/s | "
-              "index TFLOP/s | dense TFLOP/s | peak GB |",
-              "|" + "---|" * 13]
+    lines += ["| N | selection | union of 8 | chunk | index+top-k ms | sparse attn ms | "
+              "MSA total ms | dense cuDNN ms | speedup | FLOP ratio | sparse TFLOP/s | "
+              "sparse kernel TFLOP/s | index TFLOP/s | dense TFLOP/s | peak GB |",
+              "|" + "---|" * 15]
     for r in result["prefill"]:
       if "error" in r:
         lines.append(f"| {r['N']} | error: {r['error'][:120]} |")
         continue
       lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
-          "N", "chunk", "index_ms", "sparse_ms", "msa_ms", "dense_ms", "speedup", "flop_ratio",
+          "N", "selection", "union8", "chunk", "index_ms", "sparse_ms", "msa_ms", "dense_ms", "speedup", "flop_ratio",
           "sparse_tflops"]) + " | " + _fmt(kernel_tflops(r, m["workload"])) + " | "
           + " | ".join(_fmt(r.get(c)) for c in ["index_tflops", "dense_tflops"]) + " | "
           + _fmt(r["peak_bytes"] / 1e9 if r.get("peak_bytes", -1) > 0 else None) + " |")
     lines += ["", "sparse attn = schedule + kernel + combine over all chunks; sparse kernel = "
-              "the kernel alone on the last chunk (its useful FLOPs over its time)."]
+              "the kernel alone on the last chunk (its useful FLOPs over its time). "
+              "selection: random index inputs, or structured like a trained indexer's "
+              "(msa_jax.workloads); union of 8 = the mean number of distinct blocks that 8 "
+              "consecutive queries select (16 when they agree, up to 128)."]
   if result["decode"]:
     lines += ["", "Decode, per call (host dispatch included) and per step inside one jitted loop "
               "(dispatch-free, as in a served model):", "",
-              "| batch | context | q/seq | MSA ms | index+top-k ms | sparse attn ms | "
-              "dense XLA ms | dense Pallas gqa ms | speedup vs best | "
+              "| batch | context | q/seq | selection | MSA ms | index+top-k ms | "
+              "sparse attn ms | dense XLA ms | dense Pallas gqa ms | speedup vs best | "
               "TB/s on bytes that must move | MSA ms, loop | dense best ms, loop | "
-              "speedup, loop | TB/s, loop |", "|" + "---|" * 14]
+              "speedup, loop | TB/s, loop |", "|" + "---|" * 15]
     for r in result["decode"]:
       if "error" in r:
         lines.append(f"| {r['batch']} | {r['context']} | {r['q_len']} | error: "
                      f"{r['error'][:120]} |")
         continue
       lines.append("| " + " | ".join(_fmt(r.get(c)) for c in [
-          "batch", "context", "q_len", "msa_ms", "index_ms", "sparse_ms", "dense_xla_ms",
+          "batch", "context", "q_len", "selection", "msa_ms", "index_ms", "sparse_ms",
+          "dense_xla_ms",
           "dense_pallas_gqa_ms", "speedup", "achieved_tbps", "msa_loop_ms", "dense_best_loop_ms",
           "speedup_loop", "achieved_tbps_loop"]) + " |")
   if result.get("paged_decode"):
@@ -830,6 +893,10 @@ def main(argv=None):
                       help="queries of the sparse-path sweep (query_chunk)")
   parser.add_argument("--tune-decode-context", type=int, default=1048576,
                       help="cached tokens of the decode step the index_decode sweep times")
+  parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=list(SELECTIONS),
+                      help="index inputs of each row: random, and/or structured like a "
+                           "trained indexer's selections (sink, recent and shared content "
+                           "blocks; msa_jax.workloads)")
   parser.add_argument("--skip-prefill", action="store_true", help="no prefill rows")
   parser.add_argument("--skip-decode", action="store_true", help="no decode rows")
   parser.add_argument("--paged", action="store_true",
@@ -888,28 +955,34 @@ def main(argv=None):
     with open(stem + ".md", "w") as f:
       f.write(markdown(result))
 
+  dense = {}  # dense baselines, timed once per shape for all selections
   if not args.skip_prefill:
     for n in args.sizes:
-      try:
-        result["prefill"].append(prefill_row(n, workload, args, impl, interpret))
-      except Exception as e:  # record it and go on to the next size
-        result["prefill"].append({"N": n, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-      print(json.dumps(result["prefill"][-1]), flush=True)
-      save()
+      for selection in args.selections:
+        try:
+          result["prefill"].append(prefill_row(n, workload, args, impl, interpret, selection,
+                                               dense))
+        except Exception as e:  # record it and go on to the next size
+          result["prefill"].append({"N": n, "selection": selection,
+                                    "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        print(json.dumps(result["prefill"][-1]), flush=True)
+        save()
   if not args.skip_decode:
     for batch in args.decode_batches:
       for ctx in args.decode_contexts:
         if batch * ctx > args.max_decode_tokens:
           continue
         for q_len in args.decode_queries:
-          try:
-            result["decode"].append(decode_row(batch, ctx, q_len, workload, args, impl,
-                                               interpret))
-          except Exception as e:
-            result["decode"].append({"batch": batch, "context": ctx, "q_len": q_len,
-                                     "error": f"{type(e).__name__}: {str(e)[:500]}"})
-          print(json.dumps(result["decode"][-1]), flush=True)
-          save()
+          for selection in args.selections:
+            try:
+              result["decode"].append(decode_row(batch, ctx, q_len, workload, args, impl,
+                                                 interpret, selection, dense))
+            except Exception as e:
+              result["decode"].append({"batch": batch, "context": ctx, "q_len": q_len,
+                                       "selection": selection,
+                                       "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            print(json.dumps(result["decode"][-1]), flush=True)
+            save()
   if args.paged:
     result["paged_decode"] = []
     for batch in args.decode_batches:
