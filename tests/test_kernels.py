@@ -345,10 +345,10 @@ def test_kernel_selection_many_blocks(selection, blocks_per_tile):
 def test_decode_key_tiles_spread_over_the_gpu():
   """Few query rows (decode): blocks per key tile shrink until the grid is min_programs."""
   spread = gpu_index.spread_blocks_per_tile
-  assert spread(32, 64, 1, 264) == 1  # an 8K cache: 64 one-block tiles, not 2 of 32
-  assert spread(32, 1024, 1, 264) == 2  # 128K: 512 tiles
-  assert spread(32, 8192, 1, 264) == 16  # 1M: 512 tiles
-  assert spread(32, 1024, 8, 264) == 16  # 8 row tiles x 64 key tiles
+  assert spread(32, 64, 1, 132) == 1  # an 8K cache: 64 one-block tiles, not 2 of 32
+  assert spread(32, 1024, 1, 132) == 4  # 128K: 256 tiles
+  assert spread(32, 8192, 1, 132) == 32  # 1M: 256 tiles already fill the GPU
+  assert spread(32, 1024, 8, 132) == 32  # 8 row tiles x 32 key tiles
   assert spread(32, 64, 1, 0) == 32  # no minimum: the table's value
 
 

@@ -27,9 +27,11 @@ DEFAULTS = {
     # The same kernels for decode (at most DECODE_QUERIES queries per sequence): few rows, so
     # the grid comes from the key tiles and the best tile differs from prefill's.
     # min_programs: blocks_per_tile is halved (down to 1) until the grid has this many
-    # programs, so a short cache still spreads over the GPU (compiled runs only).
+    # programs, so a short cache still spreads over the GPU (compiled runs only). One per SM
+    # of an H100/H200: spreading further splits long caches into more partial top-k lists
+    # than it gains (benchmarks/probes/index_decode_spread.py).
     "index_decode": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
-                     "selection": "scores", "min_programs": 264},
+                     "selection": "scores", "min_programs": 132},
     # tile_rows: query rows (positions x the group's heads) per tile; tiles_per_item: tiles
     # that share one load of a block's K/V (the schedule's item size).
     # kernel: "triton" (sparse_attention.py) or "mosaic" (sparse_attention_mgpu.py, Hopper
