@@ -1,0 +1,73 @@
+"""The union-tile forward against the KV-outer path, on random and structured selections.
+
+Times, on the last ``--chunk`` queries of a ``--context``-token prefill (M3 shapes, bf16),
+``msa_jax.sparse_attention`` as the API runs it (schedule, KV-outer kernel, combine) and
+``kernels/gpu/sparse_attention_union.sparse_attention`` (tile unions in XLA, then one
+query-outer kernel) for several tile sizes and warp counts, after checking each against the
+API's output. Selections come from the Pallas index kernel on random or structured index
+inputs (``msa_jax.workloads``). Needs a GPU::
+
+    PYTHONPATH=$PWD python3 benchmarks/probes/union_vs_kv_outer.py
+"""
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import msa_jax
+from models.cli import benchmark as bench
+from msa_jax import reference, workloads
+from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--context", type=int, default=131072)
+  parser.add_argument("--chunk", type=int, default=16384)
+  parser.add_argument("--tiles", type=int, nargs="+", default=[4, 8, 16])
+  parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+  args = parser.parse_args(argv)
+  w, n, c = bench.M3, args.context, args.chunk
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, context {n}, last {c} queries")
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  rnd = lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16)
+  q = rnd(keys[0], (1, c, w.q_heads, w.head_dim))
+  k, v = rnd(keys[1], (1, n, w.groups, w.head_dim)), rnd(keys[2], (1, n, w.groups, w.head_dim))
+  pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
+  kvl = jnp.array([n], jnp.int32)
+  nb = n // w.block_size
+  scale = 1 / math.sqrt(w.head_dim)
+  print("| selection | union of 8 | path | ms | rel. err vs API |")
+  print("|---|---|---|---|---|")
+  for selection in bench.SELECTIONS:
+    q_idx, k_idx = bench.index_inputs(selection, keys[3], 1, n, c, w)
+    ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
+                             q_positions=pos, kv_lengths=kvl)
+    union8 = float(workloads.union_size(ids, nb, 8))
+    api = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
+        q, k, v, ids, q_positions=pos, kv_lengths=kvl))
+    want = api(q, k, v, ids).astype(jnp.float32)
+    ms, _ = bench.timed(lambda: jax.block_until_ready(api(q, k, v, ids)), iters=20, budget_s=3)
+    print(f"| {selection} | {union8:.1f} | API (KV-outer) | {ms:.2f} | - |", flush=True)
+    for tile in args.tiles:
+      for warps in args.warps:
+        fn = jax.jit(lambda q, k, v, ids, tile=tile, warps=warps: union_kernel.sparse_attention(
+            q, k, v, ids, reference.valid_block_mask(ids, nb), pos, kvl,
+            block_size=w.block_size, scale=scale, queries_per_tile=tile, num_warps=warps)[0])
+        try:
+          got = fn(q, k, v, ids).astype(jnp.float32)
+          err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+          ms, _ = bench.timed(lambda: jax.block_until_ready(fn(q, k, v, ids)), iters=20,
+                              budget_s=3)
+          print(f"| {selection} | {union8:.1f} | union, {tile} queries, {warps} warps | "
+                f"{ms:.2f} | {err:.1e} |", flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"| {selection} | {union8:.1f} | union, {tile} queries, {warps} warps | "
+                f"failed: {type(e).__name__}: {str(e)[:120]} | |", flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,86 @@
+"""The union-tile forward (kernels/gpu/sparse_attention_union.py) in interpret mode against
+the float64 oracle, and its per-tile unions against sets."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msa_jax import reference
+from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
+from tests import cases as C
+
+
+def test_tile_unions_match_sets():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(-1, 9, size=(2, 13, 3, 4)).astype(np.int32)  # -1, repeats, >= 8: invalid
+  valid = np.asarray(reference.valid_block_mask(jnp.asarray(ids), 8))
+  union, counts, members = (np.asarray(x) for x in union_kernel.tile_unions(
+      jnp.asarray(ids), jnp.asarray(valid), 5))
+  assert union.shape == (2, 3, 3, 20)
+  for b in range(2):
+    for tile in range(3):
+      for g in range(3):
+        queries = range(tile * 5, min(tile * 5 + 5, 13))
+        chosen = [{int(i) for i, ok in zip(ids[b, t, g], valid[b, t, g]) if ok}
+                  for t in queries]
+        want = sorted(set().union(*chosen))
+        n = counts[b, tile, g]
+        assert list(union[b, tile, g, :n]) == want and (union[b, tile, g, n:] == -1).all()
+        for u, blk in enumerate(want):
+          bits = [j for j, c in enumerate(chosen) if blk in c]
+          assert members[b, tile, g, u] == sum(1 << j for j in bits)
+
+
+@pytest.mark.parametrize("name", ["prefill_padding", "partial_block_gqa1",
+                                  "chunked_prefill_gqa8", "decode8_gqa16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_union_forward_matches_oracle(name, dtype):
+  """Random selections with -1 slots and repeats; ragged lengths, partial blocks, chunked
+  prefill, GQA 1-16; tiles of 4 queries so several tiles and a partial last one run."""
+  case = C.CASES[name]
+  inputs = C.make_inputs(case, dtype)
+  ids = C.random_selection(case, inputs, holes=True)
+  nb = reference.cdiv(case.kv_len, case.block_size)
+  pad = nb * case.block_size - case.kv_len
+  k = jnp.pad(inputs["k"], ((0, 0), (0, pad), (0, 0), (0, 0)))
+  v = jnp.pad(inputs["v"], ((0, 0), (0, pad), (0, 0), (0, 0)))
+  scale = 1 / np.sqrt(case.head_dim)
+  out, lse = union_kernel.sparse_attention(
+      inputs["q"], k, v, ids, reference.valid_block_mask(ids, nb), inputs["q_positions"],
+      inputs["kv_lengths"], block_size=case.block_size, scale=scale, queries_per_tile=4,
+      interpret=True)
+  want_out, want_lse = C.oracle_attention(case, inputs, ids, scale)
+  tol = 2e-5 if dtype == jnp.float32 else 2e-2
+  assert C.rel_err(out, want_out) < tol
+  lse, want_lse = np.asarray(lse), np.asarray(want_lse)
+  assert np.array_equal(np.isneginf(lse), np.isneginf(want_lse))  # padding queries
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(lse[finite], want_lse[finite], atol=1e-2 if dtype != jnp.float32
+                             else 1e-4)
+
+
+def test_masked_nan_values_do_not_reach_outputs():
+  """NaN in V past the length and in a block a query did not select stay out of its output;
+  a NaN value a query sees makes its output NaN, as exact attention does."""
+  case = C.CASES["prefill_padding"]
+  inputs = C.make_inputs(case, jnp.float32)
+  ids = C.random_selection(case, inputs)
+  v = np.asarray(inputs["v"]).copy()
+  v[1, 80:] = np.nan  # the second sequence's length is 70
+  k = inputs["k"]
+  nb = reference.cdiv(case.kv_len, case.block_size)
+  out, _ = union_kernel.sparse_attention(
+      inputs["q"], k, jnp.asarray(v), ids, reference.valid_block_mask(ids, nb),
+      inputs["q_positions"], inputs["kv_lengths"], block_size=case.block_size,
+      scale=0.1, queries_per_tile=4, interpret=True)
+  assert np.isfinite(np.asarray(out)[1]).all()
+  v[0, 5] = np.nan  # key 5 of block 0: visible to every query of sequence 0 that chose it
+  out, _ = union_kernel.sparse_attention(
+      inputs["q"], k, jnp.asarray(v), ids, reference.valid_block_mask(ids, nb),
+      inputs["q_positions"], inputs["kv_lengths"], block_size=case.block_size,
+      scale=0.1, queries_per_tile=4, interpret=True)
+  positions = np.asarray(inputs["q_positions"])[0]
+  sees = np.any(np.asarray(ids)[0] == 0, axis=-1) & (positions >= 5)[:, None]  # [T, G]
+  nan = np.isnan(np.asarray(out)[0]).any(axis=-1)  # [T, Hq]
+  heads = case.q_heads // case.groups
+  assert np.array_equal(nan, np.repeat(sees, heads, axis=1))
