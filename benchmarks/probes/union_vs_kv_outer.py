@@ -53,6 +53,11 @@ def main(argv=None):
     ms, _ = bench.timed(lambda: jax.block_until_ready(api(q, k, v, ids)), iters=20, budget_s=3)
     print(f"| {selection} | {union8:.1f} | API (KV-outer) | {ms:.2f} | - |", flush=True)
     for tile in args.tiles:
+      unions = jax.jit(lambda ids, tile=tile: union_kernel.tile_unions(
+          ids, reference.valid_block_mask(ids, nb), tile))
+      ms, _ = bench.timed(lambda: jax.block_until_ready(unions(ids)), iters=20, budget_s=2)
+      print(f"| {selection} | {union8:.1f} | tile unions alone (XLA), {tile} queries | "
+            f"{ms:.2f} | - |", flush=True)
       for warps in args.warps:
         fn = jax.jit(lambda q, k, v, ids, tile=tile, warps=warps: union_kernel.sparse_attention(
             q, k, v, ids, reference.valid_block_mask(ids, nb), pos, kvl,
