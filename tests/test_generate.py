@@ -304,6 +304,11 @@ def test_chat_template_sources_and_errors(tmp_path):
   with pytest.raises(ValueError, match="chat template"):
     data.render_chat("{% for %}", messages)
   assert data.chat_template(str(tmp_path / "nowhere")) is None
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "tokenizer_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+    data.chat_template(str(broken))
 
 
 def test_chat_template_renders_as_transformers_does(tmp_path):

@@ -140,7 +140,10 @@ def eos_ids(folder: str) -> list[int]:
 def chat_formatter(folder: str | None, system: str | None):
   """``text -> the text the model reads``: ``text`` as the user's message (after ``system``,
   if given) through the checkpoint's chat template, ending where the assistant answers."""
-  template = data.chat_template(folder) if folder else None
+  try:
+    template = data.chat_template(folder) if folder else None
+  except ValueError as e:  # an unreadable tokenizer_config.json
+    raise SystemExit(f"--chat: {e}")
   if template is None:
     raise SystemExit(f"--chat: {folder or 'the model'} has no chat template (a "
                      f"chat_template in tokenizer_config.json, or chat_template.jinja)")
