@@ -11,6 +11,7 @@ inputs (``msa_jax.workloads``). Needs a GPU::
 """
 
 import argparse
+import itertools
 import math
 import sys
 
@@ -29,6 +30,7 @@ def main(argv=None):
   parser.add_argument("--chunk", type=int, default=16384)
   parser.add_argument("--tiles", type=int, nargs="+", default=[4, 8, 16])
   parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+  parser.add_argument("--stages", type=int, nargs="+", default=[2])
   args = parser.parse_args(argv)
   w, n, c = bench.M3, args.context, args.chunk
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, context {n}, last {c} queries")
@@ -58,19 +60,21 @@ def main(argv=None):
       ms, _ = bench.timed(lambda: jax.block_until_ready(unions(ids)), iters=20, budget_s=2)
       print(f"| {selection} | {union8:.1f} | tile unions alone (XLA), {tile} queries | "
             f"{ms:.2f} | - |", flush=True)
-      for warps in args.warps:
-        fn = jax.jit(lambda q, k, v, ids, tile=tile, warps=warps: union_kernel.sparse_attention(
-            q, k, v, ids, reference.valid_block_mask(ids, nb), pos, kvl,
-            block_size=w.block_size, scale=scale, queries_per_tile=tile, num_warps=warps)[0])
+      for warps, stages in itertools.product(args.warps, args.stages):
+        fn = jax.jit(lambda q, k, v, ids, tile=tile, warps=warps, stages=stages:
+                     union_kernel.sparse_attention(
+                         q, k, v, ids, reference.valid_block_mask(ids, nb), pos, kvl,
+                         block_size=w.block_size, scale=scale, queries_per_tile=tile,
+                         num_warps=warps, num_stages=stages)[0])
         try:
           got = fn(q, k, v, ids).astype(jnp.float32)
           err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
           ms, _ = bench.timed(lambda: jax.block_until_ready(fn(q, k, v, ids)), iters=20,
                               budget_s=3)
-          print(f"| {selection} | {union8:.1f} | union, {tile} queries, {warps} warps | "
+          print(f"| {selection} | {union8:.1f} | union, {tile} queries, {warps} warps, {stages} stages | "
                 f"{ms:.2f} | {err:.1e} |", flush=True)
         except Exception as e:  # pylint: disable=broad-except
-          print(f"| {selection} | {union8:.1f} | union, {tile} queries, {warps} warps | "
+          print(f"| {selection} | {union8:.1f} | union, {tile} queries, {warps} warps, {stages} stages | "
                 f"failed: {type(e).__name__}: {str(e)[:120]} | |", flush=True)
 
 
