@@ -12,26 +12,20 @@ runs it and with both functions replaced by identities, in one process. Needs a 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import msa_jax
+from models.cli import benchmark as bench
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 
 HQ, G, D, BK, TOPK = 64, 4, 128, 128, 16
 
 
 def timed(fn, iters):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) * 1e3
+  """Median ms of ``fn()`` after a warm-up call (the benchmark's timer)."""
+  return bench.timed(lambda: jax.block_until_ready(fn()), iters=iters, budget_s=60)[0]
 
 
 def main(argv=None):

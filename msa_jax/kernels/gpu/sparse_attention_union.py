@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as pltr
 
 from msa_jax import reference
 from msa_jax.kernels import masking
+from msa_jax.kernels.gpu.sparse_attention import _dot  # pylint: disable=protected-access
 
 MAX_QUERIES_PER_TILE = 31  # the selection bit mask is an int32
 
@@ -61,13 +62,6 @@ def tile_unions(block_indices, valid, queries_per_tile: int):
   members = jnp.sum(jnp.where(selected & (union >= 0)[..., None], bits, 0), axis=-1,
                     dtype=jnp.int32)
   return union, counts, members
-
-
-def _dot(a, b, contract_b):
-  """a @ b (contract_b=0) or a @ b.T (contract_b=1) with fp32 accumulation."""
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
 
 
 def _kernel(ids_ref, counts_ref, members_ref, pos_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref,
