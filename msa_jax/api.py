@@ -203,6 +203,13 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
     from msa_jax.kernels.gpu import index_topk as kernel
     from msa_jax.kernels.gpu import tuning
     selection = tuning.config(kernel.config_key(q_idx.shape[1]))["selection"]
+    if selection == "mosaic":  # Hopper wgmma + TMA; other inputs take the Triton kernel
+      from msa_jax.kernels.gpu import index_topk_mgpu
+      if index_topk_mgpu.supports(q_idx, k_idx, block_size, topk):
+        return index_topk_mgpu.fused_topk(q_idx, k_idx, q_positions, kv_lengths,
+                                          block_size=block_size, topk=topk,
+                                          interpret=interpret)
+      selection = "fused"
     if selection == "fused":  # nothing per query but the ids is kept: no chunking needed
       return kernel.fused_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
                                topk=topk, interpret=interpret)

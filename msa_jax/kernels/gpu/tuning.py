@@ -20,10 +20,12 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_con
 
 DEFAULTS = {
     # selection: where the top-k happens (index_topk.py): "scores" (XLA over the block-score
-    # matrix), "tile" (per key tile in the kernel, then XLA over the candidates) or "fused"
-    # (a running top-k in the kernel; prefill only).
+    # matrix), "tile" (per key tile in the kernel, then XLA over the candidates), "fused"
+    # (a running top-k in the kernel; prefill only) or "mosaic" (as "fused", on Hopper:
+    # index_topk_mgpu.py, wgmma + TMA; bf16/f16 only, other inputs take "fused"). The other
+    # keys are the Triton kernels'; mosaic_stages is the Mosaic kernel's key-block ring.
     "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
-              "selection": "scores"},
+              "selection": "scores", "mosaic_stages": 4},
     # The same kernels for decode (at most DECODE_QUERIES queries per sequence): few rows, so
     # the grid comes from the key tiles and the best tile differs from prefill's.
     # min_programs: blocks_per_tile is halved (down to 1) until the grid has this many

@@ -1,0 +1,91 @@
+"""The Mosaic GPU index top-k kernel against the Triton one, on the last prefill chunk.
+
+For each context, times the selection of the last ``--chunk`` queries (M3 index shapes, bf16)
+by the Triton fused kernel (this card's tuning table) and by ``index_topk_mgpu`` at several
+ring depths, on random and structured index inputs, after checking that the Mosaic kernel's
+selection agrees with the Triton kernel's (share of equal blocks; f32 accumulation orders
+differ, so near ties may not). Reports TFLOP/s of the causal scoring FLOPs
+(``2 * Di * G`` per visible query-key pair) beside the bf16 matmul ceiling measured in the
+same process. Needs a GPU::
+
+    PYTHONPATH=$PWD python3 benchmarks/probes/index_mosaic.py --out results.json
+"""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.cli import benchmark as bench
+from msa_jax.kernels.gpu import index_topk as triton_kernel
+from msa_jax.kernels.gpu import index_topk_mgpu as mosaic_kernel
+from msa_jax.kernels.gpu import tuning
+
+
+def agreement(a, b):
+  """Share of (query, group) slots whose block sets agree, over all rows."""
+  a, b = np.sort(np.asarray(a), axis=-1), np.sort(np.asarray(b), axis=-1)
+  hits = [np.isin(a[..., i:i + 1], b).any(-1) for i in range(a.shape[-1])]
+  return float(np.mean(np.stack(hits)))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
+  parser.add_argument("--chunk", type=int, default=65536)
+  parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4, 6])
+  parser.add_argument("--selections", nargs="+", default=list(bench.SELECTIONS))
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  w = bench.M3
+  ceil = bench.ceilings(argparse.Namespace(iters=10), small=False)
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
+        f"matmul {ceil['matmul_tflops']:.0f} TFLOP/s", flush=True)
+  rows = []
+  for n in args.contexts:
+    c = min(args.chunk, n)
+    pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
+    kvl = jnp.array([n], jnp.int32)
+    pairs = float(np.sum(np.minimum(np.asarray(pos[0], np.float64) + 1, n)))
+    flops = 2 * w.index_dim * w.groups * pairs
+    for selection in args.selections:
+      q_idx, k_idx = bench.index_inputs(selection, jax.random.PRNGKey(n), 1, n, c, w)
+      common = dict(block_size=w.block_size, topk=w.topk)
+      triton = jax.jit(lambda qi, ki: triton_kernel.fused_topk(qi, ki, pos, kvl, **common))
+      want = triton(q_idx, k_idx)
+      variants = [("triton fused", triton)]
+      for s in args.stages:
+        variants.append((f"mosaic, {s} stages", jax.jit(
+            lambda qi, ki, s=s: mosaic_kernel.fused_topk(qi, ki, pos, kvl, num_stages=s,
+                                                         **common))))
+      for name, fn in variants:
+        try:
+          got = fn(q_idx, k_idx)
+          agree = agreement(got, want)
+          ms, _ = bench.timed(lambda: jax.block_until_ready(fn(q_idx, k_idx)),
+                              iters=args.iters, budget_s=4)
+        except Exception as e:  # a variant that does not compile: report, go on
+          print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+          continue
+        tflops = flops / (ms * 1e-3) / 1e12
+        row = dict(N=n, chunk=c, selection=selection, variant=name, ms=ms, tflops=tflops,
+                   of_ceiling=tflops / ceil["matmul_tflops"], agreement=agree)
+        rows.append(row)
+        print(f"| {n} | {selection} | {name} | {ms:.2f} | {tflops:.0f} | "
+              f"{row['of_ceiling']:.2f} | {agree:.4f} |", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                 "ceilings": ceil, "table": tuning.config("index"), "rows": rows}, f, indent=1)
+  print("\n| N | selection | variant | ms | TFLOP/s | of matmul | agreement |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['N']} | {r['selection']} | {r['variant']} | {r['ms']:.2f} | "
+          f"{r['tflops']:.0f} | {r['of_ceiling']:.2f} | {r['agreement']:.4f} |")
+
+
+if __name__ == "__main__":
+  main()

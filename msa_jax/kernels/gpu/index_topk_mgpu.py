@@ -1,0 +1,232 @@
+"""Index scoring with the top-k fused, for Hopper (Pallas Mosaic GPU: TMA + wgmma).
+
+Same result as ``index_topk.fused_topk`` (the Triton kernel): the int32 selection
+``[B, T, G, topk]``, -1 padded, with nothing but the block ids leaving the kernel. Here the
+scoring GEMM runs on wgmma fed by TMA, and the running top-k lives in registers:
+
+* Rows are (query, index head) pairs, ``T * G`` per sequence, in query-major order. A CTA
+  takes 128 consecutive rows: two compute warpgroups of 64 rows (one wgmma M each) and one
+  producer warpgroup. Grid: (row tiles, batch); the row tiles with the most keys launch
+  first (causal prefill: later rows see more blocks).
+* Shared memory: each compute warpgroup's q tile ``[64, Di]`` (loaded once) and its rows'
+  last visible key (``min(position, kv_len - 1)``, -1 for padding rows); a ring of
+  ``num_stages`` key blocks ``[Bk, Di]``, (8, 64)-tiled and 128-byte swizzled as wgmma wants
+  them; the output ids ``[topk, 64]`` per compute warpgroup.
+* Producer, per key block j of the CTA's visible range (up to its last row's last visible
+  key): waits until both compute warpgroups have released the ring slot, then one TMA copy
+  of the block's index keys into it.
+* Compute warpgroup, per block j: waits for the slot, S = q K^T (wgmma, f32 accumulator
+  ``[64, Bk]``), releases the slot, masks keys past each row's last visible key (only for
+  blocks some row of the tile does not see whole, under a ``lax.cond``), takes the max over
+  the block's keys, raises the row's own block to +inf, and inserts the block into the row's
+  running top-k: ``topk`` (value, id) pairs per row held in registers, sorted by descending
+  value (per entry one compare and four selects). Blocks arrive in ascending id and a new
+  block passes only strictly smaller values, so ties go to the lower block id, as in
+  ``reference.select_blocks``; -inf (no visible key) and NaN maxima are never inserted.
+  While one compute warpgroup runs its epilogue, the other's wgmma keeps the tensor cores
+  busy.
+* At the end each compute warpgroup writes its ids (-1 where the value is still -inf) to
+  shared memory and stores them with one TMA copy to ``out[b, :, rows]`` (ids major, so each
+  id slot of the 64 rows is one contiguous row of the staging buffer); XLA transposes.
+
+Supported (``supports``): bf16/f16 index inputs (wgmma), Di a multiple of 64 up to 256,
+block size a multiple of 64 up to 256, topk up to 16 (registers). Anything else: the Triton
+kernels (``index_topk.py``).
+
+Validation on CPU (``tests/test_index_mgpu.py``): the Mosaic GPU interpreter runs the
+producer and compute warpgroups as threads with barrier-phase and race checks and NaN-filled
+memory, against the reference selection; ``jax.export`` for CUDA checks the lowering at M3
+shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
+from msa_jax.kernels.gpu import tuning
+
+WGMMA_ROWS = 64  # rows of one compute warpgroup (one wgmma M)
+COMPUTE_WGS = 2
+CTA_ROWS = COMPUTE_WGS * WGMMA_ROWS
+MAX_TOPK = 16  # the running top-k takes 4 registers per entry and row pair
+
+
+def supports(q_idx, k_idx, block_size: int, topk: int) -> bool:
+  """Whether this kernel handles these shapes/dtypes (else use the Triton kernels)."""
+  di = q_idx.shape[-1]
+  return (q_idx.dtype in (jnp.bfloat16, jnp.float16) and k_idx.dtype == q_idx.dtype
+          and di % 64 == 0 and di <= 256 and block_size % 64 == 0 and block_size <= 256
+          and 1 <= topk <= MAX_TOPK)
+
+
+def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2) -> int:
+  """Shared memory the kernel allocates (barriers not included)."""
+  q_tiles = CTA_ROWS * index_dim * itemsize
+  ring = num_stages * block_size * index_dim * itemsize
+  return q_tiles + ring + CTA_ROWS * 4 + COMPUTE_WGS * topk * WGMMA_ROWS * 4
+
+
+def _kernel(meta_ref, last_ref, q_ref, k_ref, out_ref, q_smem, last_smem, k_smem, ids_smem,
+            q_loaded, loaded, consumed, *, stages, block_size, topk, interpreted):
+  bk = block_size
+  tile = meta_ref.shape[1] - 1 - lax.axis_index("tile")  # the longest row tiles first
+  b = lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  steps = meta_ref[b, tile, 0]  # key blocks holding a key visible to some row of the CTA
+
+  def slot_of(j):
+    return lax.rem(j, jnp.int32(stages))
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, steps)
+    def _(j):
+      slot = slot_of(j)
+
+      @pl.when(j >= stages)
+      def _():
+        plgpu.barrier_wait(consumed.at[slot])
+
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(j * bk, bk)], k_smem.at[slot],
+                              loaded.at[slot])
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(j):  # observe the last releases, so no barrier phase goes unobserved
+      plgpu.barrier_wait(consumed.at[slot_of(j)])
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+    w = wg
+    row0 = (tile * COMPUTE_WGS + w) * WGMMA_ROWS
+    full = meta_ref[b, tile, 1 + w]  # leading blocks every row of this warpgroup sees whole
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, WGMMA_ROWS)], q_smem.at[w],
+                            q_loaded.at[w])
+    plgpu.copy_gmem_to_smem(last_ref.at[b, pl.ds(row0, WGMMA_ROWS)], last_smem.at[w],
+                            q_loaded.at[w])
+    plgpu.barrier_wait(q_loaded.at[w])
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    if interpreted:  # the Mosaic GPU interpreter has no rule for a load with a layout
+      last = last_smem[w]
+    else:
+      last = plgpu.load(last_smem, (w,), layout=row_layout)  # [64] int32
+    zero = last * 0
+    own = jnp.where(last >= 0, lax.div(last, jnp.int32(bk)), zero - 1)
+    cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+
+    def step(j, carry):
+      vals, ids = carry
+      slot = slot_of(j)
+      plgpu.barrier_wait(loaded.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem.at[w], plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, bk), jnp.float32))
+      plgpu.barrier_arrive(consumed.at[slot])
+
+      def mask(s):
+        limit = lax.broadcast_in_dim(last - j * bk, (WGMMA_ROWS, bk), [0])
+        return jnp.where(cols <= limit, s, -jnp.inf)
+
+      s = lax.cond(j >= full, mask, lambda s: s, s)
+      new_val = jnp.where(own == j, jnp.inf, s.max(axis=1))
+      new_id = zero + j
+      # Insert (new_val, j): entries below it shift down one place. Entry e is passed iff
+      # new_val > vals[e] (strictly: an equal value from an earlier, lower block stays
+      # ahead), and since the list is sorted these are the last entries.
+      passed = [new_val > v for v in vals]
+      shift = lambda x, e, new: jnp.where(passed[e - 1], x[e - 1], new) if e else new
+      vals = tuple(jnp.where(passed[e], shift(vals, e, new_val), vals[e]) for e in range(topk))
+      ids = tuple(jnp.where(passed[e], shift(ids, e, new_id), ids[e]) for e in range(topk))
+      return vals, ids
+
+    empty = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
+    vals, ids = lax.fori_loop(0, steps, step, ((empty,) * topk, (zero - 1,) * topk))
+    for e in range(topk):
+      ids_smem[w, e] = jnp.where(vals[e] == -jnp.inf, zero - 1, ids[e])
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(ids_smem.at[w], out_ref.at[b, :, pl.ds(row0, WGMMA_ROWS)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
+  """Rows padded to whole CTAs; per row its last visible key; per CTA (blocks to walk, and
+  per compute warpgroup the blocks all its rows see whole); keys padded to whole blocks."""
+  b, t, g, di = q_idx.shape
+  s_len = k_idx.shape[1]
+  rows = t * g
+  rows_pad = -(-rows // CTA_ROWS) * CTA_ROWS
+  q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
+  last = jnp.minimum(q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32)[:, None] - 1)
+  last = jnp.maximum(last, -1)
+  last = jnp.pad(jnp.repeat(last, g, axis=1), ((0, 0), (0, rows_pad - rows)),
+                 constant_values=-1)
+  per_wg = last.reshape(b, rows_pad // CTA_ROWS, COMPUTE_WGS, WGMMA_ROWS)
+  steps = per_wg.max(axis=(2, 3)) // block_size + 1  # 0 when no row sees a key
+  full = (per_wg.min(axis=3) + 1) // block_size
+  meta = jnp.concatenate([steps[..., None], full], axis=-1).astype(jnp.int32)
+  nb = -(-s_len // block_size)
+  if nb * block_size != s_len:
+    k_idx = jnp.pad(k_idx, ((0, 0), (0, nb * block_size - s_len), (0, 0)))
+  return rows, rows_pad, q_rows, last, meta, k_idx
+
+
+def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
+               interpret=False):
+  """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
+  running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
+  the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
+  GPU interpret-params object (CPU simulation)."""
+  if not supports(q_idx, k_idx, block_size, topk):
+    raise ValueError(f"index_topk_mgpu does not support q_idx {q_idx.shape} {q_idx.dtype}, "
+                     f"k_idx {k_idx.shape} {k_idx.dtype}, block_size {block_size}, "
+                     f"topk {topk}")
+  stages = tuning.config("index", mosaic_stages=num_stages)["mosaic_stages"]
+  if stages < 2:
+    raise ValueError(f"num_stages must be >= 2; got {stages}")
+  b, t, g, di = q_idx.shape
+  need = smem_bytes(num_stages=stages, index_dim=di, block_size=block_size, topk=topk,
+                    itemsize=q_idx.dtype.itemsize)
+  if need > mgpu.SMEM_BYTES:
+    raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
+  rows, rows_pad, q_rows, last, meta, k_idx = _geometry(q_idx, k_idx, q_positions, kv_lengths,
+                                                        block_size)
+  swizzle = 128
+  transforms = (plgpu.TilingTransform((8, swizzle // q_idx.dtype.itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+  scratch = [
+      plgpu.SMEM((COMPUTE_WGS, WGMMA_ROWS, di), q_idx.dtype, transforms=transforms),
+      plgpu.SMEM((COMPUTE_WGS, WGMMA_ROWS), jnp.int32),  # rows' last visible key
+      plgpu.SMEM((stages, block_size, di), k_idx.dtype, transforms=transforms),
+      plgpu.SMEM((COMPUTE_WGS, topk, WGMMA_ROWS), jnp.int32),  # ids staging
+      plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # q tile + last keys loaded
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # key block loaded
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # key slot released
+  ]
+  kernel_kwargs = dict(
+      out_type=jax.ShapeDtypeStruct((b, topk, rows_pad), jnp.int32),
+      scratch_types=scratch,
+      grid=(rows_pad // CTA_ROWS, b),
+      grid_names=("tile", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
+  params = mgpu._interpret_params(interpret)
+  if params is not None:
+    kernel_kwargs["interpret"] = params
+  body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
+                           interpreted=params is not None)
+  ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx)
+  return ids[:, :, :rows].transpose(0, 2, 1).reshape(b, t, g, topk)

@@ -1,0 +1,119 @@
+"""The Mosaic GPU (Hopper TMA + wgmma) index top-k kernel under the Mosaic GPU interpreter.
+
+As ``test_sparse_mgpu.py``: the interpreter runs the producer and compute warpgroups as
+threads, checks barrier phases, detects races and fills fresh memory with NaN; on a GPU
+(``JAX_PLATFORMS=cuda``) the same tests run the compiled kernel.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import msa_jax
+from msa_jax.kernels.gpu import index_topk_mgpu as kernel
+from msa_jax.kernels.gpu import tuning
+from tests import oracle
+from tests.test_sparse_mgpu import gpu_interpret, interpreted, InterpretGPUParams
+
+pytestmark = pytest.mark.skipif(
+    (gpu_interpret is None or InterpretGPUParams is None) and jax.default_backend() != "gpu",
+    reason="Mosaic GPU interpret mode not in this jax")
+
+
+def _inputs(seed, *, batch, q_len, kv_len, groups, index_dim=64, kv_lengths=None,
+            first_position=None, ties=False, dtype=jnp.bfloat16):
+  rng = np.random.default_rng(seed)
+  if ties:  # small integers: every score exact, many equal block maxima
+    q_idx = rng.integers(-2, 3, (batch, q_len, groups, index_dim))
+    k_idx = rng.integers(-2, 3, (batch, kv_len, index_dim))
+  else:
+    q_idx = rng.standard_normal((batch, q_len, groups, index_dim))
+    k_idx = rng.standard_normal((batch, kv_len, index_dim))
+  kvl = np.array(kv_lengths or (kv_len,) * batch, np.int32)
+  first = np.array(first_position) if first_position else kvl - q_len
+  pos = (first[:, None] + np.arange(q_len)[None]).astype(np.int32)
+  return (jnp.asarray(q_idx, dtype), jnp.asarray(k_idx, dtype), jnp.asarray(pos),
+          jnp.asarray(kvl))
+
+
+CASES = {
+    # Causal prefill: 48 queries x 4 groups = 192 rows (two CTAs, the second half padding),
+    # a partial last block.
+    "prefill": dict(batch=1, q_len=48, kv_len=300, groups=4),
+    # Chunked prefill, ragged lengths: sequence 1's last queries see only up to its length.
+    "chunked_ragged": dict(batch=2, q_len=40, kv_len=448, groups=2, kv_lengths=(448, 330),
+                           first_position=(400, 300)),
+    # Exact ties everywhere: the lower block id wins.
+    "ties": dict(batch=1, q_len=64, kv_len=512, groups=2, ties=True),
+    # More slots than visible blocks for the early queries: -1 padding.
+    "topk_exceeds_blocks": dict(batch=1, q_len=32, kv_len=200, groups=4),
+}
+
+
+@pytest.mark.parametrize("name,topk,block_size,stages", [
+    ("prefill", 3, 64, 2), ("chunked_ragged", 4, 64, 3), ("ties", 5, 64, 4),
+    ("topk_exceeds_blocks", 6, 64, 2), ("prefill", 2, 128, 2)])
+def test_selection_matches_oracle(name, topk, block_size, stages):
+  q_idx, k_idx, pos, kvl = _inputs(7, **CASES[name])
+  with interpreted() as params:
+    ids = kernel.fused_topk(q_idx, k_idx, pos, kvl, block_size=block_size, topk=topk,
+                            num_stages=stages, interpret=params)
+    ids.block_until_ready()
+  assert ids.shape == (*q_idx.shape[:3], topk) and ids.dtype == jnp.int32
+  f32 = lambda x: np.asarray(x.astype(jnp.float32))
+  want = oracle.index_topk(f32(q_idx), f32(k_idx), block_size, topk, np.asarray(pos),
+                           np.asarray(kvl))
+  assert oracle.same_sets(ids, want)
+  # Valid entries first, by descending score (the order the running top-k keeps).
+  got = np.asarray(ids)
+  assert np.all((got[..., 1:] == -1) | (got[..., :-1] != -1))
+
+
+def test_api_dispatch(monkeypatch):
+  """``"selection": "mosaic"`` in the index tuning section routes ``index_topk`` here, and
+  inputs the kernel does not support fall back to the Triton kernel."""
+  q_idx, k_idx, pos, kvl = _inputs(8, **CASES["prefill"])
+  calls = []
+  run = kernel.fused_topk
+  monkeypatch.setattr(kernel, "fused_topk", lambda *a, **kw: calls.append(kw) or run(*a, **kw))
+  with tuning.override("index", selection="mosaic"), interpreted() as params:
+    ids = msa_jax.index_topk(q_idx, k_idx, block_size=64, topk=3, implementation="pallas_gpu",
+                             interpret=params)
+    ids.block_until_ready()
+  assert len(calls) == 1
+  f32 = lambda x: np.asarray(x.astype(jnp.float32))
+  want = oracle.index_topk(f32(q_idx), f32(k_idx), 64, 3, np.asarray(pos), np.asarray(kvl))
+  assert oracle.same_sets(ids, want)
+  with tuning.override("index", selection="mosaic", blocks_per_tile=2):  # f32: Triton
+    ids = msa_jax.index_topk(q_idx.astype(jnp.float32), k_idx.astype(jnp.float32),
+                             block_size=64, topk=3, implementation="pallas_gpu", interpret=True)
+  assert len(calls) == 1 and oracle.same_sets(ids, want)
+
+
+def test_supports_and_errors():
+  q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
+  k = jnp.zeros((1, 256, 128), jnp.bfloat16)
+  assert kernel.supports(q, k, 128, 16)
+  assert not kernel.supports(q.astype(jnp.float32), k.astype(jnp.float32), 128, 16)
+  assert not kernel.supports(q, k, 32, 16)  # block smaller than a swizzled tile row
+  assert not kernel.supports(q, k, 128, 17)  # more entries than registers hold
+  with pytest.raises(ValueError, match="does not support"):
+    kernel.fused_topk(q, k, jnp.zeros((1, 8), jnp.int32), jnp.array([256]), block_size=32,
+                      topk=4)
+  with pytest.raises(ValueError, match="shared memory"):
+    kernel.fused_topk(q, k, jnp.zeros((1, 8), jnp.int32), jnp.array([256]), block_size=256,
+                      topk=4, num_stages=8)
+
+
+def test_lowers_for_hopper_at_m3_shapes():
+  """Pallas -> Mosaic GPU lowering at M3 index shapes (Di 128, Bk 128, top 16), on CPU
+  through ``jax.export`` for CUDA."""
+  from jax import export
+  b, t, s_len, g, di = 1, 256, 2048, 4, 128
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  fn = lambda qi, ki, pos, kvl: kernel.fused_topk(qi, ki, pos, kvl, block_size=128, topk=16)
+  exported = export.export(jax.jit(fn), platforms=["cuda"])(
+      shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
+      shape(b, dtype=jnp.int32))
+  assert "mosaic_gpu" in exported.mlir_module()
