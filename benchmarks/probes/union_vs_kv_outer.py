@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import msa_jax
 from models.cli import benchmark as bench
 from msa_jax import reference, workloads
+from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
+from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
 
 
 def main(argv=None):
@@ -31,6 +33,10 @@ def main(argv=None):
   parser.add_argument("--tiles", type=int, nargs="+", default=[4, 8, 16])
   parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
   parser.add_argument("--stages", type=int, nargs="+", default=[2])
+  parser.add_argument("--mosaic-stages", type=int, nargs="+", default=[2, 3],
+                      help="K/V ring depths of the Mosaic GPU union kernel")
+  parser.add_argument("--skip-triton", action="store_true",
+                      help="time only the Mosaic GPU union kernel against the API")
   args = parser.parse_args(argv)
   w, n, c = bench.M3, args.context, args.chunk
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, context {n}, last {c} queries")
@@ -54,7 +60,24 @@ def main(argv=None):
     want = api(q, k, v, ids).astype(jnp.float32)
     ms, _ = bench.timed(lambda: jax.block_until_ready(api(q, k, v, ids)), iters=20, budget_s=3)
     print(f"| {selection} | {union8:.1f} | API (KV-outer) | {ms:.2f} | - |", flush=True)
-    for tile in args.tiles:
+    for stages in args.mosaic_stages:
+      def mosaic(q, k, v, ids, stages=stages):
+        vg, _ = mgpu.guard_values(v, kvl)
+        return union_mgpu.sparse_attention(q, k, vg, ids, reference.valid_block_mask(ids, nb),
+                                           pos, kvl, block_size=w.block_size, scale=scale,
+                                           num_stages=stages)[0]
+      fn = jax.jit(mosaic)
+      label = f"Mosaic union, {union_mgpu.queries_per_tile(w.q_heads // w.groups)} queries, {stages} stages"
+      try:
+        got = fn(q, k, v, ids).astype(jnp.float32)
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        ms, _ = bench.timed(lambda: jax.block_until_ready(fn(q, k, v, ids)), iters=20,
+                            budget_s=3)
+        print(f"| {selection} | {union8:.1f} | {label} | {ms:.2f} | {err:.1e} |", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"| {selection} | {union8:.1f} | {label} | failed: {type(e).__name__}: "
+              f"{str(e)[:300]} | |", flush=True)
+    for tile in ([] if args.skip_triton else args.tiles):
       unions = jax.jit(lambda ids, tile=tile: union_kernel.tile_unions(
           ids, reference.valid_block_mask(ids, nb), tile))
       ms, _ = bench.timed(lambda: jax.block_until_ready(unions(ids)), iters=20, budget_s=2)
