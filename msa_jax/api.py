@@ -335,13 +335,30 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
           interpret=interpret)
       return sched.combine(partial_out, partial_lse, valid[:, lo:hi], q.dtype)
 
-    # Long query ranges in pieces (``query_chunk``): smaller partial buffers (k rows per
-    # query), at some speed (on the H200 one piece is fastest: 20.7 vs 22.0 ms at 16K pieces
-    # of a 64K chunk, so its table has None).
-    piece = tuning.config("sparse").get("query_chunk") or t
-    outs = [kv_outer(lo, min(lo + piece, t)) for lo in range(0, t, piece)]
-    out, lse = (outs[0] if len(outs) == 1 else
-                tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
+    def kv_outer_all():
+      # Long query ranges in pieces (``query_chunk``): smaller partial buffers (k rows per
+      # query), at some speed (on the H200 one piece is fastest: 20.7 vs 22.0 ms at 16K
+      # pieces of a 64K chunk, so its table has None).
+      piece = tuning.config("sparse").get("query_chunk") or t
+      outs = [kv_outer(lo, min(lo + piece, t)) for lo in range(0, t, piece)]
+      return (outs[0] if len(outs) == 1 else
+              tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
+
+    union_max = tuning.config("sparse").get("union_max") or 0
+    from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_kernel
+    if guarded and union_max and union_kernel.supports(q, k, v, block_size):
+      # Query-outer over tiles of neighbouring queries when they share their blocks (the
+      # tiles' mean union is small, as with a trained indexer's selections): each tile's
+      # blocks loaded once, no partials, no combine. Else KV-outer.
+      unions = union_kernel.tile_unions(block_indices, valid, hq // g)
+      out, lse = lax.cond(
+          union_kernel.mean_union(unions) <= union_max,
+          lambda: union_kernel.sparse_attention(
+              q, k, v, block_indices, valid, q_positions, kv_lengths, block_size=block_size,
+              scale=scale, unions=unions, interpret=interpret),
+          kv_outer_all)
+    else:
+      out, lse = kv_outer_all()
     if guarded:
       out = kernel.poison(out, bad_prefix, block_indices, valid, q_positions, kv_lengths,
                           block_size)

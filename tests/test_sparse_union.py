@@ -1,6 +1,7 @@
 """The union-tile forward (kernels/gpu/sparse_attention_union.py) in interpret mode against
 the float64 oracle, and its per-tile unions against sets."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -137,3 +138,44 @@ def test_mosaic_union_lowers_for_hopper_at_m3_shapes():
       shape(b, t, g, topk, dtype=jnp.int32), shape(b, t, dtype=jnp.int32),
       shape(b, dtype=jnp.int32))
   assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("union_max", [1000, 0.5])
+def test_api_chooses_union_or_kv_outer_by_mean_union(monkeypatch, union_max):
+  """With the Mosaic kernels, ``sparse_attention`` runs the union kernel when the tiles' mean
+  union is at most ``union_max`` and KV-outer otherwise. The branch not meant to run is
+  poisoned (NaN), so a wrong choice fails."""
+  import msa_jax
+  from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
+  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  from msa_jax.kernels.gpu import tuning
+  from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
+  case = MGPU_CASES["prefill_gqa16"]
+  inputs = C.make_inputs(case, jnp.bfloat16, seed=6)
+  ids = C.random_selection(case, inputs, seed=6)
+  poisoned = lambda fn: lambda *a, **kw: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan),
+                                                      fn(*a, **kw))
+  if union_max >= 1:
+    monkeypatch.setattr(mgpu, "sparse_attention_partials",
+                        poisoned(mgpu.sparse_attention_partials))
+  else:
+    monkeypatch.setattr(union_mgpu, "sparse_attention", poisoned(union_mgpu.sparse_attention))
+  with tuning.override("sparse", kernel="mosaic", union_max=union_max), \
+      interpreted() as params:
+    out, lse = msa_jax.sparse_attention(inputs["q"], inputs["k"], inputs["v"], ids,
+                                        block_size=case.block_size,
+                                        kv_lengths=inputs["kv_lengths"], return_lse=True,
+                                        implementation="pallas_gpu", interpret=params)
+    out.block_until_ready()
+  want_out, want_lse = C.oracle_attention(case, inputs, ids)
+  assert C.rel_err(out, want_out) < 1e-2
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=1e-2)
+
+
+def test_mean_union_counts_only_tiles_with_blocks():
+  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  ids = jnp.array([[[[0, 1]], [[1, 2]], [[-1, -1]], [[-1, -1]]]], jnp.int32)  # [1, 4, 1, 2]
+  valid = ids >= 0
+  unions = union_kernel.tile_unions(ids, valid, 2)  # tiles {0, 1, 2} and {}
+  assert float(union_mgpu.mean_union(unions)) == 3.0

@@ -167,12 +167,24 @@ def _kernel(ids_ref, counts_ref, members_ref, last_ref, q_ref, k_ref, v_ref, o_r
     plgpu.wait_smem_to_gmem(0)
 
 
+def tile_unions(block_indices, valid, heads: int):
+  """``sparse_attention_union.tile_unions`` for this kernel's tiles (``heads`` per group)."""
+  return union_common.tile_unions(block_indices, valid, queries_per_tile(heads))
+
+
+def mean_union(unions) -> jax.Array:
+  """Mean union size over the tiles that select any block (a traced float32 scalar)."""
+  counts = unions[1]
+  return jnp.sum(counts) / jnp.maximum(jnp.sum(counts > 0), 1).astype(jnp.float32)
+
+
 def sparse_attention(q, k, v, block_indices, valid, q_positions, kv_lengths, *, block_size,
-                     scale, num_stages=2, interpret=False):
+                     scale, num_stages=2, unions=None, interpret=False):
   """Exact attention of ``q [B,T,Hq,D]`` over its selected blocks of ``k``/``v`` (padded to
   whole blocks; values already guarded by ``sparse_attention_mgpu.guard_values``), one CTA
-  per tile of ``queries_per_tile(heads)`` positions and group. Returns ``out [B,T,Hq,Dv]`` and
-  float32 ``lse [B,T,Hq]`` (-inf for queries without a visible selected key)."""
+  per tile of ``queries_per_tile(heads)`` positions and group. ``unions``: ``tile_unions``'
+  result if already computed. Returns ``out [B,T,Hq,Dv]`` and float32 ``lse [B,T,Hq]`` (-inf
+  for queries without a visible selected key)."""
   b, t, hq, d = q.shape
   g, dv = k.shape[2], v.shape[-1]
   heads = hq // g
@@ -187,7 +199,9 @@ def sparse_attention(q, k, v, block_indices, valid, q_positions, kv_lengths, *, 
     raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
   lanes = ROWS // heads
   per_tile = COMPUTE_WGS * lanes
-  union, counts, members = union_common.tile_unions(block_indices, valid, per_tile)
+  if unions is None:
+    unions = tile_unions(block_indices, valid, heads)
+  union, counts, members = unions
   tiles, width = union.shape[1], union.shape[-1]
   tp = tiles * per_tile
   last = jnp.minimum(q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32)[:, None] - 1)
