@@ -806,15 +806,24 @@ def plot(result, path):
   rows = [r for r in result["prefill"] if "error" not in r]
   if not rows:
     return
-  n = [r["N"] for r in rows]
   fig, ax = plt.subplots(figsize=(7, 5))
-  for key, label, style in [("dense_ms", "dense causal GQA (cuDNN)", "k-o"),
-                            ("msa_ms", "MSA total", "C0-s"),
-                            ("index_ms", "MSA index + top-k", "C1--^"),
-                            ("sparse_ms", "MSA sparse attention", "C2--v")]:
-    pts = [(x, r[key]) for x, r in zip(n, rows) if r.get(key)]
-    if pts:
-      ax.loglog(*zip(*pts), style, label=label, base=2)
+  dense = {r["N"]: r["dense_ms"] for r in rows if r.get("dense_ms")}
+  if dense:
+    ax.loglog(*zip(*sorted(dense.items())), "k-o", label="dense causal GQA (cuDNN)", base=2)
+  # One line per selection (structured solid, random dashed); rows without one are random.
+  selections = sorted({r.get("selection", "random") for r in rows}, reverse=True)
+  for selection in selections:
+    line = "-" if selection == "structured" else "--"
+    suffix = f", {selection} selections" if len(selections) > 1 else ""
+    for key, label, style in [("msa_ms", "MSA total", "C0s"),
+                              ("index_ms", "MSA index + top-k", "C1^"),
+                              ("sparse_ms", "MSA sparse attention", "C2v")]:
+      pts = [(r["N"], r[key]) for r in rows
+             if r.get(key) and r.get("selection", "random") == selection]
+      if pts and not (key == "index_ms" and selection != selections[0]):
+        # The index does not depend on the selection's structure: drawn once.
+        ax.loglog(*zip(*pts), style + line, label=label + ("" if key == "index_ms" else suffix),
+                  base=2, alpha=1.0 if selection == "structured" else 0.6)
   ax.set_xlabel("context length N (tokens)")
   ax.set_ylabel("prefill latency per layer (ms)")
   m = result["meta"]
