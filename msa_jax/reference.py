@@ -156,6 +156,28 @@ def exact_top_k(x: jax.Array, k: int, group: int = 128):
   return v2, jnp.take_along_axis(i1.reshape(*i1.shape[:-2], num_groups * k), j, axis=-1)
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_per_token(x: jax.Array):
+  """``x [..., D]`` -> ``(x8 float8_e4m3fn [..., D], scale float32 [...])``, x ~ x8 * scale.
+
+  One scale per token: its largest magnitude over 448, rounded up to a power of two (as the
+  E8M0 scales of MX formats), so applying or removing a scale is exact and a row's scale
+  never changes the order of its scores. All-zero tokens get scale 1.
+  """
+  xf = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1)
+  scale = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(amax / FP8_MAX))), 1.0)
+  return (xf / scale[..., None]).astype(jnp.float8_e4m3fn), scale
+
+
+def fp8_round(x: jax.Array) -> jax.Array:
+  """``x`` as the FP8 index scores see it (``fp8_per_token`` and back), in float32."""
+  x8, scale = fp8_per_token(x)
+  return x8.astype(jnp.float32) * scale[..., None]
+
+
 def index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
                chunk_size=DEFAULT_CHUNK):
   """Top-k KV blocks per (query, group): int32 [B,T,G,topk], -1 padded."""

@@ -117,3 +117,63 @@ def test_lowers_for_hopper_at_m3_shapes():
       shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
       shape(b, dtype=jnp.int32))
   assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_fp8_selection_matches_reference_on_rounded_inputs(ties):
+  """FP8 scoring (``score_dtype="float8_e4m3fn"``) through the API: the Mosaic kernel's FP8
+  GEMM with per-key scales selects what the XLA reference selects from the FP8-rounded
+  inputs. Small integers are exact in E4M3 with power-of-two scales (every score exact, many
+  ties); normal data checks the scales (keys of different magnitudes)."""
+  q_idx, k_idx, pos, kvl = _inputs(9, batch=2, q_len=40, kv_len=448, groups=2,
+                                   index_dim=128, kv_lengths=(448, 330),
+                                   first_position=(400, 300), ties=ties)
+  if not ties:  # keys of very different norms: their scales matter
+    k_idx = k_idx * jnp.exp2(jnp.arange(448) % 7 - 3.0)[None, :, None].astype(k_idx.dtype)
+  with tuning.override("index", selection="mosaic"), interpreted() as params:
+    ids = msa_jax.index_topk(q_idx, k_idx, block_size=64, topk=4, implementation="pallas_gpu",
+                             q_positions=pos, kv_lengths=kvl, interpret=params,
+                             score_dtype="float8_e4m3fn")
+    ids.block_until_ready()
+  want = msa_jax.index_topk(q_idx, k_idx, block_size=64, topk=4, implementation="xla",
+                            q_positions=pos, kv_lengths=kvl, score_dtype="float8_e4m3fn")
+  assert oracle.same_sets(ids, want)
+  if ties:  # and the exact oracle on the rounded values agrees
+    from msa_jax import reference
+    f64 = lambda x: np.asarray(reference.fp8_round(x), np.float64)
+    assert oracle.same_sets(ids, oracle.index_topk(f64(q_idx), f64(k_idx), 64, 4,
+                                                   np.asarray(pos), np.asarray(kvl)))
+
+
+def test_fp8_rounding():
+  from msa_jax import reference
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((5, 128)) * [[1e-3], [1], [7], [300],
+                                                                         [0]], jnp.float32)
+  x8, scale = reference.fp8_per_token(x)
+  assert x8.dtype == jnp.float8_e4m3fn and scale.shape == (5,)
+  s = np.asarray(scale)
+  assert np.all(np.log2(s) == np.round(np.log2(s)))  # powers of two
+  amax = np.abs(np.asarray(x)).max(-1)
+  assert np.all(amax[:4] / s[:4] <= reference.FP8_MAX) and np.all(amax[:4] / s[:4] > 224)
+  err = np.abs(np.asarray(reference.fp8_round(x)) - np.asarray(x))
+  assert np.all(err <= np.abs(np.asarray(x)) * 2**-4 + s[:, None] * 2**-9)  # 3 mantissa bits
+  with pytest.raises(ValueError, match="score_dtype"):
+    msa_jax.index_topk(jnp.ones((1, 2, 1, 8)), jnp.ones((1, 4, 8)), block_size=2, topk=1,
+                       score_dtype="int8")
+
+
+def test_fp8_lowers_for_hopper_at_m3_shapes():
+  from jax import export
+  from msa_jax import reference
+  b, t, s_len, g, di = 1, 256, 2048, 4, 128
+
+  def fn(qi, ki, pos, kvl):
+    q8, _ = reference.fp8_per_token(qi)
+    k8, ks = reference.fp8_per_token(ki)
+    return kernel.fused_topk(q8, k8, pos, kvl, block_size=128, topk=16, k_scale=ks)
+
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  exported = export.export(jax.jit(fn), platforms=["cuda"])(
+      shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
+      shape(b, dtype=jnp.int32))
+  assert "mosaic_gpu" in exported.mlir_module()

@@ -2,9 +2,10 @@
 
 For each context, times the selection of the last ``--chunk`` queries (M3 index shapes, bf16)
 by the Triton fused kernel (this card's tuning table) and by ``index_topk_mgpu`` at several
-ring depths, on random and structured index inputs, after checking that the Mosaic kernel's
-selection agrees with the Triton kernel's (share of equal blocks; f32 accumulation orders
-differ, so near ties may not). Reports TFLOP/s of the causal scoring FLOPs
+ring depths, in bf16 and in FP8 (float8_e4m3fn, one power-of-two scale per token), on random
+and structured index inputs, after checking that the bf16 Mosaic kernel's selection agrees
+with the Triton kernel's (share of equal blocks; f32 accumulation orders differ, so near ties
+may not) and measuring how much of the bf16 selection the FP8 one keeps (its recall). Reports TFLOP/s of the causal scoring FLOPs
 (``2 * Di * G`` per visible query-key pair) beside the bf16 matmul ceiling measured in the
 same process. Needs a GPU::
 
@@ -18,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import msa_jax
 from models.cli import benchmark as bench
+from msa_jax import reference
 from msa_jax.kernels.gpu import index_topk as triton_kernel
 from msa_jax.kernels.gpu import index_topk_mgpu as mosaic_kernel
 from msa_jax.kernels.gpu import tuning
@@ -36,6 +39,7 @@ def main(argv=None):
   parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
   parser.add_argument("--chunk", type=int, default=65536)
   parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4, 6])
+  parser.add_argument("--fp8-stages", type=int, nargs="+", default=[4, 6, 8])
   parser.add_argument("--selections", nargs="+", default=list(bench.SELECTIONS))
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--out", default=None)
@@ -61,11 +65,27 @@ def main(argv=None):
         variants.append((f"mosaic, {s} stages", jax.jit(
             lambda qi, ki, s=s: mosaic_kernel.fused_topk(qi, ki, pos, kvl, num_stages=s,
                                                          **common))))
+      # FP8: the kernel on inputs quantized beforehand (as an FP8 cache would hold them),
+      # and the API call that quantizes inside.
+      q8, _ = reference.fp8_per_token(q_idx)
+      k8, k_scale = reference.fp8_per_token(k_idx)
+      fp8_inputs = (q8, k8, k_scale)
+      for s in args.fp8_stages:
+        variants.append((f"mosaic FP8, {s} stages", jax.jit(
+            lambda q8, k8, ks, s=s: mosaic_kernel.fused_topk(q8, k8, pos, kvl, num_stages=s,
+                                                             k_scale=ks, **common))))
+      variants.append(("API FP8 (quantizes)", jax.jit(
+          lambda qi, ki: msa_jax.index_topk(qi, ki, q_positions=pos, kv_lengths=kvl,
+                                            score_dtype="float8_e4m3fn", **common))))
+      bf16 = None
       for name, fn in variants:
+        inputs = fp8_inputs if name.startswith("mosaic FP8") else (q_idx, k_idx)
         try:
-          got = fn(q_idx, k_idx)
-          agree = agreement(got, want)
-          ms, _ = bench.timed(lambda: jax.block_until_ready(fn(q_idx, k_idx)),
+          got = fn(*inputs)
+          if name.startswith("mosaic,") and bf16 is None:
+            bf16 = got  # FP8 rows: agreement with the bf16 Mosaic selection (the recall)
+          agree = agreement(got, want if bf16 is None or "FP8" not in name else bf16)
+          ms, _ = bench.timed(lambda: jax.block_until_ready(fn(*inputs)),
                               iters=args.iters, budget_s=4)
         except Exception as e:  # a variant that does not compile: report, go on
           print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)

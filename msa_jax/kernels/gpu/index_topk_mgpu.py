@@ -29,9 +29,14 @@ scoring GEMM runs on wgmma fed by TMA, and the running top-k lives in registers:
   shared memory and stores them with one TMA copy to ``out[b, :, rows]`` (ids major, so each
   id slot of the 64 rows is one contiguous row of the staging buffer); XLA transposes.
 
+FP8 (``k_scale`` given): q and k in float8_e4m3fn with one power-of-two scale per token
+(``reference.fp8_per_token``). The GEMM runs on FP8 wgmma; each key's scale rides with its
+block through the ring (a ``[Bk]`` float32 vector) and multiplies its column of S before the
+mask and max. A query's scale is left out: a positive factor per row changes no order.
+
 Supported (``supports``): bf16/f16 index inputs (wgmma), Di a multiple of 64 up to 256,
-block size a multiple of 64 up to 256, topk up to 16 (registers). Anything else: the Triton
-kernels (``index_topk.py``).
+block size a multiple of 64 up to 256, topk up to 16 (registers); FP8 (``supports_fp8``) Di
+a multiple of 128. Anything else: the Triton kernels (``index_topk.py``).
 
 Validation on CPU (``tests/test_index_mgpu.py``): the Mosaic GPU interpreter runs the
 producer and compute warpgroups as threads with barrier-phase and race checks and NaN-filled
@@ -58,23 +63,38 @@ CTA_ROWS = COMPUTE_WGS * WGMMA_ROWS
 MAX_TOPK = 16  # the running top-k takes 4 registers per entry and row pair
 
 
-def supports(q_idx, k_idx, block_size: int, topk: int) -> bool:
-  """Whether this kernel handles these shapes/dtypes (else use the Triton kernels)."""
-  di = q_idx.shape[-1]
-  return (q_idx.dtype in (jnp.bfloat16, jnp.float16) and k_idx.dtype == q_idx.dtype
-          and di % 64 == 0 and di <= 256 and block_size % 64 == 0 and block_size <= 256
+def _supported_shape(di: int, block_size: int, topk: int) -> bool:
+  return (di % 64 == 0 and di <= 256 and block_size % 64 == 0 and block_size <= 256
           and 1 <= topk <= MAX_TOPK)
 
 
-def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2) -> int:
+def supports(q_idx, k_idx, block_size: int, topk: int) -> bool:
+  """Whether this kernel handles these shapes/dtypes (else use the Triton kernels)."""
+  return (q_idx.dtype in (jnp.bfloat16, jnp.float16) and k_idx.dtype == q_idx.dtype
+          and _supported_shape(q_idx.shape[-1], block_size, topk))
+
+
+def supports_fp8(q_idx, block_size: int, topk: int) -> bool:
+  """Whether index inputs of ``q_idx``'s shape can be scored in float8_e4m3fn here: rows of
+  128-byte multiples (the 128-byte swizzle)."""
+  di = q_idx.shape[-1]
+  return di % 128 == 0 and _supported_shape(di, block_size, topk)
+
+
+def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, scaled=False) -> int:
   """Shared memory the kernel allocates (barriers not included)."""
   q_tiles = CTA_ROWS * index_dim * itemsize
-  ring = num_stages * block_size * index_dim * itemsize
+  ring = num_stages * block_size * (index_dim * itemsize + 4 * scaled)
   return q_tiles + ring + CTA_ROWS * 4 + COMPUTE_WGS * topk * WGMMA_ROWS * 4
 
 
-def _kernel(meta_ref, last_ref, q_ref, k_ref, out_ref, q_smem, last_smem, k_smem, ids_smem,
-            q_loaded, loaded, consumed, *, stages, block_size, topk, interpreted):
+def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
+            scaled):
+  if scaled:
+    (kscale_ref, out_ref, q_smem, last_smem, k_smem, ids_smem, kscale_smem, q_loaded, loaded,
+     consumed) = refs
+  else:
+    out_ref, q_smem, last_smem, k_smem, ids_smem, q_loaded, loaded, consumed = refs
   bk = block_size
   tile = meta_ref.shape[1] - 1 - lax.axis_index("tile")  # the longest row tiles first
   b = lax.axis_index("batch")
@@ -98,6 +118,9 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, out_ref, q_smem, last_smem, k_smem
 
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(j * bk, bk)], k_smem.at[slot],
                               loaded.at[slot])
+      if scaled:
+        plgpu.copy_gmem_to_smem(kscale_ref.at[b, pl.ds(j * bk, bk)], kscale_smem.at[slot],
+                                loaded.at[slot])
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(j):  # observe the last releases, so no barrier phase goes unobserved
@@ -133,6 +156,12 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, out_ref, q_smem, last_smem, k_smem
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, bk), jnp.float32))
+      if scaled:  # FP8 keys: each key's scale
+        if interpreted:
+          key_scale = kscale_smem[slot]
+        else:
+          key_scale = plgpu.load(kscale_smem, (slot,), layout=plgpu.Layout.WGMMA.reduce(0))
+        s = s * lax.broadcast_in_dim(key_scale, (WGMMA_ROWS, bk), [1])
       plgpu.barrier_arrive(consumed.at[slot])
 
       def mask(s):
@@ -183,12 +212,24 @@ def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
 
 
 def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
-               interpret=False):
+               k_scale=None, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
   the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
-  GPU interpret-params object (CPU simulation)."""
-  if not supports(q_idx, k_idx, block_size, topk):
+  GPU interpret-params object (CPU simulation).
+
+  FP8: ``q_idx``/``k_idx`` in float8_e4m3fn (``reference.fp8_per_token``) with ``k_scale``
+  ``[B, S]`` float32, each key's scale (a query's own scale does not change its order, so
+  it is left out): the GEMM runs on FP8 wgmma and the scores are scaled per key before the
+  block max."""
+  scaled = k_scale is not None
+  if scaled:
+    if not (q_idx.dtype == k_idx.dtype == jnp.float8_e4m3fn
+            and supports_fp8(q_idx, block_size, topk)):
+      raise ValueError(f"index_topk_mgpu FP8 scoring needs float8_e4m3fn q_idx/k_idx with "
+                       f"index_dim a multiple of 128; got {q_idx.dtype} {q_idx.shape}, "
+                       f"{k_idx.dtype}, block_size {block_size}, topk {topk}")
+  elif not supports(q_idx, k_idx, block_size, topk):
     raise ValueError(f"index_topk_mgpu does not support q_idx {q_idx.shape} {q_idx.dtype}, "
                      f"k_idx {k_idx.shape} {k_idx.dtype}, block_size {block_size}, "
                      f"topk {topk}")
@@ -197,11 +238,14 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
     raise ValueError(f"num_stages must be >= 2; got {stages}")
   b, t, g, di = q_idx.shape
   need = smem_bytes(num_stages=stages, index_dim=di, block_size=block_size, topk=topk,
-                    itemsize=q_idx.dtype.itemsize)
+                    itemsize=q_idx.dtype.itemsize, scaled=scaled)
   if need > mgpu.SMEM_BYTES:
     raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
   rows, rows_pad, q_rows, last, meta, k_idx = _geometry(q_idx, k_idx, q_positions, kv_lengths,
                                                         block_size)
+  if scaled:  # padded keys: scale 0 (their scores are masked anyway)
+    k_scale = jnp.pad(k_scale.astype(jnp.float32),
+                      ((0, 0), (0, k_idx.shape[1] - k_scale.shape[1])))
   swizzle = 128
   transforms = (plgpu.TilingTransform((8, swizzle // q_idx.dtype.itemsize)),
                 plgpu.SwizzleTransform(swizzle))
@@ -210,8 +254,12 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
       plgpu.SMEM((COMPUTE_WGS, WGMMA_ROWS), jnp.int32),  # rows' last visible key
       plgpu.SMEM((stages, block_size, di), k_idx.dtype, transforms=transforms),
       plgpu.SMEM((COMPUTE_WGS, topk, WGMMA_ROWS), jnp.int32),  # ids staging
+  ]
+  if scaled:
+    scratch.append(plgpu.SMEM((stages, block_size), jnp.float32))  # the keys' scales
+  scratch += [
       plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # q tile + last keys loaded
-      plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # key block loaded
+      plgpu.Barrier(num_arrivals=1 + scaled, num_barriers=stages),  # key block loaded
       plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # key slot released
   ]
   kernel_kwargs = dict(
@@ -227,6 +275,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   if params is not None:
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
-                           interpreted=params is not None)
-  ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx)
+                           interpreted=params is not None, scaled=scaled)
+  ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx,
+                                            *([k_scale] if scaled else []))
   return ids[:, :, :rows].transpose(0, 2, 1).reshape(b, t, g, topk)
