@@ -27,11 +27,12 @@ from msa_jax.kernels.gpu import index_topk_mgpu as mosaic_kernel
 from msa_jax.kernels.gpu import tuning
 
 
-def agreement(a, b):
-  """Share of (query, group) slots whose block sets agree, over all rows."""
-  a, b = np.sort(np.asarray(a), axis=-1), np.sort(np.asarray(b), axis=-1)
-  hits = [np.isin(a[..., i:i + 1], b).any(-1) for i in range(a.shape[-1])]
-  return float(np.mean(np.stack(hits)))
+def agreement(got, want):
+  """Recall: the share of ``want``'s selected blocks (per query and group) that ``got`` also
+  selects."""
+  valid = want >= 0
+  hit = jnp.any(want[..., :, None] == got[..., None, :], axis=-1) & valid
+  return float(jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1))
 
 
 def main(argv=None):
@@ -62,18 +63,21 @@ def main(argv=None):
       want = triton(q_idx, k_idx)
       variants = [("triton fused", triton)]
       for s in args.stages:
-        variants.append((f"mosaic, {s} stages", jax.jit(
-            lambda qi, ki, s=s: mosaic_kernel.fused_topk(qi, ki, pos, kvl, num_stages=s,
-                                                         **common))))
+        for skip in (True, False):
+          variants.append((f"mosaic, {s} stages{'' if skip else ', always insert'}", jax.jit(
+              lambda qi, ki, s=s, skip=skip: mosaic_kernel.fused_topk(
+                  qi, ki, pos, kvl, num_stages=s, skip_insert=skip, **common))))
       # FP8: the kernel on inputs quantized beforehand (as an FP8 cache would hold them),
       # and the API call that quantizes inside.
       q8, _ = reference.fp8_per_token(q_idx)
       k8, k_scale = reference.fp8_per_token(k_idx)
       fp8_inputs = (q8, k8, k_scale)
       for s in args.fp8_stages:
-        variants.append((f"mosaic FP8, {s} stages", jax.jit(
-            lambda q8, k8, ks, s=s: mosaic_kernel.fused_topk(q8, k8, pos, kvl, num_stages=s,
-                                                             k_scale=ks, **common))))
+        for skip in (True, False):
+          variants.append((f"mosaic FP8, {s} stages{'' if skip else ', always insert'}",
+                           jax.jit(lambda q8, k8, ks, s=s, skip=skip: mosaic_kernel.fused_topk(
+                               q8, k8, pos, kvl, num_stages=s, k_scale=ks, skip_insert=skip,
+                               **common))))
       variants.append(("API FP8 (quantizes)", jax.jit(
           lambda qi, ki: msa_jax.index_topk(qi, ki, q_positions=pos, kv_lengths=kvl,
                                             score_dtype="float8_e4m3fn", **common))))

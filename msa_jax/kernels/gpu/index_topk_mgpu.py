@@ -89,7 +89,7 @@ def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, scaled=Fa
 
 
 def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
-            scaled):
+            scaled, skip_insert):
   if scaled:
     (kscale_ref, out_ref, q_smem, last_smem, k_smem, ids_smem, kscale_smem, q_loaded, loaded,
      consumed) = refs
@@ -171,14 +171,25 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
       s = lax.cond(j >= full, mask, lambda s: s, s)
       new_val = jnp.where(own == j, jnp.inf, s.max(axis=1))
       new_id = zero + j
-      # Insert (new_val, j): entries below it shift down one place. Entry e is passed iff
-      # new_val > vals[e] (strictly: an equal value from an earlier, lower block stays
-      # ahead), and since the list is sorted these are the last entries.
-      passed = [new_val > v for v in vals]
-      shift = lambda x, e, new: jnp.where(passed[e - 1], x[e - 1], new) if e else new
-      vals = tuple(jnp.where(passed[e], shift(vals, e, new_val), vals[e]) for e in range(topk))
-      ids = tuple(jnp.where(passed[e], shift(ids, e, new_id), ids[e]) for e in range(topk))
-      return vals, ids
+
+      def insert(carry):
+        # Insert (new_val, j): entries below it shift down one place. Entry e is passed iff
+        # new_val > vals[e] (strictly: an equal value from an earlier, lower block stays
+        # ahead), and since the list is sorted these are the last entries.
+        vals, ids = carry
+        passed = [new_val > v for v in vals]
+        shift = lambda x, e, new: jnp.where(passed[e - 1], x[e - 1], new) if e else new
+        vals = tuple(jnp.where(passed[e], shift(vals, e, new_val), vals[e])
+                     for e in range(topk))
+        ids = tuple(jnp.where(passed[e], shift(ids, e, new_id), ids[e]) for e in range(topk))
+        return vals, ids
+
+      if not skip_insert:
+        return insert((vals, ids))
+      # Most blocks of a long context enter no row's top-k: skip the insertion unless one of
+      # the warpgroup's rows beats its last entry.
+      beats = jnp.max(jnp.where(new_val > vals[-1], 1.0, 0.0)) > 0
+      return lax.cond(beats, insert, lambda carry: carry, (vals, ids))
 
     empty = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
     vals, ids = lax.fori_loop(0, steps, step, ((empty,) * topk, (zero - 1,) * topk))
@@ -212,7 +223,7 @@ def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
 
 
 def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
-               k_scale=None, interpret=False):
+               k_scale=None, skip_insert=True, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
   the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
@@ -275,7 +286,8 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   if params is not None:
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
-                           interpreted=params is not None, scaled=scaled)
+                           interpreted=params is not None, scaled=scaled,
+                           skip_insert=skip_insert)
   ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx,
                                             *([k_scale] if scaled else []))
   return ids[:, :, :rows].transpose(0, 2, 1).reshape(b, t, g, topk)
