@@ -172,6 +172,18 @@ def fp8_per_token(x: jax.Array):
   return (xf / scale[..., None]).astype(jnp.float8_e4m3fn), scale
 
 
+def fp8_per_block(k: jax.Array, block_size: int):
+  """Keys ``[B, S, D]`` -> ``(k8 float8_e4m3fn [B, S, D], scale float32 [B, S/Bk])``: as
+  ``fp8_per_token`` with one scale per KV block (its largest magnitude)."""
+  b, s_len, d = k.shape
+  nb = cdiv(s_len, block_size)
+  kf = _pad_axis(k.astype(jnp.float32), 1, nb * block_size).reshape(b, nb, block_size, d)
+  amax = jnp.max(jnp.abs(kf), axis=(2, 3))
+  scale = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(amax / FP8_MAX))), 1.0)
+  k8 = (kf / scale[:, :, None, None]).astype(jnp.float8_e4m3fn)
+  return k8.reshape(b, nb * block_size, d)[:, :s_len], scale
+
+
 def fp8_round(x: jax.Array) -> jax.Array:
   """``x`` as the FP8 index scores see it (``fp8_per_token`` and back), in float32."""
   x8, scale = fp8_per_token(x)

@@ -177,3 +177,24 @@ def test_fp8_lowers_for_hopper_at_m3_shapes():
       shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
       shape(b, dtype=jnp.int32))
   assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_fp8_block_scales_match_reference():
+  """One FP8 scale per key block (``k_block_scale``), applied to the block max: the selection
+  the reference makes from the block-rounded keys. Blocks of very different magnitudes."""
+  from msa_jax import reference
+  q_idx, k_idx, pos, kvl = _inputs(10, batch=1, q_len=48, kv_len=448, groups=4,
+                                   index_dim=128, ties=True)
+  k_idx = k_idx * jnp.exp2(jnp.arange(448) // 64 % 3 - 1.0)[None, :, None].astype(k_idx.dtype)
+  q8, _ = reference.fp8_per_token(q_idx)
+  k8, block_scale = reference.fp8_per_block(k_idx, 64)
+  assert block_scale.shape == (1, 7)
+  with interpreted() as params:
+    ids = kernel.fused_topk(q8, k8, pos, kvl, block_size=64, topk=4, k_block_scale=block_scale,
+                            interpret=params)
+    ids.block_until_ready()
+  k_round = (k8.astype(jnp.float32).reshape(1, 7, 64, 128) * block_scale[..., None, None])
+  f64 = lambda x: np.asarray(x, np.float64)
+  want = oracle.index_topk(f64(reference.fp8_round(q_idx)), f64(k_round.reshape(1, 448, 128)),
+                           64, 4, np.asarray(pos), np.asarray(kvl))
+  assert oracle.same_sets(ids, want)

@@ -78,12 +78,19 @@ def main(argv=None):
                            jax.jit(lambda q8, k8, ks, s=s, skip=skip: mosaic_kernel.fused_topk(
                                q8, k8, pos, kvl, num_stages=s, k_scale=ks, skip_insert=skip,
                                **common))))
+      k8b, block_scale = reference.fp8_per_block(k_idx, w.block_size)
+      fp8_block_inputs = (q8, k8b, block_scale)
+      for s in args.fp8_stages:
+        variants.append((f"mosaic FP8 block scales, {s} stages", jax.jit(
+            lambda q8, k8, bs, s=s: mosaic_kernel.fused_topk(
+                q8, k8, pos, kvl, num_stages=s, k_block_scale=bs, **common))))
       variants.append(("API FP8 (quantizes)", jax.jit(
           lambda qi, ki: msa_jax.index_topk(qi, ki, q_positions=pos, kv_lengths=kvl,
                                             score_dtype="float8_e4m3fn", **common))))
       bf16 = None
       for name, fn in variants:
-        inputs = fp8_inputs if name.startswith("mosaic FP8") else (q_idx, k_idx)
+        inputs = ((fp8_block_inputs if "block scales" in name else fp8_inputs)
+                  if name.startswith("mosaic FP8") else (q_idx, k_idx))
         try:
           got = fn(*inputs)
           if name.startswith("mosaic,") and bf16 is None:

@@ -89,12 +89,13 @@ def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, scaled=Fa
 
 
 def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
-            scaled, skip_insert):
-  if scaled:
-    (kscale_ref, out_ref, q_smem, last_smem, k_smem, ids_smem, kscale_smem, q_loaded, loaded,
-     consumed) = refs
-  else:
-    out_ref, q_smem, last_smem, k_smem, ids_smem, q_loaded, loaded, consumed = refs
+            scaled, block_scaled, skip_insert):
+  refs = list(refs)
+  kscale_ref = refs.pop(0) if scaled else None
+  bscale_ref = refs.pop(0) if block_scaled else None
+  out_ref, q_smem, last_smem, k_smem, ids_smem = refs[:5]
+  kscale_smem = refs[5] if scaled else None
+  q_loaded, loaded, consumed = refs[-3:]
   bk = block_size
   tile = meta_ref.shape[1] - 1 - lax.axis_index("tile")  # the longest row tiles first
   b = lax.axis_index("batch")
@@ -146,9 +147,15 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
     own = jnp.where(last >= 0, lax.div(last, jnp.int32(bk)), zero - 1)
     cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
 
+    def block_scale(j):  # FP8 keys with one scale per block (read one block ahead)
+      if not block_scaled:
+        return jnp.float32(1)
+      return bscale_ref[b, jnp.minimum(j, bscale_ref.shape[1] - 1)]
+
     def step(j, carry):
-      vals, ids = carry
+      vals, ids, scale_j = carry
       slot = slot_of(j)
+      scale_next = block_scale(j + 1)
       plgpu.barrier_wait(loaded.at[slot])
 
       def qk(acc_ref):
@@ -169,7 +176,10 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
         return jnp.where(cols <= limit, s, -jnp.inf)
 
       s = lax.cond(j >= full, mask, lambda s: s, s)
-      new_val = jnp.where(own == j, jnp.inf, s.max(axis=1))
+      block_max = s.max(axis=1)
+      if block_scaled:  # a positive factor commutes with the max (and keeps -inf)
+        block_max = block_max * scale_j
+      new_val = jnp.where(own == j, jnp.inf, block_max)
       new_id = zero + j
 
       def insert(carry):
@@ -185,14 +195,15 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
         return vals, ids
 
       if not skip_insert:
-        return insert((vals, ids))
+        return (*insert((vals, ids)), scale_next)
       # Most blocks of a long context enter no row's top-k: skip the insertion unless one of
       # the warpgroup's rows beats its last entry.
       beats = jnp.max(jnp.where(new_val > vals[-1], 1.0, 0.0)) > 0
-      return lax.cond(beats, insert, lambda carry: carry, (vals, ids))
+      return (*lax.cond(beats, insert, lambda carry: carry, (vals, ids)), scale_next)
 
     empty = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
-    vals, ids = lax.fori_loop(0, steps, step, ((empty,) * topk, (zero - 1,) * topk))
+    vals, ids, _ = lax.fori_loop(0, steps, step,
+                                 ((empty,) * topk, (zero - 1,) * topk, block_scale(0)))
     for e in range(topk):
       ids_smem[w, e] = jnp.where(vals[e] == -jnp.inf, zero - 1, ids[e])
     plgpu.commit_smem()
@@ -223,7 +234,7 @@ def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
 
 
 def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
-               k_scale=None, skip_insert=True, interpret=False):
+               k_scale=None, k_block_scale=None, skip_insert=True, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
   the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
@@ -232,9 +243,14 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   FP8: ``q_idx``/``k_idx`` in float8_e4m3fn (``reference.fp8_per_token``) with ``k_scale``
   ``[B, S]`` float32, each key's scale (a query's own scale does not change its order, so
   it is left out): the GEMM runs on FP8 wgmma and the scores are scaled per key before the
-  block max."""
+  block max. Or ``k_block_scale`` ``[B, S/Bk]``, one scale per key block
+  (``reference.fp8_per_block``), applied to the block max (one multiply per row).
+  ``skip_insert``: skip a block's top-k insertion when no row of the warpgroup takes it."""
   scaled = k_scale is not None
-  if scaled:
+  block_scaled = k_block_scale is not None
+  if scaled and block_scaled:
+    raise ValueError("give k_scale (per key) or k_block_scale (per block), not both")
+  if scaled or block_scaled:
     if not (q_idx.dtype == k_idx.dtype == jnp.float8_e4m3fn
             and supports_fp8(q_idx, block_size, topk)):
       raise ValueError(f"index_topk_mgpu FP8 scoring needs float8_e4m3fn q_idx/k_idx with "
@@ -287,7 +303,9 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
                            interpreted=params is not None, scaled=scaled,
-                           skip_insert=skip_insert)
-  ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx,
-                                            *([k_scale] if scaled else []))
+                           block_scaled=block_scaled, skip_insert=skip_insert)
+  scales = [k_scale] if scaled else []
+  if block_scaled:
+    scales = [k_block_scale.astype(jnp.float32)]
+  ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx, *scales)
   return ids[:, :, :rows].transpose(0, 2, 1).reshape(b, t, g, topk)
