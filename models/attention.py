@@ -102,7 +102,7 @@ class Attention(nnx.Module):
       return msa_jax.msa_attention(
           q, k_all, v_all, iq, index_all.astype(q.dtype), block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, kv_lengths=kv_lengths,
-          implementation=implementation, interpret=interpret)
+          implementation=implementation, interpret=interpret, score_dtype=c.index_score_dtype)
     return msa_jax.full_attention(q, k_all, v_all, q_positions=positions,
                                   kv_lengths=kv_lengths, implementation=implementation,
                                   interpret=interpret)
@@ -129,7 +129,7 @@ class Attention(nnx.Module):
           q, iq, k_pages.astype(q.dtype), v_pages.astype(q.dtype),
           index_pages.astype(q.dtype), page_table, kv_lengths, block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, implementation=implementation,
-          interpret=interpret)
+          interpret=interpret, score_dtype=c.index_score_dtype)
     elif t <= msa_jax.full.MAX_DECODE_QUERIES:
       out = msa_jax.paged_full_attention(
           q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), page_table, kv_lengths,
@@ -179,19 +179,20 @@ class Attention(nnx.Module):
     iq = ik = ids = None
     index_kw = dict(block_size=c.index_block_size, q_positions=positions,
                     kv_lengths=kv_lengths)
+    select_kw = dict(index_kw, score_dtype=c.index_score_dtype)  # the selection only
     if self.sparse and (attention == "msa" or indexer_loss is not None or capture):
       iq, ik = self.project_index(h, positions)
     if self.sparse and attention == "msa":
       out, ids = msa_jax.msa_attention(
           q, k, v, iq, ik.astype(q.dtype), topk=c.index_topk_blocks, return_indices=True,
-          implementation=implementation, interpret=interpret, **index_kw)
+          implementation=implementation, interpret=interpret, **select_kw)
     else:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                          implementation=dense_implementation)
       if iq is not None and (indexer_loss == "selected" or capture):
         ids = msa_jax.index_topk(jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik),
                                  topk=c.index_topk_blocks, implementation=implementation,
-                                 interpret=interpret, **index_kw)
+                                 interpret=interpret, **select_kw)
     if self.sparse and indexer_loss == "selected":
       kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, implementation=implementation,
                                    interpret=interpret, **index_kw)

@@ -46,6 +46,9 @@ class ModelConfig:
   index_head_dim: int = 0
   index_block_size: int = 128
   index_topk_blocks: int = 16
+  # Precision of the index scores (inference knob, not in checkpoints): None (the index
+  # projections' dtype) or "float8_e4m3fn" (msa_jax.index_topk's score_dtype).
+  index_score_dtype: str | None = None
   tie_word_embeddings: bool = False
   # The longest sequence (prompt + generated) the checkpoint was made for; None: unknown.
   max_position_embeddings: int | None = None
@@ -81,6 +84,9 @@ class ModelConfig:
       if self.index_block_size < 1 or self.index_topk_blocks < 1:
         raise ValueError(f"index block size and top-k must be >= 1; got "
                          f"{self.index_block_size}, {self.index_topk_blocks}")
+    if self.index_score_dtype not in (None, "float8_e4m3fn"):
+      raise ValueError(f"index_score_dtype must be None or 'float8_e4m3fn'; got "
+                       f"{self.index_score_dtype!r}")
     if any(self.moe_layers):
       if self.num_experts < 1 or not 1 <= self.num_experts_per_tok <= self.num_experts:
         raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "

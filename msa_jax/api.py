@@ -198,10 +198,19 @@ SCORE_DTYPES = (None, "float8_e4m3fn")
 
 
 def _check_score_dtype(score_dtype):
-  name = None if score_dtype is None else jnp.dtype(score_dtype).name
+  try:
+    name = None if score_dtype is None else jnp.dtype(score_dtype).name
+  except TypeError:
+    name = score_dtype
   if name not in SCORE_DTYPES:
     raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}; got {score_dtype!r}")
   return name
+
+
+def fp8_rounded(x):
+  """``x`` rounded as FP8 index scoring sees it (``reference.fp8_round``), in x's dtype: an
+  E4M3 value times a power of two is exact in float32 and bfloat16."""
+  return reference.fp8_round(x).astype(x.dtype)
 
 
 def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl, interpret,
@@ -220,8 +229,8 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
         return index_topk_mgpu.fused_topk(q8, k8, q_positions, kv_lengths,
                                           block_size=block_size, topk=topk, k_scale=k_scale,
                                           interpret=interpret)
-    # Elsewhere the same selection from the FP8-rounded values, in float32.
-    q_idx, k_idx = reference.fp8_round(q_idx), reference.fp8_round(k_idx)
+    # Elsewhere the same selection from the FP8-rounded values (exact in the inputs' dtype).
+    q_idx, k_idx = fp8_rounded(q_idx), fp8_rounded(k_idx)
   if impl == "xla":
     return reference.index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
                                 topk=topk)
@@ -485,10 +494,11 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, scale=None, q_po
 
 def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
                   q_positions=None, kv_lengths=None, return_indices=False,
-                  implementation=None, interpret=False):
+                  implementation=None, interpret=False, score_dtype=None):
   """MSA: index branch selects blocks (``index_topk``), main branch attends to them.
 
   Shapes as in ``index_topk`` and ``sparse_attention``; ``q_idx`` has one head per KV group.
+  ``score_dtype``: the index scores' precision, as in ``index_topk``.
   Returns out [B, T, Hq, Dv], and the int32 [B, T, G, topk] selection when
   ``return_indices``. Gradients flow to q, k, v (selection is not differentiable; train the
   index branch with ``indexer_kl_loss``).
@@ -498,6 +508,7 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
   s_len, g = k.shape[1], k.shape[2]
   _check_index_qk(q_idx, k_idx, b, t, s_len, g)
   block_size, topk = _check_static(block_size, topk)
+  score_dtype = _check_score_dtype(score_dtype)
   scale = _scale(scale, d)
   impl = _resolve_implementation(implementation, interpret)
   q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
@@ -507,7 +518,7 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
     return (out, ids) if return_indices else out
   ids = _index_topk(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx), q_positions,
                     kv_lengths, block_size=block_size, topk=topk, impl=impl,
-                    interpret=interpret)
+                    interpret=interpret, score_dtype=score_dtype)
   out, _ = _sparse_attention(q, k, v, ids, q_positions, kv_lengths, block_size=block_size,
                              scale=scale, impl=impl, interpret=interpret)
   return (out, ids) if return_indices else out

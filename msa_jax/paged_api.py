@@ -146,7 +146,7 @@ def _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions, *, b
 
 
 def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128, topk=16,
-                     q_positions=None, implementation=None, interpret=False):
+                     q_positions=None, implementation=None, interpret=False, score_dtype=None):
   """Top-k blocks per (query, group) over all pages of each sequence (docs/msa.md §3, paged).
 
   Args:
@@ -157,7 +157,7 @@ def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128,
     block_size: Bk, which is also the page size.
     topk: blocks per (query, group), the query's own block included.
     q_positions: int [B, q] (default: query i at ``lengths[b] - q + i``); < 0 = padding.
-    implementation, interpret: as in ``msa_jax.index_topk``.
+    implementation, interpret, score_dtype: as in ``msa_jax.index_topk``.
 
   Returns:
     int32 [B, q, G, topk] logical block ids (block j = the sequence's page ``page_table[b, j]``),
@@ -170,10 +170,19 @@ def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128,
   page_table, lengths = _check_table(page_table, lengths, b, block_size, index_pages.shape[0])
   q_positions = _positions(q_positions, lengths, b, t)
   impl = api._resolve_implementation(implementation, interpret)
+  q_idx, index_pages = _score_inputs(q_idx, index_pages, score_dtype)
   if api._empty(b):
     return jnp.full((0, t, q_idx.shape[2], topk), -1, jnp.int32)
   return _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions,
                            block_size=block_size, topk=topk, impl=impl, interpret=interpret)
+
+
+def _score_inputs(q_idx, index_pages, score_dtype):
+  """Index queries and pages as ``score_dtype`` scores them: FP8 rounds both per token (the
+  decode kernels then run on the rounded values, exact in their dtype)."""
+  if api._check_score_dtype(score_dtype) is None:
+    return q_idx, index_pages
+  return api.fp8_rounded(q_idx), api.fp8_rounded(index_pages)
 
 
 # ----------------------------------------------------------------------------- main branch
@@ -252,8 +261,9 @@ def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices,
 def paged_msa_decode(q, q_idx, k_pages, v_pages, index_pages, page_table, lengths, *,
                      block_size=128, topk=16, scale=None, q_positions=None,
                      return_indices=False, return_lse=False, implementation=None,
-                     interpret=False):
-  """MSA decode on a paged cache: ``paged_index_topk`` then ``paged_sparse_decode``.
+                     interpret=False, score_dtype=None):
+  """MSA decode on a paged cache: ``paged_index_topk`` then ``paged_sparse_decode``
+  (``score_dtype`` as in ``msa_jax.index_topk``).
 
   The cache arguments are a ``PagedCache``'s fields in order, so
   ``paged_msa_decode(q, q_idx, *cache)`` works. Shapes as in those two functions. Returns
@@ -279,6 +289,7 @@ def paged_msa_decode(q, q_idx, k_pages, v_pages, index_pages, page_table, length
     out = jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
     lse = jnp.zeros((0, t, q.shape[2]), jnp.float32)
   else:
+    q_idx, index_pages = _score_inputs(q_idx, index_pages, score_dtype)
     ids = _paged_index_topk(jax.lax.stop_gradient(q_idx), index_pages, page_table, lengths,
                             q_positions, block_size=block_size, topk=topk, impl=impl,
                             interpret=interpret)

@@ -129,6 +129,8 @@ def main(argv=None):
                       help="examples per batch, divisible by data x fsdp (default 8)")
   parser.add_argument("--block-size", type=int, default=None,
                       help="override the MSA block size Bk of the checkpoint")
+  parser.add_argument("--index-score-dtype", default=None, choices=["float8_e4m3fn"],
+                      help="score the index in this precision (default: the model's dtype)")
   parser.add_argument("--topk", type=int, default=None,
                       help="override the blocks per query k of the checkpoint")
   parser.add_argument("--no-indexer-metrics", action="store_true",
@@ -166,7 +168,8 @@ def main(argv=None):
   except (ValueError, OSError) as e:
     raise SystemExit(f"--checkpoint {args.checkpoint}: {e}")
   config = training.override_config(config, index_block_size=args.block_size,
-                                    index_topk_blocks=args.topk)
+                                    index_topk_blocks=args.topk,
+                                    index_score_dtype=args.index_score_dtype)
   if any(v != "dense" for v in variants) and not any(config.sparse_layers):
     raise SystemExit("the model has no MSA layers: only --attention dense applies")
   model, _ = training.build_model(config, dtype=dtype, param_dtype=dtype,
@@ -177,7 +180,7 @@ def main(argv=None):
 
   results = {"checkpoint": os.path.abspath(args.checkpoint), "data": source.describe(),
              "block_size": config.index_block_size, "topk": config.index_topk_blocks,
-             "variants": {}}
+             "index_score_dtype": config.index_score_dtype, "variants": {}}
   for variant in variants:
     p = (training.randomize_index_params(params, config, args.indexer_seed)
          if variant == "msa-random-indexer" else params)
