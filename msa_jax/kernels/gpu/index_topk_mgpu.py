@@ -89,7 +89,7 @@ def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, scaled=Fa
 
 
 def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
-            scaled, block_scaled, skip_insert):
+            scaled, block_scaled):
   refs = list(refs)
   kscale_ref = refs.pop(0) if scaled else None
   bscale_ref = refs.pop(0) if block_scaled else None
@@ -194,12 +194,7 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
         ids = tuple(jnp.where(passed[e], shift(ids, e, new_id), ids[e]) for e in range(topk))
         return vals, ids
 
-      if not skip_insert:
-        return (*insert((vals, ids)), scale_next)
-      # Most blocks of a long context enter no row's top-k: skip the insertion unless one of
-      # the warpgroup's rows beats its last entry.
-      beats = jnp.max(jnp.where(new_val > vals[-1], 1.0, 0.0)) > 0
-      return (*lax.cond(beats, insert, lambda carry: carry, (vals, ids)), scale_next)
+      return (*insert((vals, ids)), scale_next)
 
     empty = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
     vals, ids, _ = lax.fori_loop(0, steps, step,
@@ -234,7 +229,7 @@ def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
 
 
 def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
-               k_scale=None, k_block_scale=None, skip_insert=True, interpret=False):
+               k_scale=None, k_block_scale=None, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
   the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
@@ -244,8 +239,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   ``[B, S]`` float32, each key's scale (a query's own scale does not change its order, so
   it is left out): the GEMM runs on FP8 wgmma and the scores are scaled per key before the
   block max. Or ``k_block_scale`` ``[B, S/Bk]``, one scale per key block
-  (``reference.fp8_per_block``), applied to the block max (one multiply per row).
-  ``skip_insert``: skip a block's top-k insertion when no row of the warpgroup takes it."""
+  (``reference.fp8_per_block``), applied to the block max (one multiply per row)."""
   scaled = k_scale is not None
   block_scaled = k_block_scale is not None
   if scaled and block_scaled:
@@ -303,7 +297,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
                            interpreted=params is not None, scaled=scaled,
-                           block_scaled=block_scaled, skip_insert=skip_insert)
+                           block_scaled=block_scaled)
   scales = [k_scale] if scaled else []
   if block_scaled:
     scales = [k_block_scale.astype(jnp.float32)]
