@@ -208,8 +208,8 @@ def _check_score_dtype(score_dtype):
 
 
 def fp8_rounded(x):
-  """``x`` rounded as FP8 index scoring sees it (``reference.fp8_round``), in x's dtype: an
-  E4M3 value times a power of two is exact in float32 and bfloat16."""
+  """Index queries as FP8 scoring sees them (``reference.fp8_round``), in x's dtype: an E4M3
+  value times a power of two is exact in float32 and bfloat16."""
   return reference.fp8_round(x).astype(x.dtype)
 
 
@@ -222,15 +222,16 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
       from msa_jax.kernels.gpu import tuning
       selection = tuning.config(kernel.config_key(q_idx.shape[1]))["selection"]
       if selection == "mosaic" and index_topk_mgpu.supports_fp8(q_idx, block_size, topk):
-        # FP8 wgmma on Hopper: q's per-token scale never changes a row's order (dropped);
-        # the keys' scales multiply the scores before the block max.
+        # FP8 wgmma on Hopper: q's scale never changes a row's order (dropped); each block's
+        # scale multiplies its block max.
         q8, _ = reference.fp8_per_token(q_idx)
-        k8, k_scale = reference.fp8_per_token(k_idx)
+        k8, block_scale = reference.fp8_per_block(k_idx, block_size)
         return index_topk_mgpu.fused_topk(q8, k8, q_positions, kv_lengths,
-                                          block_size=block_size, topk=topk, k_scale=k_scale,
-                                          interpret=interpret)
+                                          block_size=block_size, topk=topk,
+                                          k_block_scale=block_scale, interpret=interpret)
     # Elsewhere the same selection from the FP8-rounded values (exact in the inputs' dtype).
-    q_idx, k_idx = fp8_rounded(q_idx), fp8_rounded(k_idx)
+    q_idx = fp8_rounded(q_idx)
+    k_idx = reference.fp8_round_blocks(k_idx, block_size).astype(k_idx.dtype)
   if impl == "xla":
     return reference.index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
                                 topk=topk)
@@ -279,11 +280,12 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
     kv_lengths: int [B] valid key length per sequence (default: S).
     implementation: None (best for the backend), "xla", "pallas_gpu" or "pallas_tpu".
     interpret: run a Pallas implementation in interpret mode (any backend).
-    score_dtype: None (scores from q_idx/k_idx as given) or "float8_e4m3fn": both rounded to
-      E4M3 with one power-of-two scale per token (``reference.fp8_per_token``) and scored
-      from those values; on Hopper with the Mosaic index kernel the GEMM runs in FP8. Not
-      yet the default: its selection keeps ~94-98% of the bf16 selection's blocks on long
-      contexts (``benchmarks/NOTES.md``).
+    score_dtype: None (scores from q_idx/k_idx as given) or "float8_e4m3fn": q_idx rounded
+      to E4M3 with one power-of-two scale per token, k_idx with one per KV block
+      (``reference.fp8_round`` / ``fp8_round_blocks``), and scored from those values; on
+      Hopper with the Mosaic index kernel the GEMM runs in FP8. Not the default: on long
+      contexts its selection keeps 92-98% of the bf16 selection's blocks
+      (``benchmarks/NOTES.md``).
 
   Returns:
     int32 [B, T, G, topk]: selected block ids, valid ids first, -1 padding. Order inside the

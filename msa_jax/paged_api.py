@@ -178,11 +178,13 @@ def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128,
 
 
 def _score_inputs(q_idx, index_pages, score_dtype):
-  """Index queries and pages as ``score_dtype`` scores them: FP8 rounds both per token (the
-  decode kernels then run on the rounded values, exact in their dtype)."""
+  """Index queries and pages as ``score_dtype`` scores them: FP8 rounds queries per token and
+  pages per page (a page is a block), as ``msa_jax.index_topk`` rounds contiguous keys; the
+  decode kernels then run on the rounded values, exact in their dtype."""
   if api._check_score_dtype(score_dtype) is None:
     return q_idx, index_pages
-  return api.fp8_rounded(q_idx), api.fp8_rounded(index_pages)
+  pages = reference.fp8_round_blocks(index_pages, index_pages.shape[1])
+  return api.fp8_rounded(q_idx), pages.astype(index_pages.dtype)
 
 
 # ----------------------------------------------------------------------------- main branch

@@ -159,35 +159,52 @@ def exact_top_k(x: jax.Array, k: int, group: int = 128):
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def fp8_per_token(x: jax.Array):
-  """``x [..., D]`` -> ``(x8 float8_e4m3fn [..., D], scale float32 [...])``, x ~ x8 * scale.
+def _fp8_scale(amax):
+  """Power-of-two scales (as the E8M0 scales of MX formats) for groups of largest magnitude
+  ``amax``: amax / 448 rounded up, 1 for all-zero groups. Applying or removing a power of two
+  is exact, and E4M3 rounding commutes with it (outside the subnormal range)."""
+  return jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(amax / FP8_MAX))), 1.0)
 
-  One scale per token: its largest magnitude over 448, rounded up to a power of two (as the
-  E8M0 scales of MX formats), so applying or removing a scale is exact and a row's scale
-  never changes the order of its scores. All-zero tokens get scale 1.
-  """
+
+def _finite_abs(x):
+  return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+
+
+def fp8_per_token(x: jax.Array):
+  """``x [..., D]`` -> ``(x8 float8_e4m3fn [..., D], scale float32 [...])``, x ~ x8 * scale,
+  one scale per token (its largest finite magnitude). A positive factor per row never changes
+  the order of a query's scores, so the kernels may drop the queries' scales."""
   xf = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1)
-  scale = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(amax / FP8_MAX))), 1.0)
+  scale = _fp8_scale(jnp.max(_finite_abs(xf), axis=-1))
   return (xf / scale[..., None]).astype(jnp.float8_e4m3fn), scale
 
 
 def fp8_per_block(k: jax.Array, block_size: int):
-  """Keys ``[B, S, D]`` -> ``(k8 float8_e4m3fn [B, S, D], scale float32 [B, S/Bk])``: as
-  ``fp8_per_token`` with one scale per KV block (its largest magnitude)."""
+  """Keys ``[B, S, D]`` -> ``(k8 float8_e4m3fn [B, S, D], scale float32 [B, S/Bk])``: one
+  scale per KV block (its largest finite magnitude, so a NaN key moves no other key's
+  rounding). Garbage past a sequence's length can only sit in its last block, which is the
+  own block of every query that sees any of it (always selected) and invisible to the
+  others, so it never moves a selection either."""
   b, s_len, d = k.shape
   nb = cdiv(s_len, block_size)
-  kf = _pad_axis(k.astype(jnp.float32), 1, nb * block_size).reshape(b, nb, block_size, d)
-  amax = jnp.max(jnp.abs(kf), axis=(2, 3))
-  scale = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(amax / FP8_MAX))), 1.0)
-  k8 = (kf / scale[:, :, None, None]).astype(jnp.float8_e4m3fn)
+  blocks = _pad_axis(k.astype(jnp.float32), 1, nb * block_size).reshape(b, nb, block_size, d)
+  scale = _fp8_scale(jnp.max(_finite_abs(blocks), axis=(2, 3)))
+  k8 = (blocks / scale[:, :, None, None]).astype(jnp.float8_e4m3fn)
   return k8.reshape(b, nb * block_size, d)[:, :s_len], scale
 
 
 def fp8_round(x: jax.Array) -> jax.Array:
-  """``x`` as the FP8 index scores see it (``fp8_per_token`` and back), in float32."""
+  """Index queries as FP8 scores see them (``fp8_per_token`` and back), in float32."""
   x8, scale = fp8_per_token(x)
   return x8.astype(jnp.float32) * scale[..., None]
+
+
+def fp8_round_blocks(k: jax.Array, block_size: int) -> jax.Array:
+  """Index keys ``[B, S, D]`` as FP8 scores see them (``fp8_per_block`` and back), in
+  float32. (Index pages ``[P, Bk, D]`` are blocks: ``fp8_round_blocks(pages, Bk)``.)"""
+  k8, scale = fp8_per_block(k, block_size)
+  scale = jnp.repeat(scale, block_size, axis=1)[:, :k.shape[1]]
+  return k8.astype(jnp.float32) * scale[..., None]
 
 
 def index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,

@@ -11,6 +11,7 @@ from flax import nnx
 import msa_jax
 import models
 from msa_jax import api
+from msa_jax import reference
 from tests import cases as C
 from tests.test_paged import make_paged
 
@@ -24,8 +25,9 @@ def test_msa_attention_selects_from_rounded_inputs():
             implementation="xla", **C.position_kwargs(x, always=True))
   out, ids = msa_jax.msa_attention(x["q"], x["k"], x["v"], x["q_idx"], x["k_idx"],
                                    score_dtype=FP8, **kw)
+  k_round = reference.fp8_round_blocks(x["k_idx"], case.block_size)
   want_out, want_ids = msa_jax.msa_attention(x["q"], x["k"], x["v"], api.fp8_rounded(x["q_idx"]),
-                                             api.fp8_rounded(x["k_idx"]), **kw)
+                                             k_round, **kw)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
   # The Pallas GPU path (interpret; on CPU the Triton kernels) selects the same.
@@ -35,18 +37,21 @@ def test_msa_attention_selects_from_rounded_inputs():
   assert np.array_equal(np.sort(np.asarray(gpu_ids), -1), np.sort(np.asarray(ids), -1))
 
 
-def test_paged_decode_selects_from_rounded_inputs():
+def test_paged_decode_selects_as_contiguous():
+  """On a paged cache (shuffled pages, stale huge keys past the lengths) FP8 scoring rounds
+  each page as the contiguous path rounds each block: the same selection."""
   p = make_paged(batch=3, q_len=2, lengths=(75, 40, 120), q_heads=4, groups=2,
                  dtype=jnp.float32, seed=4)
   cache = p["cache"]._replace(lengths=p["lengths"])
-  kw = dict(block_size=p["block_size"], topk=p["topk"], return_indices=True,
-            implementation="xla")
-  out, ids = msa_jax.paged_msa_decode(p["q"], p["q_idx"], *cache, score_dtype=FP8, **kw)
-  want_out, want_ids = msa_jax.paged_msa_decode(
-      p["q"], api.fp8_rounded(p["q_idx"]), cache.k_pages, cache.v_pages,
-      api.fp8_rounded(cache.index_pages), cache.page_table, cache.lengths, **kw)
-  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
-  np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
+  ids = msa_jax.paged_index_topk(p["q_idx"], cache.index_pages, cache.page_table, cache.lengths,
+                                 block_size=p["block_size"], topk=p["topk"],
+                                 implementation="xla", score_dtype=FP8)
+  want = msa_jax.index_topk(p["q_idx"], p["k_idx"], block_size=p["block_size"], topk=p["topk"],
+                            kv_lengths=p["lengths"], implementation="xla", score_dtype=FP8)
+  np.testing.assert_array_equal(np.sort(np.asarray(ids), -1), np.sort(np.asarray(want), -1))
+  out = msa_jax.paged_msa_decode(p["q"], p["q_idx"], *cache, block_size=p["block_size"],
+                                 topk=p["topk"], implementation="xla", score_dtype=FP8)
+  assert np.isfinite(np.asarray(out)).all()
 
 
 def test_model_knob_reaches_prefill_and_decode():

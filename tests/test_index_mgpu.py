@@ -122,7 +122,7 @@ def test_lowers_for_hopper_at_m3_shapes():
 @pytest.mark.parametrize("ties", [True, False])
 def test_fp8_selection_matches_reference_on_rounded_inputs(ties):
   """FP8 scoring (``score_dtype="float8_e4m3fn"``) through the API: the Mosaic kernel's FP8
-  GEMM with per-key scales selects what the XLA reference selects from the FP8-rounded
+  GEMM with per-block key scales selects what the XLA reference selects from the FP8-rounded
   inputs. Small integers are exact in E4M3 with power-of-two scales (every score exact, many
   ties); normal data checks the scales (keys of different magnitudes)."""
   q_idx, k_idx, pos, kvl = _inputs(9, batch=2, q_len=40, kv_len=448, groups=2,
@@ -140,9 +140,11 @@ def test_fp8_selection_matches_reference_on_rounded_inputs(ties):
   assert oracle.same_sets(ids, want)
   if ties:  # and the exact oracle on the rounded values agrees
     from msa_jax import reference
-    f64 = lambda x: np.asarray(reference.fp8_round(x), np.float64)
-    assert oracle.same_sets(ids, oracle.index_topk(f64(q_idx), f64(k_idx), 64, 4,
-                                                   np.asarray(pos), np.asarray(kvl)))
+    f64 = lambda x: np.asarray(x, np.float64)
+    k_round = reference.fp8_round_blocks(k_idx, 64)
+    assert oracle.same_sets(ids, oracle.index_topk(f64(reference.fp8_round(q_idx)),
+                                                   f64(k_round), 64, 4, np.asarray(pos),
+                                                   np.asarray(kvl)))
 
 
 def test_fp8_rounding():
@@ -157,6 +159,14 @@ def test_fp8_rounding():
   assert np.all(amax[:4] / s[:4] <= reference.FP8_MAX) and np.all(amax[:4] / s[:4] > 224)
   err = np.abs(np.asarray(reference.fp8_round(x)) - np.asarray(x))
   assert np.all(err <= np.abs(np.asarray(x)) * 2**-4 + s[:, None] * 2**-9)  # 3 mantissa bits
+  # A block's scale comes from its finite keys: a NaN key changes no other key's rounding.
+  k = jnp.asarray(np.random.default_rng(4).standard_normal((2, 40, 8)), jnp.float32)
+  want = reference.fp8_round_blocks(k, 16)
+  got = reference.fp8_round_blocks(k.at[1, 5, 3].set(jnp.nan), 16)
+  keep = np.ones((2, 40), bool)
+  keep[1, 5] = False
+  np.testing.assert_array_equal(np.asarray(got)[keep], np.asarray(want)[keep])
+  assert np.isnan(np.asarray(got)[1, 5, 3])
   with pytest.raises(ValueError, match="score_dtype"):
     msa_jax.index_topk(jnp.ones((1, 2, 1, 8)), jnp.ones((1, 4, 8)), block_size=2, topk=1,
                        score_dtype="int8")
@@ -169,8 +179,9 @@ def test_fp8_lowers_for_hopper_at_m3_shapes():
 
   def fn(qi, ki, pos, kvl):
     q8, _ = reference.fp8_per_token(qi)
-    k8, ks = reference.fp8_per_token(ki)
-    return kernel.fused_topk(q8, k8, pos, kvl, block_size=128, topk=16, k_scale=ks)
+    k8, block_scale = reference.fp8_per_block(ki, 128)
+    return kernel.fused_topk(q8, k8, pos, kvl, block_size=128, topk=16,
+                             k_block_scale=block_scale)
 
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   exported = export.export(jax.jit(fn), platforms=["cuda"])(

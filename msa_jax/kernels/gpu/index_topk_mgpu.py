@@ -29,10 +29,12 @@ scoring GEMM runs on wgmma fed by TMA, and the running top-k lives in registers:
   shared memory and stores them with one TMA copy to ``out[b, :, rows]`` (ids major, so each
   id slot of the 64 rows is one contiguous row of the staging buffer); XLA transposes.
 
-FP8 (``k_scale`` given): q and k in float8_e4m3fn with one power-of-two scale per token
-(``reference.fp8_per_token``). The GEMM runs on FP8 wgmma; each key's scale rides with its
-block through the ring (a ``[Bk]`` float32 vector) and multiplies its column of S before the
-mask and max. A query's scale is left out: a positive factor per row changes no order.
+FP8 (``k_block_scale`` given): q and k in float8_e4m3fn, q with one power-of-two scale per
+token and k one per KV block (``reference.fp8_per_token`` / ``fp8_per_block``). The GEMM runs
+on FP8 wgmma; a query's scale is left out (a positive factor per row changes no order) and
+each block max is multiplied by its block's scale (a positive factor commutes with the max),
+one multiply per row and block. (A scale per key would cost a multiply per score, and with
+power-of-two scales it rounds the same values: E4M3 rounding commutes with them.)
 
 Supported (``supports``): bf16/f16 index inputs (wgmma), Di a multiple of 64 up to 256,
 block size a multiple of 64 up to 256, topk up to 16 (registers); FP8 (``supports_fp8``) Di
@@ -81,21 +83,18 @@ def supports_fp8(q_idx, block_size: int, topk: int) -> bool:
   return di % 128 == 0 and _supported_shape(di, block_size, topk)
 
 
-def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, scaled=False) -> int:
+def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2) -> int:
   """Shared memory the kernel allocates (barriers not included)."""
   q_tiles = CTA_ROWS * index_dim * itemsize
-  ring = num_stages * block_size * (index_dim * itemsize + 4 * scaled)
+  ring = num_stages * block_size * index_dim * itemsize
   return q_tiles + ring + CTA_ROWS * 4 + COMPUTE_WGS * topk * WGMMA_ROWS * 4
 
 
 def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
-            scaled, block_scaled):
-  refs = list(refs)
-  kscale_ref = refs.pop(0) if scaled else None
-  bscale_ref = refs.pop(0) if block_scaled else None
-  out_ref, q_smem, last_smem, k_smem, ids_smem = refs[:5]
-  kscale_smem = refs[5] if scaled else None
-  q_loaded, loaded, consumed = refs[-3:]
+            block_scaled):
+  if block_scaled:
+    bscale_ref, *refs = refs
+  out_ref, q_smem, last_smem, k_smem, ids_smem, q_loaded, loaded, consumed = refs
   bk = block_size
   tile = meta_ref.shape[1] - 1 - lax.axis_index("tile")  # the longest row tiles first
   b = lax.axis_index("batch")
@@ -119,9 +118,6 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
 
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(j * bk, bk)], k_smem.at[slot],
                               loaded.at[slot])
-      if scaled:
-        plgpu.copy_gmem_to_smem(kscale_ref.at[b, pl.ds(j * bk, bk)], kscale_smem.at[slot],
-                                loaded.at[slot])
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(j):  # observe the last releases, so no barrier phase goes unobserved
@@ -163,12 +159,6 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, bk), jnp.float32))
-      if scaled:  # FP8 keys: each key's scale
-        if interpreted:
-          key_scale = kscale_smem[slot]
-        else:
-          key_scale = plgpu.load(kscale_smem, (slot,), layout=plgpu.Layout.WGMMA.reduce(0))
-        s = s * lax.broadcast_in_dim(key_scale, (WGMMA_ROWS, bk), [1])
       plgpu.barrier_arrive(consumed.at[slot])
 
       def mask(s):
@@ -229,22 +219,18 @@ def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
 
 
 def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
-               k_scale=None, k_block_scale=None, interpret=False):
+               k_block_scale=None, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
   the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
   GPU interpret-params object (CPU simulation).
 
-  FP8: ``q_idx``/``k_idx`` in float8_e4m3fn (``reference.fp8_per_token``) with ``k_scale``
-  ``[B, S]`` float32, each key's scale (a query's own scale does not change its order, so
-  it is left out): the GEMM runs on FP8 wgmma and the scores are scaled per key before the
-  block max. Or ``k_block_scale`` ``[B, S/Bk]``, one scale per key block
-  (``reference.fp8_per_block``), applied to the block max (one multiply per row)."""
-  scaled = k_scale is not None
+  FP8: ``q_idx``/``k_idx`` in float8_e4m3fn with ``k_block_scale`` ``[B, S/Bk]`` float32,
+  one power-of-two scale per key block (``reference.fp8_per_block``; a query's own scale
+  changes no order of its row and is left out): the GEMM runs on FP8 wgmma and each block
+  max is multiplied by its block's scale."""
   block_scaled = k_block_scale is not None
-  if scaled and block_scaled:
-    raise ValueError("give k_scale (per key) or k_block_scale (per block), not both")
-  if scaled or block_scaled:
+  if block_scaled:
     if not (q_idx.dtype == k_idx.dtype == jnp.float8_e4m3fn
             and supports_fp8(q_idx, block_size, topk)):
       raise ValueError(f"index_topk_mgpu FP8 scoring needs float8_e4m3fn q_idx/k_idx with "
@@ -259,14 +245,11 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
     raise ValueError(f"num_stages must be >= 2; got {stages}")
   b, t, g, di = q_idx.shape
   need = smem_bytes(num_stages=stages, index_dim=di, block_size=block_size, topk=topk,
-                    itemsize=q_idx.dtype.itemsize, scaled=scaled)
+                    itemsize=q_idx.dtype.itemsize)
   if need > mgpu.SMEM_BYTES:
     raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
   rows, rows_pad, q_rows, last, meta, k_idx = _geometry(q_idx, k_idx, q_positions, kv_lengths,
                                                         block_size)
-  if scaled:  # padded keys: scale 0 (their scores are masked anyway)
-    k_scale = jnp.pad(k_scale.astype(jnp.float32),
-                      ((0, 0), (0, k_idx.shape[1] - k_scale.shape[1])))
   swizzle = 128
   transforms = (plgpu.TilingTransform((8, swizzle // q_idx.dtype.itemsize)),
                 plgpu.SwizzleTransform(swizzle))
@@ -276,11 +259,9 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
       plgpu.SMEM((stages, block_size, di), k_idx.dtype, transforms=transforms),
       plgpu.SMEM((COMPUTE_WGS, topk, WGMMA_ROWS), jnp.int32),  # ids staging
   ]
-  if scaled:
-    scratch.append(plgpu.SMEM((stages, block_size), jnp.float32))  # the keys' scales
   scratch += [
       plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # q tile + last keys loaded
-      plgpu.Barrier(num_arrivals=1 + scaled, num_barriers=stages),  # key block loaded
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # key block loaded
       plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # key slot released
   ]
   kernel_kwargs = dict(
@@ -296,10 +277,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   if params is not None:
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
-                           interpreted=params is not None, scaled=scaled,
-                           block_scaled=block_scaled)
-  scales = [k_scale] if scaled else []
-  if block_scaled:
-    scales = [k_block_scale.astype(jnp.float32)]
+                           interpreted=params is not None, block_scaled=block_scaled)
+  scales = [k_block_scale.astype(jnp.float32)] if block_scaled else []
   ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx, *scales)
   return ids[:, :, :rows].transpose(0, 2, 1).reshape(b, t, g, topk)
