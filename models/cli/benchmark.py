@@ -50,6 +50,7 @@ class Workload:
   block_size: int = 128
   topk: int = 16
   dtype: str = "bfloat16"
+  index_score_dtype: str | None = None  # msa_jax.index_topk's score_dtype
 
 
 M3 = Workload()
@@ -190,7 +191,7 @@ def prefill_row(n, w: Workload, args, impl, interpret, selection="random", dense
   def index(q_idx, k_idx, start):
     pos, kvl = positions(start)
     return msa_jax.index_topk(sl(q_idx, start), k_idx, topk=w.topk, q_positions=pos,
-                              kv_lengths=kvl, **common)
+                              kv_lengths=kvl, score_dtype=w.index_score_dtype, **common)
 
   @jax.jit
   def sparse(q, k, v, ids, start):
@@ -202,7 +203,8 @@ def prefill_row(n, w: Workload, args, impl, interpret, selection="random", dense
   def layer(q, k, v, q_idx, k_idx, start):
     pos, kvl = positions(start)
     return msa_jax.msa_attention(sl(q, start), k, v, sl(q_idx, start), k_idx, topk=w.topk,
-                                 q_positions=pos, kv_lengths=kvl, **common)
+                                 q_positions=pos, kv_lengths=kvl,
+                                 score_dtype=w.index_score_dtype, **common)
 
   ids = [index(q_idx, k_idx, s) for s in starts]
   row = {"N": n, "selection": selection, "chunk": chunk, "chunks": len(starts)}
@@ -329,7 +331,8 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret, selection=
   v = _random(keys[2], (batch, ctx, w.groups, w.head_dim), dtype)
   q_idx, k_idx = index_inputs(selection, keys[3], batch, ctx, q_len, w)
   msa_step = lambda *a: msa_jax.msa_attention(
-      *a, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret)
+      *a, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret,
+      score_dtype=w.index_score_dtype)
   msa = jax.jit(msa_step)
   steps = args.decode_loop_steps
   msa_loop = in_loop(msa_step, steps)
@@ -342,7 +345,8 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret, selection=
   row["msa_loop_ms"] = ms / steps
   # Breakdown: the selection and the attention over it, each alone.
   index = jax.jit(lambda qi, ki: msa_jax.index_topk(
-      qi, ki, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret))
+      qi, ki, block_size=w.block_size, topk=w.topk, implementation=impl, interpret=interpret,
+      score_dtype=w.index_score_dtype))
   sparse = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
       q, k, v, ids, block_size=w.block_size, implementation=impl, interpret=interpret))
   ids = index(q_idx, k_idx)
@@ -902,6 +906,9 @@ def main(argv=None):
                       help="queries of the sparse-path sweep (query_chunk)")
   parser.add_argument("--tune-decode-context", type=int, default=1048576,
                       help="cached tokens of the decode step the index_decode sweep times")
+  parser.add_argument("--index-score-dtype", default=None, choices=["float8_e4m3fn"],
+                      help="score the index in this precision (msa_jax.index_topk's "
+                           "score_dtype; default: the inputs' bf16)")
   parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=list(SELECTIONS),
                       help="index inputs of each row: random, and/or structured like a "
                            "trained indexer's selections (sink, recent and shared content "
@@ -942,6 +949,7 @@ def main(argv=None):
     args.decode_loop_steps = 2
     args.tune_context, args.tune_chunk, args.tune_decode_context = 256, 64, 256
     args.tune_path_chunk = 64
+  workload = dataclasses.replace(workload, index_score_dtype=args.index_score_dtype)
   device = jax.devices()[0]
   meta = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
           "commit": cli.commit(), "date": datetime.date.today().isoformat(),
