@@ -108,20 +108,11 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    @pl.loop(0, steps)
-    def _(j):
-      slot = slot_of(j)
-
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(consumed.at[slot])
-
+    def load(j, slot):
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(j * bk, bk)], k_smem.at[slot],
                               loaded.at[slot])
 
-    @pl.loop(jnp.maximum(steps - stages, 0), steps)
-    def _(j):  # observe the last releases, so no barrier phase goes unobserved
-      plgpu.barrier_wait(consumed.at[slot_of(j)])
+    mgpu.produce_ring(steps, stages, consumed, load)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():

@@ -564,6 +564,26 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   return partial_out, partial_lse
 
 
+def produce_ring(n, stages: int, consumed, load):
+  """The producer side of a ring of ``stages`` shared-memory slots (the union and index
+  kernels): for item i < n, wait until slot ``i % stages`` was released on ``consumed``
+  (from its second use on), then ``load(i, slot)``; at the end, wait out the last releases,
+  so no barrier phase goes unobserved."""
+  slot_of = lambda i: lax.rem(i, jnp.int32(stages))
+
+  @pl.loop(0, n)
+  def _(i):
+    @pl.when(i >= stages)
+    def _():
+      plgpu.barrier_wait(consumed.at[slot_of(i)])
+
+    load(i, slot_of(i))
+
+  @pl.loop(jnp.maximum(n - stages, 0), n)
+  def _(i):
+    plgpu.barrier_wait(consumed.at[slot_of(i)])
+
+
 def _compiler_params():
   """approx_math, and no shared memory reserved for cross-warp reductions: the kernel's
   reductions (softmax rows in the WGMMA layout) stay within a warp, and the 2 KB Mosaic

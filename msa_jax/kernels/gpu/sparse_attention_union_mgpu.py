@@ -83,21 +83,12 @@ def _kernel(ids_ref, counts_ref, members_ref, last_ref, q_ref, k_ref, v_ref, o_r
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    @pl.loop(0, count)
-    def _(u):
-      slot = slot_of(u)
+    def load(u, slot):
       keys = pl.ds(ids_ref[first + u] * bk, bk)
-
-      @pl.when(u >= stages)
-      def _():
-        plgpu.barrier_wait(consumed.at[slot])
-
       plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[slot], loaded.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[slot], loaded.at[slot])
 
-    @pl.loop(jnp.maximum(count - stages, 0), count)
-    def _(u):  # observe the last releases, so no barrier phase goes unobserved
-      plgpu.barrier_wait(consumed.at[slot_of(u)])
+    mgpu.produce_ring(count, stages, consumed, load)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
