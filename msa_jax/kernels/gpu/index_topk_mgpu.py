@@ -10,8 +10,8 @@ scoring GEMM runs on wgmma fed by TMA, and the running top-k lives in registers:
   first (causal prefill: later rows see more blocks).
 * Shared memory: each compute warpgroup's q tile ``[64, Di]`` (loaded once) and its rows'
   last visible key (``min(position, kv_len - 1)``, -1 for padding rows); a ring of
-  ``num_stages`` key blocks ``[Bk, Di]``, (8, 64)-tiled and 128-byte swizzled as wgmma wants
-  them; the output ids ``[topk, 64]`` per compute warpgroup.
+  ``num_stages`` key blocks ``[Bk, Di]``, tiled and 128-byte swizzled as wgmma wants them;
+  the output ids ``[topk, 64]`` per compute warpgroup.
 * Producer, per key block j of the CTA's visible range (up to its last row's last visible
   key): waits until both compute warpgroups have released the ring slot, then one TMA copy
   of the block's index keys into it.
@@ -162,20 +162,14 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
         block_max = block_max * scale_j
       new_val = jnp.where(own == j, jnp.inf, block_max)
       new_id = zero + j
-
-      def insert(carry):
-        # Insert (new_val, j): entries below it shift down one place. Entry e is passed iff
-        # new_val > vals[e] (strictly: an equal value from an earlier, lower block stays
-        # ahead), and since the list is sorted these are the last entries.
-        vals, ids = carry
-        passed = [new_val > v for v in vals]
-        shift = lambda x, e, new: jnp.where(passed[e - 1], x[e - 1], new) if e else new
-        vals = tuple(jnp.where(passed[e], shift(vals, e, new_val), vals[e])
-                     for e in range(topk))
-        ids = tuple(jnp.where(passed[e], shift(ids, e, new_id), ids[e]) for e in range(topk))
-        return vals, ids
-
-      return (*insert((vals, ids)), scale_next)
+      # Insert (new_val, j): entries below it shift down one place. Entry e is passed iff
+      # new_val > vals[e] (strictly: an equal value from an earlier, lower block stays
+      # ahead), and since the list is sorted these are the last entries.
+      passed = [new_val > v for v in vals]
+      shift = lambda x, e, new: jnp.where(passed[e - 1], x[e - 1], new) if e else new
+      vals = tuple(jnp.where(passed[e], shift(vals, e, new_val), vals[e]) for e in range(topk))
+      ids = tuple(jnp.where(passed[e], shift(ids, e, new_id), ids[e]) for e in range(topk))
+      return vals, ids, scale_next
 
     empty = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
     vals, ids, _ = lax.fori_loop(0, steps, step,
@@ -213,7 +207,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
                k_block_scale=None, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
-  the tuning table's ``mosaic_stages``). ``interpret``: False (compiled), True or a Mosaic
+  the tuning table's ``mosaic_stages``, ``mosaic_fp8_stages`` for FP8). ``interpret``: False (compiled), True or a Mosaic
   GPU interpret-params object (CPU simulation).
 
   FP8: ``q_idx``/``k_idx`` in float8_e4m3fn with ``k_block_scale`` ``[B, S/Bk]`` float32,
@@ -231,7 +225,8 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
     raise ValueError(f"index_topk_mgpu does not support q_idx {q_idx.shape} {q_idx.dtype}, "
                      f"k_idx {k_idx.shape} {k_idx.dtype}, block_size {block_size}, "
                      f"topk {topk}")
-  stages = tuning.config("index", mosaic_stages=num_stages)["mosaic_stages"]
+  key = "mosaic_fp8_stages" if block_scaled else "mosaic_stages"
+  stages = tuning.config("index", **{key: num_stages})[key]
   if stages < 2:
     raise ValueError(f"num_stages must be >= 2; got {stages}")
   b, t, g, di = q_idx.shape

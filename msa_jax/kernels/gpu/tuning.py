@@ -23,9 +23,11 @@ DEFAULTS = {
     # matrix), "tile" (per key tile in the kernel, then XLA over the candidates), "fused"
     # (a running top-k in the kernel; prefill only) or "mosaic" (as "fused", on Hopper:
     # index_topk_mgpu.py, wgmma + TMA; bf16/f16 only, other inputs take "fused"). The other
-    # keys are the Triton kernels'; mosaic_stages is the Mosaic kernel's key-block ring.
+    # keys are the Triton kernels'; mosaic_stages / mosaic_fp8_stages are the Mosaic kernel's
+    # key-block ring in bf16 / FP8 (H200, last 1M chunk: FP8 with 4 slots 126 ms, with 3
+    # slots 133 ms).
     "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
-              "selection": "scores", "mosaic_stages": 4},
+              "selection": "scores", "mosaic_stages": 4, "mosaic_fp8_stages": 4},
     # The same kernels for decode (at most DECODE_QUERIES queries per sequence): few rows, so
     # the grid comes from the key tiles and the best tile differs from prefill's.
     # min_programs: blocks_per_tile is halved (down to 1) until the grid has this many
