@@ -213,45 +213,61 @@ def fp8_rounded(x):
   return reference.fp8_round(x).astype(x.dtype)
 
 
+def _mosaic_index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, interpret,
+                       score_dtype, decode):
+  """The Mosaic GPU index kernel (Hopper), or None where it does not apply to these inputs.
+
+  Decode (few rows) splits the keys into ranges over enough CTAs to reach the table's
+  ``min_programs``. FP8: q's per-token scale never changes a row's order (dropped); each
+  block's scale multiplies its block max."""
+  from msa_jax.kernels.gpu import index_topk_mgpu as kernel
+  from msa_jax.kernels.gpu import tuning
+  fp8 = score_dtype is not None
+  if not (kernel.supports_fp8(q_idx, block_size, topk) if fp8 else
+          kernel.supports(q_idx, k_idx, block_size, topk)):
+    return None
+  splits = 1
+  if decode:
+    b, t, g, _ = q_idx.shape
+    ctas = b * reference.cdiv(t * g, kernel.CTA_ROWS)
+    splits = reference.cdiv(tuning.config("index_decode").get("min_programs") or 1, ctas)
+    if interpret:  # enough ranges to exercise the merge, few enough to simulate
+      splits = min(splits, 4)
+  scale = None
+  if fp8:
+    q_idx, _ = reference.fp8_per_token(q_idx)
+    k_idx, scale = reference.fp8_per_block(k_idx, block_size)
+  return kernel.fused_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
+                           topk=topk, k_block_scale=scale, splits=splits, interpret=interpret)
+
+
 def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl, interpret,
                 score_dtype=None):
+  selection = "scores"
+  if impl == "pallas_gpu":
+    from msa_jax.kernels.gpu import index_topk as kernel
+    from msa_jax.kernels.gpu import tuning
+    key = kernel.config_key(q_idx.shape[1])
+    selection = tuning.config(key)["selection"]
+    if selection == "mosaic":  # Hopper wgmma + TMA; other inputs take a Triton kernel
+      ids = _mosaic_index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
+                               topk=topk, interpret=interpret, score_dtype=score_dtype,
+                               decode=key == "index_decode")
+      if ids is not None:
+        return ids
+      selection = "fused" if key == "index" else "tile"
+  elif impl == "pallas_tpu":
+    from msa_jax.kernels.tpu import index_topk as kernel
   if score_dtype is not None:
-    if impl == "pallas_gpu":
-      from msa_jax.kernels.gpu import index_topk as kernel
-      from msa_jax.kernels.gpu import index_topk_mgpu
-      from msa_jax.kernels.gpu import tuning
-      selection = tuning.config(kernel.config_key(q_idx.shape[1]))["selection"]
-      if selection == "mosaic" and index_topk_mgpu.supports_fp8(q_idx, block_size, topk):
-        # FP8 wgmma on Hopper: q's scale never changes a row's order (dropped); each block's
-        # scale multiplies its block max.
-        q8, _ = reference.fp8_per_token(q_idx)
-        k8, block_scale = reference.fp8_per_block(k_idx, block_size)
-        return index_topk_mgpu.fused_topk(q8, k8, q_positions, kv_lengths,
-                                          block_size=block_size, topk=topk,
-                                          k_block_scale=block_scale, interpret=interpret)
-    # Elsewhere the same selection from the FP8-rounded values (exact in the inputs' dtype).
+    # The selection from the FP8-rounded values (exact in the inputs' dtype).
     q_idx = fp8_rounded(q_idx)
     k_idx = reference.fp8_round_blocks(k_idx, block_size).astype(k_idx.dtype)
   if impl == "xla":
     return reference.index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
                                 topk=topk)
-  selection = "scores"
-  if impl == "pallas_gpu":
-    from msa_jax.kernels.gpu import index_topk as kernel
-    from msa_jax.kernels.gpu import tuning
-    selection = tuning.config(kernel.config_key(q_idx.shape[1]))["selection"]
-    if selection == "mosaic":  # Hopper wgmma + TMA; other inputs take the Triton kernel
-      from msa_jax.kernels.gpu import index_topk_mgpu
-      if index_topk_mgpu.supports(q_idx, k_idx, block_size, topk):
-        return index_topk_mgpu.fused_topk(q_idx, k_idx, q_positions, kv_lengths,
-                                          block_size=block_size, topk=topk,
-                                          interpret=interpret)
-      selection = "fused"
-    if selection == "fused":  # nothing per query but the ids is kept: no chunking needed
-      return kernel.fused_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
-                               topk=topk, interpret=interpret)
-  else:
-    from msa_jax.kernels.tpu import index_topk as kernel
+  if selection == "fused":  # nothing per query but the ids is kept: no chunking needed
+    return kernel.fused_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size,
+                             topk=topk, interpret=interpret)
 
   def chunk(pos, qi):
     if selection == "tile":

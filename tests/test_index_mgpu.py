@@ -48,17 +48,23 @@ CASES = {
     "ties": dict(batch=1, q_len=64, kv_len=512, groups=2, ties=True),
     # More slots than visible blocks for the early queries: -1 padding.
     "topk_exceeds_blocks": dict(batch=1, q_len=32, kv_len=200, groups=4),
+    # Decode: one query per sequence, ragged caches (sequence 1's ends inside a block, and 4
+    # ranges of 2 blocks over its 7: the last range sees nothing).
+    "decode": dict(batch=3, q_len=1, kv_len=448, groups=4, kv_lengths=(448, 300, 64)),
 }
 
 
-@pytest.mark.parametrize("name,topk,block_size,stages", [
-    ("prefill", 3, 64, 2), ("chunked_ragged", 4, 64, 3), ("ties", 5, 64, 4),
-    ("topk_exceeds_blocks", 6, 64, 2), ("prefill", 2, 128, 2)])
-def test_selection_matches_oracle(name, topk, block_size, stages):
+@pytest.mark.parametrize("name,topk,block_size,stages,splits", [
+    ("prefill", 3, 64, 2, 1), ("chunked_ragged", 4, 64, 3, 1), ("ties", 5, 64, 4, 1),
+    ("topk_exceeds_blocks", 6, 64, 2, 1), ("prefill", 2, 128, 2, 1),
+    # Split-K (decode): key ranges over several CTAs, candidates merged in XLA; ties across
+    # ranges, ranges past some rows' visible keys, and an empty last range.
+    ("ties", 5, 64, 2, 3), ("chunked_ragged", 4, 64, 2, 3), ("decode", 4, 64, 2, 4)])
+def test_selection_matches_oracle(name, topk, block_size, stages, splits):
   q_idx, k_idx, pos, kvl = _inputs(7, **CASES[name])
   with interpreted() as params:
     ids = kernel.fused_topk(q_idx, k_idx, pos, kvl, block_size=block_size, topk=topk,
-                            num_stages=stages, interpret=params)
+                            num_stages=stages, splits=splits, interpret=params)
     ids.block_until_ready()
   assert ids.shape == (*q_idx.shape[:3], topk) and ids.dtype == jnp.int32
   f32 = lambda x: np.asarray(x.astype(jnp.float32))
@@ -106,13 +112,15 @@ def test_supports_and_errors():
                       topk=4, num_stages=8)
 
 
-def test_lowers_for_hopper_at_m3_shapes():
+@pytest.mark.parametrize("b,t,splits", [(1, 256, 1), (8, 1, 16)])  # prefill, decode
+def test_lowers_for_hopper_at_m3_shapes(b, t, splits):
   """Pallas -> Mosaic GPU lowering at M3 index shapes (Di 128, Bk 128, top 16), on CPU
   through ``jax.export`` for CUDA."""
   from jax import export
-  b, t, s_len, g, di = 1, 256, 2048, 4, 128
+  s_len, g, di = 4096, 4, 128
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-  fn = lambda qi, ki, pos, kvl: kernel.fused_topk(qi, ki, pos, kvl, block_size=128, topk=16)
+  fn = lambda qi, ki, pos, kvl: kernel.fused_topk(qi, ki, pos, kvl, block_size=128, topk=16,
+                                                  splits=splits)
   exported = export.export(jax.jit(fn), platforms=["cuda"])(
       shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
       shape(b, dtype=jnp.int32))
@@ -208,4 +216,23 @@ def test_fp8_block_scales_match_reference():
   f64 = lambda x: np.asarray(x, np.float64)
   want = oracle.index_topk(f64(reference.fp8_round(q_idx)), f64(k_round.reshape(1, 448, 128)),
                            64, 4, np.asarray(pos), np.asarray(kvl))
+  assert oracle.same_sets(ids, want)
+
+
+def test_api_decode_dispatch_splits_the_keys(monkeypatch):
+  """``"selection": "mosaic"`` in the decode section: the kernel runs split-K (key ranges
+  over several CTAs, enough to reach ``min_programs``) and the merged selection is the
+  oracle's."""
+  q_idx, k_idx, pos, kvl = _inputs(12, **CASES["decode"])
+  calls = []
+  run = kernel.fused_topk
+  monkeypatch.setattr(kernel, "fused_topk", lambda *a, **kw: calls.append(kw) or run(*a, **kw))
+  with tuning.override("index_decode", selection="mosaic", min_programs=8), \
+      interpreted() as params:
+    ids = msa_jax.index_topk(q_idx, k_idx, block_size=64, topk=4, implementation="pallas_gpu",
+                             kv_lengths=kvl, interpret=params)
+    ids.block_until_ready()
+  assert len(calls) == 1 and calls[0]["splits"] == 3  # 8 programs over 3 sequences' tiles
+  f32 = lambda x: np.asarray(x.astype(jnp.float32))
+  want = oracle.index_topk(f32(q_idx), f32(k_idx), 64, 4, np.asarray(pos), np.asarray(kvl))
   assert oracle.same_sets(ids, want)

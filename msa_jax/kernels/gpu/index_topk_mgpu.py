@@ -56,6 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from msa_jax import reference
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import tuning
 
@@ -83,33 +84,46 @@ def supports_fp8(q_idx, block_size: int, topk: int) -> bool:
   return di % 128 == 0 and _supported_shape(di, block_size, topk)
 
 
-def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2) -> int:
-  """Shared memory the kernel allocates (barriers not included)."""
+def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, values=False) -> int:
+  """Shared memory the kernel allocates (barriers not included); ``values``: split-K, the
+  candidates' values staged too."""
   q_tiles = CTA_ROWS * index_dim * itemsize
   ring = num_stages * block_size * index_dim * itemsize
-  return q_tiles + ring + CTA_ROWS * 4 + COMPUTE_WGS * topk * WGMMA_ROWS * 4
+  return q_tiles + ring + CTA_ROWS * 4 + (1 + values) * COMPUTE_WGS * topk * WGMMA_ROWS * 4
 
 
 def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
-            block_scaled):
+            block_scaled, blocks_per_split):
   if block_scaled:
     bscale_ref, *refs = refs
-  out_ref, q_smem, last_smem, k_smem, ids_smem, q_loaded, loaded, consumed = refs
+  with_values = blocks_per_split is not None  # split over key ranges: candidates + values
+  if with_values:
+    (ids_ref, vals_ref, q_smem, last_smem, k_smem, ids_smem, vals_smem, q_loaded, loaded,
+     consumed) = refs
+  else:
+    ids_ref, q_smem, last_smem, k_smem, ids_smem, q_loaded, loaded, consumed = refs
   bk = block_size
   tile = meta_ref.shape[1] - 1 - lax.axis_index("tile")  # the longest row tiles first
   b = lax.axis_index("batch")
+  split = lax.axis_index("split")
   wg = lax.axis_index("wg")
-  steps = meta_ref[b, tile, 0]  # key blocks holding a key visible to some row of the CTA
+  visible = meta_ref[b, tile, 0]  # key blocks holding a key visible to some row of the CTA
+  if with_values:  # this CTA's range of key blocks
+    first = split * blocks_per_split
+    end = jnp.minimum(first + blocks_per_split, visible)
+  else:
+    first, end = jnp.int32(0), visible
+  steps = jnp.maximum(end - first, 0)
 
-  def slot_of(j):
-    return lax.rem(j, jnp.int32(stages))
+  def slot_of(j):  # ring slot of key block j
+    return lax.rem(j - first, jnp.int32(stages))
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    def load(j, slot):
-      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(j * bk, bk)], k_smem.at[slot],
+    def load(i, slot):
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds((first + i) * bk, bk)], k_smem.at[slot],
                               loaded.at[slot])
 
     mgpu.produce_ring(steps, stages, consumed, load)
@@ -172,12 +186,17 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
       return vals, ids, scale_next
 
     empty = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
-    vals, ids, _ = lax.fori_loop(0, steps, step,
-                                 ((empty,) * topk, (zero - 1,) * topk, block_scale(0)))
+    vals, ids, _ = lax.fori_loop(first, jnp.maximum(end, first), step,
+                                 ((empty,) * topk, (zero - 1,) * topk, block_scale(first)))
     for e in range(topk):
       ids_smem[w, e] = jnp.where(vals[e] == -jnp.inf, zero - 1, ids[e])
+      if with_values:
+        vals_smem[w, e] = vals[e]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ids_smem.at[w], out_ref.at[b, :, pl.ds(row0, WGMMA_ROWS)])
+    rows = pl.ds(row0, WGMMA_ROWS)
+    plgpu.copy_smem_to_gmem(ids_smem.at[w], ids_ref.at[b, split, :, rows])
+    if with_values:
+      plgpu.copy_smem_to_gmem(vals_smem.at[w], vals_ref.at[b, split, :, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -204,11 +223,16 @@ def _geometry(q_idx, k_idx, q_positions, kv_lengths, block_size):
 
 
 def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_stages=None,
-               k_block_scale=None, interpret=False):
+               k_block_scale=None, splits=1, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded): scoring, block max-pool and a
   running top-k in one Mosaic GPU kernel. ``num_stages``: key blocks in flight (default:
-  the tuning table's ``mosaic_stages``, ``mosaic_fp8_stages`` for FP8). ``interpret``: False (compiled), True or a Mosaic
-  GPU interpret-params object (CPU simulation).
+  the tuning table's ``mosaic_stages``, ``mosaic_fp8_stages`` for FP8). ``interpret``:
+  False (compiled), True or a Mosaic GPU interpret-params object (CPU simulation).
+
+  ``splits``: CTAs per row tile, each over its own range of key blocks (split-K, for few
+  rows: decode), each writing its top-k candidates with their values; the final top-k over
+  ``splits * topk`` candidates per row runs in XLA (``reference.top_candidates``). 1: the
+  running top-k is the selection (prefill).
 
   FP8: ``q_idx``/``k_idx`` in float8_e4m3fn with ``k_block_scale`` ``[B, S/Bk]`` float32,
   one power-of-two scale per key block (``reference.fp8_per_block``; a query's own scale
@@ -230,8 +254,11 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   if stages < 2:
     raise ValueError(f"num_stages must be >= 2; got {stages}")
   b, t, g, di = q_idx.shape
+  nb = -(-k_idx.shape[1] // block_size)
+  splits = max(1, min(int(splits), nb))
+  blocks_per_split = None if splits == 1 else -(-nb // splits)
   need = smem_bytes(num_stages=stages, index_dim=di, block_size=block_size, topk=topk,
-                    itemsize=q_idx.dtype.itemsize)
+                    itemsize=q_idx.dtype.itemsize, values=splits > 1)
   if need > mgpu.SMEM_BYTES:
     raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
   rows, rows_pad, q_rows, last, meta, k_idx = _geometry(q_idx, k_idx, q_positions, kv_lengths,
@@ -245,16 +272,20 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
       plgpu.SMEM((stages, block_size, di), k_idx.dtype, transforms=transforms),
       plgpu.SMEM((COMPUTE_WGS, topk, WGMMA_ROWS), jnp.int32),  # ids staging
   ]
+  out_type = [jax.ShapeDtypeStruct((b, splits, topk, rows_pad), jnp.int32)]
+  if blocks_per_split is not None:  # candidates' values too
+    scratch.append(plgpu.SMEM((COMPUTE_WGS, topk, WGMMA_ROWS), jnp.float32))
+    out_type.append(jax.ShapeDtypeStruct((b, splits, topk, rows_pad), jnp.float32))
   scratch += [
       plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # q tile + last keys loaded
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # key block loaded
       plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # key slot released
   ]
   kernel_kwargs = dict(
-      out_type=jax.ShapeDtypeStruct((b, topk, rows_pad), jnp.int32),
+      out_type=tuple(out_type),
       scratch_types=scratch,
-      grid=(rows_pad // CTA_ROWS, b),
-      grid_names=("tile", "batch"),
+      grid=(rows_pad // CTA_ROWS, splits, b),
+      grid_names=("tile", "split", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -263,7 +294,13 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   if params is not None:
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,
-                           interpreted=params is not None, block_scaled=block_scaled)
+                           interpreted=params is not None, block_scaled=block_scaled,
+                           blocks_per_split=blocks_per_split)
   scales = [k_block_scale.astype(jnp.float32)] if block_scaled else []
-  ids = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx, *scales)
-  return ids[:, :, :rows].transpose(0, 2, 1).reshape(b, t, g, topk)
+  out = plgpu.kernel(body, **kernel_kwargs)(meta, last, q_rows, k_idx, *scales)
+  # [B, splits, topk, rows] -> per row its candidates, split by split (ascending block ranges,
+  # each in top-k order: ties keep the lower block id first).
+  per_row = lambda x: x[..., :rows].transpose(0, 3, 1, 2).reshape(b, t, g, splits * topk)
+  if blocks_per_split is None:
+    return per_row(out[0])
+  return reference.top_candidates(per_row(out[1]), per_row(out[0]), topk)
