@@ -526,14 +526,17 @@ def tune(w: Workload, args, interpret):
   pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
   kvl = jnp.array([n], jnp.int32)
   grids = {
-      "index": dict(selection=["scores", "tile", "fused"], block_rows=[64, 128],
-                    blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2]),
+      # selection "mosaic" (index_topk_mgpu.py) reads only mosaic_stages; the others only
+      # the Triton keys.
+      "index": dict(selection=["scores", "tile", "fused", "mosaic"], block_rows=[64, 128],
+                    blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2],
+                    mosaic_stages=[2, 3, 4]),
       # kernel: Triton or Mosaic GPU (sparse_attention_mgpu.py: tile_rows per compute
       # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
       "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
                      items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3],
                      pingpong=[False, True]),  # kv_reuse, kv_stages, q_stages: --tune-grid
-      "index_decode": dict(selection=["scores", "tile"], blocks_per_tile=[16, 32, 64],
+      "index_decode": dict(selection=["scores", "tile", "mosaic"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
       # The whole sparse path (schedule, kernel, combine) on the last --tune-path-chunk
       # queries, run in pieces of query_chunk queries (after "sparse": its best kernel).
@@ -626,10 +629,14 @@ def tune(w: Workload, args, interpret):
     return lambda: block(f1(q, k, v, schedule))
 
   def redundant(kernel, cfg, grid):  # a key the kernel ignores: time it once, not per value
-    if kernel != "sparse":
+    if kernel == "sparse":
+      ignored = (("items_per_program", "num_warps", "num_stages")
+                 if cfg.get("kernel") == "mosaic" else MOSAIC_ONLY)
+    elif kernel in ("index", "index_decode"):
+      ignored = (("block_rows", "blocks_per_tile", "num_warps", "num_stages")
+                 if cfg.get("selection") == "mosaic" else ("mosaic_stages",))
+    else:
       return False
-    ignored = (("items_per_program", "num_warps", "num_stages")
-               if cfg.get("kernel") == "mosaic" else MOSAIC_ONLY)
     return any(n in cfg and cfg[n] != grid[n][0] for n in ignored)
 
   # The sparse path on a longer chunk: the query pieces only matter for long query ranges.
