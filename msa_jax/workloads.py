@@ -106,3 +106,11 @@ def union_size(block_indices, num_blocks: int, span: int = 8) -> jax.Array:
   first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]],
                           axis=-1)
   return jnp.mean(jnp.sum(first & (ids >= 0), axis=-1, dtype=jnp.float32))
+
+
+def selection_recall(got, want) -> float:
+  """The share of ``want``'s selected blocks that ``got`` also selects for the same (query,
+  group): ``[..., k]`` block ids, -1 = none (e.g. an FP8 selection against the bf16 one)."""
+  valid = want >= 0
+  hit = jnp.any(want[..., :, None] == got[..., None, :], axis=-1) & valid
+  return float(jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1))

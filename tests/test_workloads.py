@@ -67,3 +67,11 @@ def test_decode_queries_are_the_prefill_queries_at_their_positions():
   q_last, k_last = workloads.structured_index_inputs(*args, query_start=509, **kw)
   np.testing.assert_array_equal(k_all, k_last)
   np.testing.assert_allclose(q_all[:, 509:], q_last, rtol=1e-6, atol=1e-6)
+
+
+def test_selection_recall_counts_per_row():
+  want = jnp.array([[[0, 1, 2, -1]], [[3, 4, -1, -1]]])  # [2, 1, 4]: 5 selected blocks
+  got = jnp.array([[[2, 0, 7, -1]], [[0, 1, 2, 3]]])
+  # Row 0 keeps 0 and 2 of {0, 1, 2}; row 1 keeps 3 of {3, 4}: ids elsewhere do not count.
+  assert workloads.selection_recall(got, want) == pytest.approx(3 / 5)
+  assert workloads.selection_recall(want, want) == 1.0

@@ -18,14 +18,9 @@ import jax
 import jax.numpy as jnp
 
 import msa_jax
+from msa_jax import workloads
 from models.cli import benchmark as bench
 from msa_jax.kernels.gpu import tuning
-
-
-def recall(got, want):
-  valid = want >= 0
-  hit = jnp.any(want[..., :, None] == got[..., None, :], axis=-1) & valid
-  return float(jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1))
 
 
 def main(argv=None):
@@ -71,7 +66,7 @@ def main(argv=None):
         row = dict(batch=b, context=n, variant=name, call_ms=ms, loop_ms=step,
                    tbps=key_bytes / (step * 1e-3) / 1e12,
                    stream_tbps=key_bytes / (stream_ms * 1e-3) / 1e12,
-                   recall=recall(got, want))
+                   recall=workloads.selection_recall(got, want))
         rows.append(row)
         print(f"| {b} | {n} | {name} | {ms:.3f} | {step:.4f} | {row['tbps']:.2f} | "
               f"{row['stream_tbps']:.2f} | {row['recall']:.4f} |", flush=True)

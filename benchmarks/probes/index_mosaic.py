@@ -21,18 +21,10 @@ import numpy as np
 
 import msa_jax
 from models.cli import benchmark as bench
-from msa_jax import reference
+from msa_jax import reference, workloads
 from msa_jax.kernels.gpu import index_topk as triton_kernel
 from msa_jax.kernels.gpu import index_topk_mgpu as mosaic_kernel
 from msa_jax.kernels.gpu import tuning
-
-
-def agreement(got, want):
-  """Recall: the share of ``want``'s selected blocks (per query and group) that ``got`` also
-  selects."""
-  valid = want >= 0
-  hit = jnp.any(want[..., :, None] == got[..., None, :], axis=-1) & valid
-  return float(jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1))
 
 
 def main(argv=None):
@@ -94,7 +86,8 @@ def main(argv=None):
           got = fn(*inputs)
           if name.startswith("mosaic,") and bf16 is None:
             bf16 = got  # FP8 rows: agreement with the bf16 Mosaic selection (the recall)
-          agree = agreement(got, want if bf16 is None or "FP8" not in name else bf16)
+          reference_ids = want if bf16 is None or "FP8" not in name else bf16
+          agree = workloads.selection_recall(got, reference_ids)
           ms, _ = bench.timed(lambda: jax.block_until_ready(fn(*inputs)),
                               iters=args.iters, budget_s=4)
         except Exception as e:  # a variant that does not compile: report, go on
