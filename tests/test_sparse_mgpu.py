@@ -188,8 +188,9 @@ def test_lowers_for_hopper_at_m3_shapes(tiles_per_item, tile_rows, pingpong):
   assert "mosaic_gpu" in exported.mlir_module()
 
 
-def test_masked_nan_values_do_not_reach_outputs():
-  """Through the API with the Mosaic kernel: NaN values past the lengths and at a key only
+@pytest.mark.parametrize("union_max", [0, 1000])  # KV-outer, then the union-tile kernel
+def test_masked_nan_values_do_not_reach_outputs(union_max):
+  """Through the API with the Mosaic kernels: NaN values past the lengths and at a key only
   later queries see leave the other queries exact; the queries that see it get NaN."""
   case = CASES["chunked_gqa8"]
   x = C.make_inputs(case, jnp.bfloat16, seed=23)
@@ -198,7 +199,8 @@ def test_masked_nan_values_do_not_reach_outputs():
   v = jnp.where(live[:, :, None, None], x["v"], jnp.nan)
   # A NaN at sequence 0's key 220, inside its length (232): visible to positions >= 220 only.
   v = v.at[0, 220, :, 0].set(jnp.nan)
-  with tuning.override("sparse", kernel="mosaic"), interpreted() as params:
+  with tuning.override("sparse", kernel="mosaic", union_max=union_max), \
+      interpreted() as params:
     out = msa_jax.sparse_attention(x["q"], x["k"], v, ids, block_size=case.block_size,
                                    q_positions=x["q_positions"], kv_lengths=x["kv_lengths"],
                                    implementation="pallas_gpu", interpret=params)
