@@ -152,3 +152,24 @@ def rel_err(x, ref):
 
 def key(seed):
   return jax.random.PRNGKey(seed)
+
+
+def spec(*shape, dtype=jnp.bfloat16):
+  """An abstract input for ``lowers_to_mosaic_gpu``."""
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def lowers_to_mosaic_gpu(fn, *specs) -> bool:
+  """Run the whole Pallas -> Mosaic GPU lowering of ``jax.jit(fn)`` on CPU (``jax.export``
+  for CUDA): register layouts, TMA slices of swizzled buffers, wgmma operand checks. True if
+  the exported module holds a Mosaic GPU kernel."""
+  from jax import export
+  exported = export.export(jax.jit(fn), platforms=["cuda"])(*specs)
+  return "mosaic_gpu" in exported.mlir_module()
+
+
+def attention_specs(b, t, s_len, hq, g, d, topk):
+  """Abstract (q, k, v, block_indices, q_positions, kv_lengths) of a bf16 sparse attention."""
+  return (spec(b, t, hq, d), spec(b, s_len, g, d), spec(b, s_len, g, d),
+          spec(b, t, g, topk, dtype=jnp.int32), spec(b, t, dtype=jnp.int32),
+          spec(b, dtype=jnp.int32))

@@ -13,6 +13,7 @@ import pytest
 import msa_jax
 from msa_jax.kernels.gpu import index_topk_mgpu as kernel
 from msa_jax.kernels.gpu import tuning
+from tests import cases as C
 from tests import oracle
 from tests.test_sparse_mgpu import gpu_interpret, interpreted, InterpretGPUParams
 
@@ -116,15 +117,14 @@ def test_supports_and_errors():
 def test_lowers_for_hopper_at_m3_shapes(b, t, splits):
   """Pallas -> Mosaic GPU lowering at M3 index shapes (Di 128, Bk 128, top 16), on CPU
   through ``jax.export`` for CUDA."""
-  from jax import export
   s_len, g, di = 4096, 4, 128
-  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  shape = C.spec
   fn = lambda qi, ki, pos, kvl: kernel.fused_topk(qi, ki, pos, kvl, block_size=128, topk=16,
                                                   splits=splits)
-  exported = export.export(jax.jit(fn), platforms=["cuda"])(
+  assert C.lowers_to_mosaic_gpu(
+      fn,
       shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
       shape(b, dtype=jnp.int32))
-  assert "mosaic_gpu" in exported.mlir_module()
 
 
 @pytest.mark.parametrize("ties", [True, False])
@@ -181,7 +181,6 @@ def test_fp8_rounding():
 
 
 def test_fp8_lowers_for_hopper_at_m3_shapes():
-  from jax import export
   from msa_jax import reference
   b, t, s_len, g, di = 1, 256, 2048, 4, 128
 
@@ -191,11 +190,11 @@ def test_fp8_lowers_for_hopper_at_m3_shapes():
     return kernel.fused_topk(q8, k8, pos, kvl, block_size=128, topk=16,
                              k_block_scale=block_scale)
 
-  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-  exported = export.export(jax.jit(fn), platforms=["cuda"])(
+  shape = C.spec
+  assert C.lowers_to_mosaic_gpu(
+      fn,
       shape(b, t, g, di), shape(b, s_len, di), shape(b, t, dtype=jnp.int32),
       shape(b, dtype=jnp.int32))
-  assert "mosaic_gpu" in exported.mlir_module()
 
 
 def test_fp8_block_scales_match_reference():

@@ -166,7 +166,6 @@ def test_lowers_for_hopper_at_m3_shapes(tiles_per_item, tile_rows, pingpong):
   """Pallas -> Mosaic GPU lowering (register layouts, TMA slicing of the swizzled tiles,
   wgmma operand checks) runs on CPU through ``jax.export`` for CUDA; compiling to SASS and
   running need a GPU (``scripts/gpu_check.py``)."""
-  from jax import export
   b, t, s_len, hq, g, d, bk, topk = 1, 256, 1024, 64, 4, 128, 128, 16
   per_tile, per_item = mgpu.work_item_size(hq // g, tile_rows=tile_rows,
                                            tiles_per_item=tiles_per_item)
@@ -180,12 +179,7 @@ def test_lowers_for_hopper_at_m3_shapes(tiles_per_item, tile_rows, pingpong):
                                           tiles_per_item=tiles_per_item, num_ctas=132,
                                           pingpong=pingpong)
 
-  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-  exported = export.export(jax.jit(partials), platforms=["cuda"])(
-      shape(b, t, hq, d), shape(b, s_len, g, d), shape(b, s_len, g, d),
-      shape(b, t, g, topk, dtype=jnp.int32), shape(b, t, dtype=jnp.int32),
-      shape(b, dtype=jnp.int32))
-  assert "mosaic_gpu" in exported.mlir_module()
+  assert C.lowers_to_mosaic_gpu(partials, *C.attention_specs(b, t, s_len, hq, g, d, topk))
 
 
 @pytest.mark.parametrize("union_max", [0, 1000])  # KV-outer, then the union-tile kernel

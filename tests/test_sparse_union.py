@@ -122,8 +122,6 @@ def test_mosaic_union_forward_matches_oracle(name, stages):
 def test_mosaic_union_lowers_for_hopper_at_m3_shapes():
   """Pallas -> Mosaic GPU lowering at M3 shapes (16 heads per group: 8-query tiles, D 128,
   Bk 128), on CPU through ``jax.export`` for CUDA."""
-  import jax
-  from jax import export
   from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
   b, t, s_len, hq, g, d, bk, topk = 1, 64, 1024, 64, 4, 128, 128, 16
   nb = s_len // bk
@@ -132,12 +130,7 @@ def test_mosaic_union_lowers_for_hopper_at_m3_shapes():
     return union_mgpu.sparse_attention(q, k, v, ids, reference.valid_block_mask(ids, nb), pos,
                                        kvl, block_size=bk, scale=d**-0.5, num_stages=3)
 
-  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-  exported = export.export(jax.jit(fn), platforms=["cuda"])(
-      shape(b, t, hq, d), shape(b, s_len, g, d), shape(b, s_len, g, d),
-      shape(b, t, g, topk, dtype=jnp.int32), shape(b, t, dtype=jnp.int32),
-      shape(b, dtype=jnp.int32))
-  assert "mosaic_gpu" in exported.mlir_module()
+  assert C.lowers_to_mosaic_gpu(fn, *C.attention_specs(b, t, s_len, hq, g, d, topk))
 
 
 @pytest.mark.parametrize("union_max", [1000, 0.5])
