@@ -274,7 +274,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
       # Each key tile's top blocks come out of the scoring kernel; block scores never do.
       values, ids = kernel.tile_candidates(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                            topk=topk, interpret=interpret)
-      return reference.top_candidates(values, ids, topk)
+      return reference.top_candidates(values, ids, topk, flat=key == "index_decode")
     scores = kernel.block_scores(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                  interpret=interpret)
     return reference.select_blocks(scores, reference.own_block(pos, kv_lengths, block_size),
@@ -371,11 +371,9 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
       as_pages = lambda x: x.reshape(b * nb, block_size, *x.shape[2:])
       table = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
       ids, counts = paged_api.compact_selection(block_indices, nb)
-      partial_out, partial_lse = paged_sparse_decode.paged_sparse_decode_partials(
+      return paged_sparse_decode.paged_sparse_decode(
           q, as_pages(k), as_pages(v), table, ids, counts, q_positions, kv_lengths,
           block_size=block_size, scale=scale, interpret=interpret)
-      written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
-      return sched.combine(partial_out, partial_lse, written, q.dtype)
     from msa_jax.kernels.gpu import sparse_attention_mgpu
     from msa_jax.kernels.gpu import tuning
     kernel = gpu_sparse_kernel(q, k, v, block_size)

@@ -197,8 +197,13 @@ def compact_selection(block_indices, num_blocks):
   (short sequences, padding queries, repeats) read no page.
   """
   valid = reference.valid_block_mask(block_indices, num_blocks)
-  order = jnp.argsort(~valid, axis=-1, stable=True)
-  ids = jnp.take_along_axis(jnp.where(valid, block_indices, 0), order, axis=-1)
+  # Slot of each valid id: the number of valid ids before it. A [k, k] one-hot instead of a
+  # sort: one small fusion (a decode step runs this on every layer).
+  k = block_indices.shape[-1]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [slot, earlier slot]
+  slot = jnp.where(valid, jnp.sum(valid[..., None, :] & earlier, axis=-1), -1)
+  to = slot[..., :, None] == jnp.arange(k, dtype=slot.dtype)  # [..., source, slot]
+  ids = jnp.sum(jnp.where(to, block_indices[..., :, None], 0), axis=-2)
   return ids.astype(jnp.int32), jnp.sum(valid, axis=-1).astype(jnp.int32)
 
 
@@ -210,10 +215,12 @@ def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices
     return reference.sparse_attention(q, k, v, block_indices, q_positions, lengths,
                                       block_size=block_size, scale=scale)
   ids, counts = compact_selection(block_indices, page_table.shape[1])
-  if impl == "pallas_gpu":
+  if impl == "pallas_gpu":  # partials and their merge: two kernels
     from msa_jax.kernels.gpu import paged_sparse_decode as kernel
-  else:
-    from msa_jax.kernels.tpu import paged_sparse_decode as kernel
+    return kernel.paged_sparse_decode(q, k_pages, v_pages, page_table, ids, counts, q_positions,
+                                      lengths, block_size=block_size, scale=scale,
+                                      interpret=interpret)
+  from msa_jax.kernels.tpu import paged_sparse_decode as kernel
   partial_out, partial_lse = kernel.paged_sparse_decode_partials(
       q, k_pages, v_pages, page_table, ids, counts, q_positions, lengths,
       block_size=block_size, scale=scale, interpret=interpret)

@@ -115,7 +115,7 @@ def test_validation_happens_before_kernels(impl, monkeypatch):
     raise AssertionError("kernel traced before validation")
 
   monkeypatch.setattr(gpu_sa, "sparse_attention_partials", boom)
-  monkeypatch.setattr(gpu_decode, "paged_sparse_decode_partials", boom)  # few queries (GPU)
+  monkeypatch.setattr(gpu_decode, "paged_sparse_decode", boom)  # few queries (GPU)
   monkeypatch.setattr(tpu_sa, "sparse_attention_partials", boom)
   with pytest.raises(ValueError, match="block id"):
     msa_jax.sparse_attention(X["q"], X["k"], X["v"], _ids(7), block_size=BS,

@@ -249,15 +249,18 @@ def test_kernels_under_jit():
   assert C.rel_err(out, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5])
-def test_decode_kernel_split_k(num_splits):
+@pytest.mark.parametrize("name,num_splits", [("decode8_gqa16", 1), ("decode8_gqa16", 2),
+                                             ("decode8_gqa16", 5), ("decode_gqa16", 4)])
+def test_decode_kernel_split_k(name, num_splits):
   """The GPU query-outer split-K decode kernel on a contiguous cache seen as pages (as
-  ``msa_attention`` runs it): any split count merges to the reference."""
+  ``msa_attention`` runs it): any split count merges to the reference, through
+  ``schedule.combine`` and through the decode's own merge (a kernel for power-of-two split
+  counts, XLA otherwise); queries with nothing selected get out 0 and LSE -inf."""
   from msa_jax import paged_api
   from msa_jax.kernels.gpu import paged_sparse_decode
-  case = C.CASES["decode8_gqa16"]
+  case = C.CASES[name]
   x = C.make_inputs(case, jnp.float32, seed=22)
-  ids = C.random_selection(case, x, seed=22, holes=True)
+  ids = C.random_selection(case, x, seed=22, holes=True).at[0, 0, 0].set(-1)  # no blocks
   nb = reference.cdiv(case.kv_len, case.block_size)
   pad = nb * case.block_size - case.kv_len
   b, g = x["k"].shape[0], x["k"].shape[2]
@@ -276,6 +279,16 @@ def test_decode_kernel_split_k(num_splits):
   ref_out, ref_lse = C.oracle_attention(case, x, ids)
   assert C.rel_err(out, ref_out) <= 1e-5
   np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-4)
+  merged_out, merged_lse = paged_sparse_decode.paged_sparse_decode(
+      x["q"], pages(x["k"]), pages(x["v"]), table, compact, counts, x["q_positions"],
+      x["kv_lengths"], block_size=case.block_size, scale=scale, num_splits=num_splits,
+      interpret=True)
+  assert merged_out.dtype == x["q"].dtype
+  np.testing.assert_allclose(np.asarray(merged_out), np.asarray(out), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(merged_lse), np.asarray(lse), rtol=1e-6)
+  heads = x["q"].shape[2] // g
+  assert np.all(np.asarray(merged_out)[0, 0, :heads] == 0)
+  assert np.all(np.asarray(merged_lse)[0, 0, :heads] == -np.inf)
 
 
 def test_gpu_decode_uses_query_outer_kernel(monkeypatch):

@@ -594,3 +594,17 @@ def test_paged_sparse_decode_block_id_validation():
   with pytest.raises(ValueError, match="block_indices must have shape"):
     msa_jax.paged_sparse_decode(V["q"], V["k_pages"], V["v_pages"], V["page_table"],
                                 V["lengths"], jnp.zeros((4, 1, 2, 2), jnp.int32), block_size=16)
+
+
+def test_compact_selection():
+  """Valid ids (in range, first occurrence) first in their order, then 0; counts per row."""
+  rng = np.random.default_rng(8)
+  nb = 9
+  sel = rng.integers(-3, nb + 3, (2, 3, 4, 16)).astype(np.int32)  # holes, repeats, range
+  sel[0, 0, 0] = -1
+  ids, counts = paged_api.compact_selection(jnp.asarray(sel), nb)
+  for row, got, n in zip(sel.reshape(-1, 16), np.asarray(ids).reshape(-1, 16),
+                         np.asarray(counts).reshape(-1)):
+    want = list(dict.fromkeys(int(i) for i in row if 0 <= i < nb))
+    assert n == len(want)
+    np.testing.assert_array_equal(got, want + [0] * (16 - len(want)))

@@ -142,9 +142,10 @@ def ceilings(args, small: bool):
   x = _random(jax.random.PRNGKey(3), (size // 2,), jnp.bfloat16)
   cp = jax.jit(lambda x: x * jnp.asarray(1.5, x.dtype))
   t_cp, _ = timed(lambda: block(cp(x)), iters=args.iters, budget_s=5)
+  from models.cli import benchmark_model
   return {"matmul_tflops": 2 * n ** 3 / (t_mm * 1e-3) / 1e12,
           "copy_tbps": 2 * x.size * 2 / (t_cp * 1e-3) / 1e12,
-          "matmul_n": n, "copy_bytes": 2 * x.size * 2}
+          "matmul_n": n, "copy_bytes": 2 * x.size * 2, **benchmark_model.read_bandwidth(small)}
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -381,6 +382,16 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret, selection=
   return row
 
 
+def add_byte_floor(row: dict, ceilings: dict) -> dict:
+  """The decode row's byte floor (its bytes that must move at the read ceiling measured in
+  the same process) and its times as multiples of it."""
+  if "bytes_must_move" in row and ceilings.get("read_tbps"):
+    row["floor_ms"] = row["bytes_must_move"] / (ceilings["read_tbps"] * 1e12) * 1e3
+    row["x_floor"] = row["msa_ms"] / row["floor_ms"]
+    row["x_floor_loop"] = row["msa_loop_ms"] / row["floor_ms"]
+  return row
+
+
 def dense_decode(q, k, v, w: Workload, args) -> dict:
   """The dense decode baselines (an XLA einsum-softmax-einsum; Pallas' ``gqa`` for one query
   on GPUs), per call and per step in a jitted loop, and the best of them."""
@@ -495,6 +506,16 @@ def paged_decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
                        + 2 * q_len * w.q_heads * w.head_dim * item)
   row["tokens_per_s_loop"] = batch * q_len / (row["msa_loop_ms"] * 1e-3)
   row["achieved_tbps_loop"] = must_move / (row["msa_loop_ms"] * 1e-3) / 1e12
+  return row
+
+
+def add_byte_floor(row: dict, ceilings: dict) -> dict:
+  """The decode row's byte floor (its bytes that must move at the read ceiling measured in
+  the same process) and its times as multiples of it."""
+  if "bytes_must_move" in row and ceilings.get("read_tbps"):
+    row["floor_ms"] = row["bytes_must_move"] / (ceilings["read_tbps"] * 1e12) * 1e3
+    row["x_floor"] = row["msa_ms"] / row["floor_ms"]
+    row["x_floor_loop"] = row["msa_loop_ms"] / row["floor_ms"]
   return row
 
 
@@ -750,7 +771,9 @@ def markdown(result) -> str:
   lines = [f"Card: {m['device']} · jax {m['jax']} · commit {m['commit']} · {m['date']} · "
            f"workload {m['workload']}",
            f"Ceilings: bf16 matmul {_fmt(result['ceilings']['matmul_tflops'])} TFLOP/s, "
-           f"copy {_fmt(result['ceilings']['copy_tbps'])} TB/s", ""]
+           f"copy {_fmt(result['ceilings']['copy_tbps'])} TB/s"
+           + (f", read {_fmt(result['ceilings']['read_tbps'])} TB/s"
+              if result["ceilings"].get("read_tbps") else ""), ""]
   if len(result.get("parts", [])) > 1:  # merged from several processes (benchmark --merge)
     lines[-1:-1] = [f"Merged from {len(result['parts'])} processes, each with its baselines: "
                     + "; ".join(f"{p['file']} (commit {p['meta']['commit']}, "
@@ -783,7 +806,8 @@ def markdown(result) -> str:
               "| batch | context | q/seq | selection | MSA ms | index+top-k ms | "
               "sparse attn ms | dense XLA ms | dense Pallas gqa ms | speedup vs best | "
               "TB/s on bytes that must move | MSA ms, loop | dense best ms, loop | "
-              "speedup, loop | TB/s, loop |", "|" + "---|" * 15]
+              "speedup, loop | TB/s, loop | x byte floor | x byte floor, loop |",
+              "|" + "---|" * 17]
     for r in result["decode"]:
       if "error" in r:
         lines.append(f"| {r['batch']} | {r['context']} | {r['q_len']} | error: "
@@ -793,7 +817,9 @@ def markdown(result) -> str:
           "batch", "context", "q_len", "selection", "msa_ms", "index_ms", "sparse_ms",
           "dense_xla_ms",
           "dense_pallas_gqa_ms", "speedup", "achieved_tbps", "msa_loop_ms", "dense_best_loop_ms",
-          "speedup_loop", "achieved_tbps_loop"]) + " |")
+          "speedup_loop", "achieved_tbps_loop", "x_floor", "x_floor_loop"]) + " |")
+    lines += ["", "x byte floor: the step's time over its floor, the bytes that must move at "
+              "the read ceiling above (a read-only stream in the same process)."]
   if result.get("paged_decode"):
     lines += ["", "Paged decode (one query per sequence, pages shuffled): per call and per step "
               "in a jitted loop:", "",
@@ -999,8 +1025,9 @@ def main(argv=None):
         for q_len in args.decode_queries:
           for selection in args.selections:
             try:
-              result["decode"].append(decode_row(batch, ctx, q_len, workload, args, impl,
-                                                 interpret, selection, dense))
+              result["decode"].append(add_byte_floor(
+                  decode_row(batch, ctx, q_len, workload, args, impl, interpret, selection,
+                             dense), result["ceilings"]))
             except Exception as e:
               result["decode"].append({"batch": batch, "context": ctx, "q_len": q_len,
                                        "selection": selection,

@@ -89,9 +89,20 @@ def ceilings(small: bool) -> dict:
   a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
   t_mm = _time(lambda: jax.jit(jnp.matmul)(a, b))
+  out = {"matmul_tflops": 2 * n ** 3 / t_mm / 1e12}
+  out.update(read_bandwidth(small))
+  x = jax.random.normal(jax.random.PRNGKey(3), (1 << (10 if small else 20), 1024), jnp.bfloat16)
+  copy = jax.jit(lambda x: x * jnp.asarray(1.5, x.dtype))
+  out["copy_tbps"] = 2 * x.nbytes / _time(lambda: copy(x)) / 1e12
+  return out
+
+
+def read_bandwidth(small: bool) -> dict:
+  """Read-only streams over 2 GiB (XLA reductions and, on GPUs, looping Pallas programs):
+  ``read_tbps`` is the fastest, the ceiling a read-bound step is measured against."""
   rows = 1 << (10 if small else 20)  # [rows, 1024] bf16: 2 GiB on a GPU
   x = jax.random.normal(jax.random.PRNGKey(3), (rows, 1024), jnp.bfloat16)
-  out = {"matmul_tflops": 2 * n ** 3 / t_mm / 1e12}
+  out = {}
   reads = {"xla_sum": jax.jit(lambda x: jnp.sum(x.astype(jnp.float32), axis=0)),
            "xla_row_sum": jax.jit(lambda x: jnp.sum(x.astype(jnp.float32), axis=1))}
   if jax.default_backend() == "gpu":  # read-only streams: each program loops over its rows
@@ -113,8 +124,6 @@ def ceilings(small: bool) -> dict:
     except Exception as e:  # noqa: BLE001 (a variant that does not compile is skipped)
       out[f"read_error_{name}"] = str(e)[:200]
   out["read_tbps"] = max(v for k, v in out.items() if k.startswith("read_tbps_"))
-  copy = jax.jit(lambda x: x * jnp.asarray(1.5, x.dtype))
-  out["copy_tbps"] = 2 * x.nbytes / _time(lambda: copy(x)) / 1e12
   return out
 
 

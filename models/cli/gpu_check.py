@@ -133,6 +133,24 @@ def check_decode(ctx, q_len, args):
       row["out_rel_err"] = _rel_err(o_g, o_ref)
   except Exception:
     row["msa_error"] = traceback.format_exc(limit=3)
+  # The same cache as shuffled pages of one block each, through paged_msa_decode.
+  nb = ctx // bs
+  perm = np.random.default_rng(ctx).permutation(b * nb)
+  to_pages = lambda x: x.reshape(b * nb, bs, *x.shape[2:])[np.argsort(perm)]
+  table = jnp.asarray(perm.reshape(b, nb), jnp.int32)
+  paged = jax.jit(lambda q, q_idx, *cache: msa_jax.paged_msa_decode(
+      q, q_idx, *cache, block_size=bs, topk=topk, return_indices=True,
+      implementation="pallas_gpu"))
+  try:
+    (o_p, ids_p), row["paged_pallas_ms"] = _time(
+        paged, q, q_idx, to_pages(k), to_pages(v), to_pages(k_idx), table, kv_lengths,
+        iters=args.iters)
+    same = np.all(np.sort(np.asarray(ids_p), -1) == np.sort(np.asarray(ids_ref), -1), -1)
+    row["paged_index_set_match"] = float(same.mean())
+    if same.all():
+      row["paged_out_rel_err"] = _rel_err(o_p, o_ref)
+  except Exception:
+    row["paged_error"] = traceback.format_exc(limit=3)
   return row
 
 
@@ -174,7 +192,7 @@ def main(argv=None):
     cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
     print("| " + " | ".join(cells) + " |")
   cols = ["decode_context", "q_len", "index_set_match", "out_rel_err", "msa_pallas_ms",
-          "msa_xla_ms"]
+          "msa_xla_ms", "paged_index_set_match", "paged_out_rel_err", "paged_pallas_ms"]
   print("| " + " | ".join(cols) + " |")
   for r in decode_rows:
     cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]

@@ -303,4 +303,4 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   per_row = lambda x: x[..., :rows].transpose(0, 3, 1, 2).reshape(b, t, g, splits * topk)
   if blocks_per_split is None:
     return per_row(out[0])
-  return reference.top_candidates(per_row(out[1]), per_row(out[0]), topk)
+  return reference.top_candidates(per_row(out[1]), per_row(out[0]), topk, flat=True)

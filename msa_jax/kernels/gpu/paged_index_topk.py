@@ -230,7 +230,7 @@ def paged_index_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *,
   if selection == "tile":
     vals, ids = paged_tile_candidates(*args, block_size=block_size, topk=topk,
                                       interpret=interpret, **params)
-    return reference.top_candidates(vals, ids, topk)
+    return reference.top_candidates(vals, ids, topk, flat=True)
   scores = paged_block_scores(*args, block_size=block_size, interpret=interpret, **params)
   return reference.select_blocks(scores, reference.own_block(q_positions, kv_lengths,
                                                              block_size), topk)

@@ -27,10 +27,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from msa_jax import schedule
 from msa_jax.kernels.gpu import tuning
 
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
+COMBINE_COLUMNS = 32  # Dv columns per program of the combine kernel
 
 
 def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
@@ -88,6 +90,81 @@ def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_ids, cou
   ids first (``paged_api.compact_selection``); every partial slot is written (LSE -inf and
   out 0 for a split with nothing to do).
   """
+  partial_out, partial_lse = _partials(
+      q, k_pages, v_pages, page_table, block_ids, counts, q_positions, kv_lengths,
+      block_size=block_size, scale=scale, num_splits=num_splits, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret)
+  return _unpadded(partial_out, partial_lse, q.shape[2])
+
+
+def _unpadded(partial_out, partial_lse, hq):
+  """Padded partials ([splits,B,T,G,rows,...]) -> [splits,B,T,Hq,...]."""
+  num_splits, b, t, g, _, dv = partial_out.shape
+  return (partial_out[..., :hq // g, :].reshape(num_splits, b, t, hq, dv),
+          partial_lse[..., :hq // g].reshape(num_splits, b, t, hq))
+
+
+def paged_sparse_decode(q, k_pages, v_pages, page_table, block_ids, counts, q_positions,
+                        kv_lengths, *, block_size, scale, num_splits=None, interpret=False):
+  """The decode output (out [B,T,Hq,Dv] in q's dtype, lse f32 [B,T,Hq]): the split-K
+  partials merged by a second small kernel (``_combine_kernel``), in two launches.
+
+  Same arguments as ``paged_sparse_decode_partials``; equal to ``schedule.combine`` of its
+  partials (queries with no visible key: out 0, LSE -inf; a NaN partial makes its query NaN).
+  """
+  partial_out, partial_lse = _partials(
+      q, k_pages, v_pages, page_table, block_ids, counts, q_positions, kv_lengths,
+      block_size=block_size, scale=scale, num_splits=num_splits, interpret=interpret)
+  num_splits, b, t, g, rows, dv = partial_out.shape
+  heads, hq = q.shape[2] // g, q.shape[2]
+  piece = min(dv, COMBINE_COLUMNS)
+  if not (_power_of_2(num_splits) and _power_of_2(piece) and dv % piece == 0):
+    # Triton tiles are powers of two: such partials merge in XLA instead.
+    return schedule.combine(*_unpadded(partial_out, partial_lse, hq),
+                            jnp.ones((b, t, g, num_splits), bool), q.dtype)
+  out, lse = pl.pallas_call(
+      _combine_kernel,
+      grid=(b, t, g, dv // piece),
+      in_specs=[
+          pl.BlockSpec((num_splits, None, None, None, rows, piece),
+                       lambda bi, ti, gi, ci: (0, bi, ti, gi, 0, ci)),
+          pl.BlockSpec((num_splits, None, None, None, rows),
+                       lambda bi, ti, gi, ci: (0, bi, ti, gi, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, rows, piece), lambda bi, ti, gi, ci: (bi, ti, gi, 0, ci)),
+          pl.BlockSpec((None, None, None, rows), lambda bi, ti, gi, ci: (bi, ti, gi, 0)),
+      ],
+      out_shape=(jax.ShapeDtypeStruct((b, t, g, rows, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, t, g, rows), jnp.float32)),
+      compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="msa_paged_sparse_decode_combine",
+  )(partial_out, partial_lse)
+  return (out[..., :heads, :].reshape(b, t, hq, dv), lse[..., :heads].reshape(b, t, hq))
+
+
+def _power_of_2(n: int) -> bool:
+  return n & (n - 1) == 0
+
+
+def _combine_kernel(o_ref, lse_ref, out_ref, out_lse_ref):
+  """One (sequence, query, group) and a piece of Dv: the splits' partials merged by LSE."""
+  lse = lse_ref[...]  # [splits, rows]
+  m = jnp.max(lse, axis=0)
+  m_safe = jnp.where((m > -jnp.inf) & (m < jnp.inf), m, 0.0)
+  w = jnp.exp(lse - m_safe[None, :])
+  total = jnp.sum(w, axis=0)
+  has = total != 0  # a NaN partial makes the query NaN (out and LSE), never "no keys"
+  w = w / jnp.where(has, total, 1.0)[None, :]
+  out_ref[...] = jnp.sum(w[:, :, None] * o_ref[...], axis=0).astype(out_ref.dtype)
+  out_lse_ref[...] = jnp.where(has, m_safe + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
+
+
+def _partials(q, k_pages, v_pages, page_table, block_ids, counts, q_positions, kv_lengths, *,
+              block_size, scale, num_splits=None, num_warps=None, num_stages=None,
+              interpret=False):
+  """Padded partials: out f32 [splits,B,T,G,rows,Dv], lse f32 [splits,B,T,G,rows]."""
   cfg = tuning.config("decode", num_warps=num_warps, num_stages=num_stages)
   b, t, hq, d = q.shape
   num_pages, _, g, dv = v_pages.shape
@@ -122,6 +199,4 @@ def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_ids, cou
       interpret=interpret,
       name="msa_paged_sparse_decode",
   )(ids, counts, q_positions, kv_lengths, table, q, k_pages, v_pages)
-  partial_out = partial_out[..., :heads, :].reshape(num_splits, b, t, hq, dv)
-  partial_lse = partial_lse[..., :heads].reshape(num_splits, b, t, hq)
   return partial_out, partial_lse
