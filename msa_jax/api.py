@@ -274,7 +274,9 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
       # Each key tile's top blocks come out of the scoring kernel; block scores never do.
       values, ids = kernel.tile_candidates(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                            topk=topk, interpret=interpret)
-      return reference.top_candidates(values, ids, topk, flat=key == "index_decode")
+      if key == "index_decode":  # few rows: one small merge kernel
+        return kernel.merge_candidates(values, ids, topk, interpret=interpret)
+      return reference.top_candidates(values, ids, topk)
     scores = kernel.block_scores(qi, k_idx, pos, kv_lengths, block_size=block_size,
                                  interpret=interpret)
     return reference.select_blocks(scores, reference.own_block(pos, kv_lengths, block_size),

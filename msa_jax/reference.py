@@ -125,30 +125,13 @@ def select_blocks(scores: jax.Array, own: jax.Array, topk: int) -> jax.Array:
   return top_candidates(jnp.where(is_own, jnp.inf, scores), None, topk)
 
 
-FLAT_TOP_K_MIN = 1024  # entries per row from which XLA's GPU top-k kernel takes a flat top-k
-
-
-def top_candidates(values: jax.Array, ids: jax.Array | None, topk: int, *,
-                   flat: bool = False) -> jax.Array:
+def top_candidates(values: jax.Array, ids: jax.Array | None, topk: int) -> jax.Array:
   """The ``topk`` highest candidates [..., n] -> block ids [..., topk], -1 for -inf/missing.
 
   ``ids`` gives each candidate's block id (None: the position is the id). Ties go to the
   earlier candidate, so candidates must be laid out with lower block ids first among equals.
-
-  ``flat``: one ``lax.top_k`` over ``[rows, n]`` (n padded with -inf to at least
-  ``FLAT_TOP_K_MIN``) instead of ``exact_top_k``'s two stages. For the few rows of a decode
-  step on a GPU: XLA runs a top-k of k <= 16 over a float32 matrix of 1024 or more columns as
-  one one-pass kernel (ties to the lower index), where the two stages are two sorts.
   """
-  k = min(topk, values.shape[-1])
-  if flat:
-    lead, n = values.shape[:-1], values.shape[-1]
-    rows = _pad_axis(values.reshape(-1, n).astype(jnp.float32), 1, max(n, FLAT_TOP_K_MIN),
-                     -jnp.inf)
-    values, at = lax.top_k(rows, k)
-    values, at = values.reshape(*lead, k), at.reshape(*lead, k)
-  else:
-    values, at = exact_top_k(values, k)
+  values, at = exact_top_k(values, min(topk, values.shape[-1]))
   chosen = at if ids is None else jnp.take_along_axis(ids, at, axis=-1)
   chosen = jnp.where(values == -jnp.inf, -1, chosen).astype(jnp.int32)
   return _pad_axis(chosen, chosen.ndim - 1, topk, -1)

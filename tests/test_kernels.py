@@ -355,6 +355,30 @@ def test_kernel_selection_many_blocks(selection, blocks_per_tile):
   assert oracle.same_sets(ids, want)
 
 
+@pytest.mark.parametrize("n_tiles,kk,topk", [(64, 16, 16), (5, 4, 16), (40, 2, 3)])
+def test_merge_candidates(monkeypatch, n_tiles, kk, topk):
+  """Decode's merge kernel equals ``reference.top_candidates`` on tile-by-tile candidates
+  (each tile sorted by value, lower id first among ties; many ties, rows with nothing
+  finite, fewer finite candidates than topk), and so does its XLA fallback for long rows."""
+  rng = np.random.default_rng(n_tiles + topk)
+  lead, bpt = (2, 3, 4), 2 * kk
+  vals = rng.integers(-3, 4, (*lead, n_tiles, bpt)).astype(np.float32)
+  vals[0, 0, 0] = -np.inf
+  vals[1, 2, 3, 1:] = -np.inf
+  vals[1, 0, 2, 2, 3] = np.inf  # a forced own block
+  ids = np.broadcast_to(np.arange(n_tiles * bpt).reshape(n_tiles, bpt), vals.shape)
+  order = np.argsort(-vals, axis=-1, kind="stable")[..., :kk]  # each tile's top kk
+  tile_vals = np.take_along_axis(vals, order, -1).reshape(*lead, -1)
+  tile_ids = np.take_along_axis(ids, order, -1).reshape(*lead, -1)
+  want = reference.top_candidates(jnp.asarray(tile_vals), jnp.asarray(tile_ids), topk)
+  got = gpu_index.merge_candidates(jnp.asarray(tile_vals), jnp.asarray(tile_ids), topk,
+                                   interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  monkeypatch.setattr(gpu_index, "MERGE_MAX_CANDIDATES", 8)
+  fallback = gpu_index.merge_candidates(jnp.asarray(tile_vals), jnp.asarray(tile_ids), topk)
+  np.testing.assert_array_equal(np.asarray(fallback), np.asarray(want))
+
+
 def test_decode_key_tiles_spread_over_the_gpu():
   """Few query rows (decode): blocks per key tile shrink until the grid is min_programs."""
   spread = gpu_index.spread_blocks_per_tile

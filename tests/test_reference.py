@@ -212,27 +212,6 @@ def test_two_stage_top_k_equals_top_k(n, k):
   np.testing.assert_array_equal(np.asarray(i1)[finite], np.asarray(i2)[finite])
 
 
-@pytest.mark.parametrize("n,k", [(200, 16), (1024, 16), (4100, 16), (3000, 4)])
-def test_flat_top_candidates(n, k):
-  """``top_candidates(flat=True)`` (decode on GPUs: one top-k over [rows, n], n padded to
-  1024) picks what a stable sort picks: ties to the earlier candidate, -1 past the finite
-  entries, the same as the two-stage path."""
-  from msa_jax import reference
-  rng = np.random.default_rng(n + k)
-  vals = rng.integers(-4, 5, (2, 3, 4, n)).astype(np.float32)  # many exact ties
-  vals[0, 0, 0, :] = -np.inf  # nothing to select
-  vals[1, 2, 3, 3:] = -np.inf  # fewer finite candidates than k
-  vals[1, 1, 1, 7] = np.inf  # a forced block
-  ids = np.stack([rng.permutation(5 * n)[:n] for _ in range(24)]).reshape(vals.shape)
-  got = np.asarray(reference.top_candidates(jnp.asarray(vals), jnp.asarray(ids), k, flat=True))
-  order = np.argsort(-vals, axis=-1, kind="stable")[..., :k]
-  want = np.where(np.take_along_axis(vals, order, -1) == -np.inf, -1,
-                  np.take_along_axis(ids, order, -1))
-  np.testing.assert_array_equal(got, want)
-  two_stage = reference.top_candidates(jnp.asarray(vals), jnp.asarray(ids), k)
-  np.testing.assert_array_equal(got, np.asarray(two_stage))
-
-
 def test_index_topk_many_blocks_matches_oracle():
   """More than 512 blocks: the two-stage top-k path of the selection."""
   rng = np.random.default_rng(40)

@@ -509,16 +509,6 @@ def paged_decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
   return row
 
 
-def add_byte_floor(row: dict, ceilings: dict) -> dict:
-  """The decode row's byte floor (its bytes that must move at the read ceiling measured in
-  the same process) and its times as multiples of it."""
-  if "bytes_must_move" in row and ceilings.get("read_tbps"):
-    row["floor_ms"] = row["bytes_must_move"] / (ceilings["read_tbps"] * 1e12) * 1e3
-    row["x_floor"] = row["msa_ms"] / row["floor_ms"]
-    row["x_floor_loop"] = row["msa_loop_ms"] / row["floor_ms"]
-  return row
-
-
 # ----------------------------------------------------------------------------- tuning
 
 

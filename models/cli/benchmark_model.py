@@ -83,6 +83,21 @@ def _read_kernel(x_ref, o_ref, *, rows, tile):
   o_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
 
 
+def _read_gemm_kernel(k_ref, o_ref, *, rows, tile):
+  """Max of ones @ tile.T over ``rows`` rows of [N, 128] keys from this program's start."""
+  from jax.experimental import pallas as pl
+  first = pl.program_id(0) * rows
+  ones = jnp.ones((16, k_ref.shape[1]), k_ref.dtype)
+
+  def body(j, acc):
+    k = k_ref[pl.ds(pl.multiple_of(first + j * tile, tile), tile), :]
+    return jnp.maximum(acc, jax.lax.dot_general(ones, k, (((1,), (1,)), ((), ())),
+                                                preferred_element_type=jnp.float32))
+
+  o_ref[...] = jax.lax.fori_loop(0, rows // tile, body,
+                                 jnp.full((16, tile), -jnp.inf, jnp.float32))
+
+
 def ceilings(small: bool) -> dict:
   """bf16 matmul rate, read bandwidth (the faster of a Pallas and an XLA read) and copy."""
   n = 256 if small else 8192
@@ -118,6 +133,14 @@ def read_bandwidth(small: bool) -> dict:
               out_shape=jax.ShapeDtypeStruct((rows // per_program, 1024), jnp.float32),
               compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=stages))(x),
           per_program=per_program, tile=tile, warps=warps, stages=stages))
+    # As the index kernels read: [128, 128] tiles through a GEMM (cp.async pipelines).
+    programs = x.size // 128 // 4096  # 4096 keys (1 MiB) per program
+    reads["pallas_gemm"] = jax.jit(lambda x: pl.pallas_call(
+        functools.partial(_read_gemm_kernel, rows=4096, tile=128),
+        grid=(programs,), in_specs=[pl.BlockSpec()],
+        out_specs=pl.BlockSpec((None, 16, 128), lambda i: (i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((programs, 16, 128), jnp.float32),
+        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=4))(x.reshape(-1, 128)))
   for name, fn in reads.items():
     try:
       out[f"read_tbps_{name}"] = x.nbytes / _time(lambda fn=fn: fn(x)) / 1e12

@@ -22,6 +22,7 @@ Three ways to select, chosen per card and per phase by the tuning table's ``sele
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,57 @@ def _merge_top(run_vals, run_ids, new_vals, new_ids, kk):
           jnp.full(run_ids.shape, -1, jnp.int32))
   _, _, vals, ids = lax.fori_loop(0, kk, extract, init)
   return vals, ids
+
+
+MERGE_MAX_CANDIDATES = 8192  # per row: the most one merge program holds in registers
+
+
+def merge_candidates(values, ids, topk, *, interpret=False):
+  """``reference.top_candidates`` as one small kernel, for the few rows of a decode step.
+
+  ``values``/``ids`` ``[..., n]``: candidate lists in which equal values keep the lower block
+  id first (the tile-by-tile candidates of ``tile_candidates``, the paged kernel and the
+  Mosaic kernel's key ranges). One program per row holds the row in registers and extracts
+  ``topk`` times the highest value, the lowest id among equals: one launch where XLA's
+  two-stage top-k takes two sorts and their gathers. Returns int32 ``[..., topk]``, -1 where
+  no finite candidate is left. Longer rows than ``MERGE_MAX_CANDIDATES`` go to XLA.
+  """
+  from msa_jax import reference
+  *lead, n = values.shape
+  if n > MERGE_MAX_CANDIDATES:
+    return reference.top_candidates(values, ids, topk)
+  rows = math.prod(lead)
+  width, kk = max(2, pl.next_power_of_2(n)), max(2, pl.next_power_of_2(topk))
+  pad = lambda x, fill: jnp.pad(x.reshape(rows, n), ((0, 0), (0, width - n)),
+                                constant_values=fill)
+  row_spec = lambda size: pl.BlockSpec((None, size), lambda r: (r, 0))
+  out = pl.pallas_call(
+      functools.partial(_merge_kernel, topk=kk),
+      grid=(rows,),
+      in_specs=[row_spec(width), row_spec(width)],
+      out_specs=row_spec(kk),
+      out_shape=jax.ShapeDtypeStruct((rows, kk), jnp.int32),
+      compiler_params=pltr.CompilerParams(num_warps=4 if width <= 4096 else 8, num_stages=1),
+      interpret=interpret,
+      name="msa_index_merge_candidates",
+  )(pad(values.astype(jnp.float32), -jnp.inf), pad(ids.astype(jnp.int32), -1))
+  return out[:, :topk].reshape(*lead, topk)
+
+
+def _merge_kernel(val_ref, id_ref, out_ref, *, topk):
+  ids = id_ref[...]
+  out_col = lax.broadcasted_iota(jnp.int32, (topk,), 0)
+  big = jnp.int32(2**30)
+
+  def extract(step, carry):
+    vals, out = carry
+    best = jnp.max(vals)
+    chosen = jnp.min(jnp.where(vals == best, ids, big))
+    out = jnp.where(out_col == step, jnp.where(best == -jnp.inf, -1, chosen), out)
+    return jnp.where(ids == chosen, -jnp.inf, vals), out
+
+  _, out = lax.fori_loop(0, topk, extract, (val_ref[...], jnp.full((topk,), -1, jnp.int32)))
+  out_ref[...] = out
 
 
 def _fused_topk_kernel(pos_ref, kv_len_ref, q_ref, k_ref, id_ref, *, block_size,

@@ -56,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from msa_jax import reference
+from msa_jax.kernels.gpu import index_topk
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import tuning
 
@@ -231,7 +231,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
 
   ``splits``: CTAs per row tile, each over its own range of key blocks (split-K, for few
   rows: decode), each writing its top-k candidates with their values; the final top-k over
-  ``splits * topk`` candidates per row runs in XLA (``reference.top_candidates``). 1: the
+  ``splits * topk`` candidates per row runs in ``index_topk.merge_candidates``. 1: the
   running top-k is the selection (prefill).
 
   FP8: ``q_idx``/``k_idx`` in float8_e4m3fn with ``k_block_scale`` ``[B, S/Bk]`` float32,
@@ -303,4 +303,5 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   per_row = lambda x: x[..., :rows].transpose(0, 3, 1, 2).reshape(b, t, g, splits * topk)
   if blocks_per_split is None:
     return per_row(out[0])
-  return reference.top_candidates(per_row(out[1]), per_row(out[0]), topk, flat=True)
+  return index_topk.merge_candidates(per_row(out[1]), per_row(out[0]), topk,
+                                    interpret=params is not None)

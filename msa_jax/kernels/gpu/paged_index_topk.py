@@ -184,7 +184,8 @@ def paged_block_scores(q_idx, index_pages, page_table, q_positions, kv_lengths, 
 def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_lengths, *,
                           block_size, topk, interpret=False, **params):
   """Each page tile's top ``topk`` blocks (own block forced): (values f32, ids int32), both
-  ``[B,T,G,n_tiles*kk]``, tile by tile; the selection is ``reference.top_candidates``."""
+  ``[B,T,G,n_tiles*kk]``, tile by tile; the selection is their top ``topk``
+  (``index_topk.merge_candidates``)."""
   cfg = tuning.config(CONFIG, **params)
   geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
                   spread=not interpret)
@@ -230,7 +231,7 @@ def paged_index_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *,
   if selection == "tile":
     vals, ids = paged_tile_candidates(*args, block_size=block_size, topk=topk,
                                       interpret=interpret, **params)
-    return reference.top_candidates(vals, ids, topk, flat=True)
+    return contiguous.merge_candidates(vals, ids, topk, interpret=interpret)
   scores = paged_block_scores(*args, block_size=block_size, interpret=interpret, **params)
   return reference.select_blocks(scores, reference.own_block(q_positions, kv_lengths,
                                                              block_size), topk)
