@@ -369,12 +369,10 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
     if t <= paged_api.MAX_DECODE_QUERIES:  # decode: query-outer split-K, the paged kernel's
       from msa_jax.kernels.gpu import paged_sparse_decode
       # The contiguous cache seen as pages of one block each: block j of row i is page
-      # i * nb + j (a reshape, no copy).
+      # i * nb + j (a reshape, no copy; no page table).
       as_pages = lambda x: x.reshape(b * nb, block_size, *x.shape[2:])
-      table = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
-      ids, counts = paged_api.compact_selection(block_indices, nb)
       return paged_sparse_decode.paged_sparse_decode(
-          q, as_pages(k), as_pages(v), table, ids, counts, q_positions, kv_lengths,
+          q, as_pages(k), as_pages(v), None, block_indices, q_positions, kv_lengths,
           block_size=block_size, scale=scale, interpret=interpret)
     from msa_jax.kernels.gpu import sparse_attention_mgpu
     from msa_jax.kernels.gpu import tuning

@@ -214,12 +214,12 @@ def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices
     v = paged.gather_pages(v_pages, page_table, lengths)
     return reference.sparse_attention(q, k, v, block_indices, q_positions, lengths,
                                       block_size=block_size, scale=scale)
-  ids, counts = compact_selection(block_indices, page_table.shape[1])
-  if impl == "pallas_gpu":  # partials and their merge: two kernels
+  if impl == "pallas_gpu":  # two kernels: partials (each compacting its row), their merge
     from msa_jax.kernels.gpu import paged_sparse_decode as kernel
-    return kernel.paged_sparse_decode(q, k_pages, v_pages, page_table, ids, counts, q_positions,
-                                      lengths, block_size=block_size, scale=scale,
+    return kernel.paged_sparse_decode(q, k_pages, v_pages, page_table, block_indices,
+                                      q_positions, lengths, block_size=block_size, scale=scale,
                                       interpret=interpret)
+  ids, counts = compact_selection(block_indices, page_table.shape[1])
   from msa_jax.kernels.tpu import paged_sparse_decode as kernel
   partial_out, partial_lse = kernel.paged_sparse_decode_partials(
       q, k_pages, v_pages, page_table, ids, counts, q_positions, lengths,

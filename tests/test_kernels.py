@@ -253,42 +253,45 @@ def test_kernels_under_jit():
                                              ("decode8_gqa16", 5), ("decode_gqa16", 4)])
 def test_decode_kernel_split_k(name, num_splits):
   """The GPU query-outer split-K decode kernel on a contiguous cache seen as pages (as
-  ``msa_attention`` runs it): any split count merges to the reference, through
-  ``schedule.combine`` and through the decode's own merge (a kernel for power-of-two split
-  counts, XLA otherwise); queries with nothing selected get out 0 and LSE -inf."""
-  from msa_jax import paged_api
+  ``msa_attention`` runs it: no page table) and through a shuffled page table: any split
+  count merges to the reference, through ``schedule.combine`` and through the decode's own
+  merge (a kernel for power-of-two split counts, XLA otherwise). The selection goes in raw
+  (holes, repeats, out-of-range ids: the kernel compacts it); queries with nothing selected
+  get out 0 and LSE -inf."""
   from msa_jax.kernels.gpu import paged_sparse_decode
   case = C.CASES[name]
   x = C.make_inputs(case, jnp.float32, seed=22)
   ids = C.random_selection(case, x, seed=22, holes=True).at[0, 0, 0].set(-1)  # no blocks
   nb = reference.cdiv(case.kv_len, case.block_size)
+  ids = ids.at[-1, -1, -1, -1].set(nb + 3)  # past the cache: no block
   pad = nb * case.block_size - case.kv_len
   b, g = x["k"].shape[0], x["k"].shape[2]
   pages = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
       b * nb, case.block_size, g, a.shape[-1])
-  table = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
-  compact, counts = paged_api.compact_selection(ids, nb)
+  perm = np.random.default_rng(22).permutation(b * nb)
+  shuffled = lambda a: pages(a)[np.argsort(perm)]
+  table = jnp.asarray(perm.reshape(b, nb), jnp.int32)
   scale = 1 / np.sqrt(case.head_dim)
-  p_out, p_lse = paged_sparse_decode.paged_sparse_decode_partials(
-      x["q"], pages(x["k"]), pages(x["v"]), table, compact, counts, x["q_positions"],
-      x["kv_lengths"], block_size=case.block_size, scale=scale, num_splits=num_splits,
-      interpret=True)
-  assert p_out.shape[0] == num_splits
-  out, lse = sched.combine(p_out, p_lse, jnp.ones((*ids.shape[:3], num_splits), bool),
-                           jnp.float32)
   ref_out, ref_lse = C.oracle_attention(case, x, ids)
-  assert C.rel_err(out, ref_out) <= 1e-5
-  np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-4)
-  merged_out, merged_lse = paged_sparse_decode.paged_sparse_decode(
-      x["q"], pages(x["k"]), pages(x["v"]), table, compact, counts, x["q_positions"],
-      x["kv_lengths"], block_size=case.block_size, scale=scale, num_splits=num_splits,
-      interpret=True)
-  assert merged_out.dtype == x["q"].dtype
-  np.testing.assert_allclose(np.asarray(merged_out), np.asarray(out), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(merged_lse), np.asarray(lse), rtol=1e-6)
   heads = x["q"].shape[2] // g
-  assert np.all(np.asarray(merged_out)[0, 0, :heads] == 0)
-  assert np.all(np.asarray(merged_lse)[0, 0, :heads] == -np.inf)
+  for cache in [(pages(x["k"]), pages(x["v"]), None),
+                (shuffled(x["k"]), shuffled(x["v"]), table)]:
+    p_out, p_lse = paged_sparse_decode.paged_sparse_decode_partials(
+        x["q"], *cache, ids, x["q_positions"], x["kv_lengths"], block_size=case.block_size,
+        scale=scale, num_splits=num_splits, interpret=True)
+    assert p_out.shape[0] == num_splits
+    out, lse = sched.combine(p_out, p_lse, jnp.ones((*ids.shape[:3], num_splits), bool),
+                             jnp.float32)
+    assert C.rel_err(out, ref_out) <= 1e-5
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-4)
+    merged_out, merged_lse = paged_sparse_decode.paged_sparse_decode(
+        x["q"], *cache, ids, x["q_positions"], x["kv_lengths"], block_size=case.block_size,
+        scale=scale, num_splits=num_splits, interpret=True)
+    assert merged_out.dtype == x["q"].dtype
+    np.testing.assert_allclose(np.asarray(merged_out), np.asarray(out), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(merged_lse), np.asarray(lse), rtol=1e-6)
+    assert np.all(np.asarray(merged_out)[0, 0, :heads] == 0)
+    assert np.all(np.asarray(merged_lse)[0, 0, :heads] == -np.inf)
 
 
 def test_gpu_decode_uses_query_outer_kernel(monkeypatch):

@@ -5,13 +5,16 @@ inversion buys nothing: each program takes one (sequence, query token, group) an
 contiguous share of its selected blocks (split-K, flash-decoding style), maps each block id
 to its page through ``page_table[b, block]``, loads that page's ``[Bk, D]`` keys and values of
 the group, and keeps an online softmax for the group's query heads (padded to the 16-row GEMM
-minimum). Selections are compacted (valid ids first) outside the kernel, so a program loops
-only over its live slots: short sequences and idle rows read nothing. Each program writes one
-float32 partial output and LSE; ``schedule.combine`` merges the splits. Splits are sized so
-the grid fills the GPU even at batch 1.
+minimum). Each program compacts its row of the selection itself (valid ids, in range and
+first occurrence, in their order: a [k, k] comparison in registers) and loops only over its
+share of the live ones: short sequences and idle rows read nothing. Each program writes one
+float32 partial output and LSE; a second small kernel merges the splits
+(``paged_sparse_decode``). Splits are sized so the grid fills the GPU even at batch 1. A
+decode step is then two launches here, none in XLA around them.
 
 The contiguous decode of ``msa_attention`` runs this kernel too, on the cache seen as pages
-of one block each (page ``b * num_blocks + j`` is block j of sequence b: a reshape).
+of one block each (``page_table=None``: page ``b * num_blocks + j`` is block j of sequence b,
+a reshape).
 
 Keys at or past ``kv_lengths[b]`` are masked in the logits and their values zeroed before the
 ``P @ V`` product, so stale or poisoned page contents (NaN, inf) never reach an output.
@@ -35,13 +38,22 @@ TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
 COMBINE_COLUMNS = 32  # Dv columns per program of the combine kernel
 
 
-def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
-            lse_ref, *, block_size, slots_per_split, scale):
+def _kernel(ids_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+            block_size, num_blocks, slots_per_split, scale, paged):
   b, t, g, split = (pl.program_id(i) for i in range(4))
   p = pos_ref[b, t]
   kv_len = kv_len_ref[b]
+  # The row's selection compacted: valid ids (in range, first occurrence) keep their order.
+  ids = ids_ref[b, t, g, :]
+  width = ids.shape[0]
+  earlier = (lax.broadcasted_iota(jnp.int32, (width, width), 1)
+             < lax.broadcasted_iota(jnp.int32, (width, width), 0))  # [slot, earlier slot]
+  repeat = jnp.max(jnp.where(earlier & (ids[None, :] == ids[:, None]), 1, 0), axis=1) > 0
+  valid = (ids >= 0) & (ids < num_blocks) & ~repeat
+  slot = jnp.sum(jnp.where(earlier & valid[None, :], 1, 0), axis=1)  # valid ids before it
+  slot = jnp.where(valid, slot, width)
   first = split * slots_per_split
-  n = jnp.clip(count_ref[b, t, g] - first, 0, slots_per_split)
+  n = jnp.clip(jnp.sum(valid.astype(jnp.int32)) - first, 0, slots_per_split)
   q = q_ref[...]  # [rows, D]
   rows = q.shape[0]
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
@@ -50,8 +62,8 @@ def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_
 
   def body(j, carry):
     m, l, acc = carry
-    blk = ids_ref[b, t, g, first + j]
-    page = table_ref[b, blk]
+    blk = jnp.sum(jnp.where(slot == first + j, ids, 0))
+    page = table_ref[b, blk] if paged else b * num_blocks + blk
     keys = pl.ds(0, block_size)
     k = k_ref[page, keys, g, :]
     v = v_ref[page, keys, g, :]
@@ -81,17 +93,18 @@ def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_
   lse_ref[...] = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
 
 
-def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_ids, counts,
-                                 q_positions, kv_lengths, *, block_size, scale, num_splits=None,
+def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_indices, q_positions,
+                                 kv_lengths, *, block_size, scale, num_splits=None,
                                  num_warps=None, num_stages=None, interpret=False):
   """Returns partial_out f32 [splits,B,T,Hq,Dv], partial_lse f32 [splits,B,T,Hq].
 
-  ``block_ids [B,T,G,k]`` compacted selection: the ``counts [B,T,G]`` valid, distinct, in-range
-  ids first (``paged_api.compact_selection``); every partial slot is written (LSE -inf and
-  out 0 for a split with nothing to do).
+  ``block_indices [B,T,G,k]``: the selection as ``sparse_attention`` takes it (-1, repeats
+  and ids past the table count as no block). ``page_table [B, max_pages]``, or None for a
+  contiguous cache seen as pages of one block each (``k_pages`` ``[B * num_blocks, Bk, G,
+  D]``). Every partial slot is written (LSE -inf and out 0 for a split with nothing to do).
   """
   partial_out, partial_lse = _partials(
-      q, k_pages, v_pages, page_table, block_ids, counts, q_positions, kv_lengths,
+      q, k_pages, v_pages, page_table, block_indices, q_positions, kv_lengths,
       block_size=block_size, scale=scale, num_splits=num_splits, num_warps=num_warps,
       num_stages=num_stages, interpret=interpret)
   return _unpadded(partial_out, partial_lse, q.shape[2])
@@ -104,7 +117,7 @@ def _unpadded(partial_out, partial_lse, hq):
           partial_lse[..., :hq // g].reshape(num_splits, b, t, hq))
 
 
-def paged_sparse_decode(q, k_pages, v_pages, page_table, block_ids, counts, q_positions,
+def paged_sparse_decode(q, k_pages, v_pages, page_table, block_indices, q_positions,
                         kv_lengths, *, block_size, scale, num_splits=None, interpret=False):
   """The decode output (out [B,T,Hq,Dv] in q's dtype, lse f32 [B,T,Hq]): the split-K
   partials merged by a second small kernel (``_combine_kernel``), in two launches.
@@ -113,7 +126,7 @@ def paged_sparse_decode(q, k_pages, v_pages, page_table, block_ids, counts, q_po
   partials (queries with no visible key: out 0, LSE -inf; a NaN partial makes its query NaN).
   """
   partial_out, partial_lse = _partials(
-      q, k_pages, v_pages, page_table, block_ids, counts, q_positions, kv_lengths,
+      q, k_pages, v_pages, page_table, block_indices, q_positions, kv_lengths,
       block_size=block_size, scale=scale, num_splits=num_splits, interpret=interpret)
   num_splits, b, t, g, rows, dv = partial_out.shape
   heads, hq = q.shape[2] // g, q.shape[2]
@@ -161,7 +174,7 @@ def _combine_kernel(o_ref, lse_ref, out_ref, out_lse_ref):
   out_lse_ref[...] = jnp.where(has, m_safe + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
 
 
-def _partials(q, k_pages, v_pages, page_table, block_ids, counts, q_positions, kv_lengths, *,
+def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_lengths, *,
               block_size, scale, num_splits=None, num_warps=None, num_stages=None,
               interpret=False):
   """Padded partials: out f32 [splits,B,T,G,rows,Dv], lse f32 [splits,B,T,G,rows]."""
@@ -170,21 +183,27 @@ def _partials(q, k_pages, v_pages, page_table, block_ids, counts, q_positions, k
   num_pages, _, g, dv = v_pages.shape
   heads = hq // g
   rows = max(MIN_ROWS, pl.next_power_of_2(heads))
-  topk = block_ids.shape[-1]
+  topk = block_indices.shape[-1]
   if num_splits is None:
     num_splits = max(1, min(topk, TARGET_PROGRAMS // (b * t * g)))
   slots_per_split = -(-topk // num_splits)
   num_splits = -(-topk // slots_per_split)
-  ids = jnp.pad(block_ids, ((0, 0), (0, 0), (0, 0), (0, num_splits * slots_per_split - topk)))
-  table = jnp.clip(page_table, 0, num_pages - 1)
+  width = max(2, pl.next_power_of_2(topk))  # Triton tiles are powers of two
+  ids = jnp.pad(block_indices.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, width - topk)),
+                constant_values=-1)
+  paged = page_table is not None
+  if paged:
+    num_blocks, table = page_table.shape[1], jnp.clip(page_table, 0, num_pages - 1)
+  else:  # contiguous: page b * num_blocks + j is block j of sequence b
+    num_blocks, table = num_pages // b, jnp.zeros((1, 1), jnp.int32)
   q = jnp.pad(q.reshape(b, t, g, heads, d), ((0, 0), (0, 0), (0, 0), (0, rows - heads), (0, 0)))
-  kernel = functools.partial(_kernel, block_size=block_size, slots_per_split=slots_per_split,
-                             scale=scale)
+  kernel = functools.partial(_kernel, block_size=block_size, num_blocks=num_blocks,
+                             slots_per_split=slots_per_split, scale=scale, paged=paged)
   whole = pl.BlockSpec()
   partial_out, partial_lse = pl.pallas_call(
       kernel,
       grid=(b, t, g, num_splits),
-      in_specs=[whole] * 5 + [
+      in_specs=[whole] * 4 + [
           pl.BlockSpec((None, None, None, rows, d), lambda bi, ti, gi, si: (bi, ti, gi, 0, 0)),
           whole, whole],
       out_specs=[
@@ -198,5 +217,5 @@ def _partials(q, k_pages, v_pages, page_table, block_ids, counts, q_positions, k
                                           num_stages=cfg["num_stages"]),
       interpret=interpret,
       name="msa_paged_sparse_decode",
-  )(ids, counts, q_positions, kv_lengths, table, q, k_pages, v_pages)
+  )(ids, q_positions, kv_lengths, table, q, k_pages, v_pages)
   return partial_out, partial_lse
