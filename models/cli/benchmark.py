@@ -769,7 +769,9 @@ def markdown(result) -> str:
                     + "; ".join(f"{p['file']} (commit {p['meta']['commit']}, "
                                 f"{p['meta']['date']}, matmul "
                                 f"{_fmt(p['ceilings']['matmul_tflops'])} TFLOP/s, copy "
-                                f"{_fmt(p['ceilings']['copy_tbps'])} TB/s)"
+                                f"{_fmt(p['ceilings']['copy_tbps'])} TB/s"
+                                + (f", read {_fmt(p['ceilings']['read_tbps'])} TB/s"
+                                   if p["ceilings"].get("read_tbps") else "") + ")"
                                 for p in result["parts"])]
   if result["prefill"]:
     lines += ["| N | selection | union of 8 | chunk | index+top-k ms | sparse attn ms | "
