@@ -171,11 +171,9 @@ def _decode_pages(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, s
   counts = jnp.where(last >= 0, last // bk + 1, 0).astype(jnp.int32)
   counts = jnp.broadcast_to(counts[:, :, None], (b, t, g))
   ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, t, g, nb))
-  partial_out, partial_lse = paged_sparse_decode.paged_sparse_decode_partials(
-      q, k_pages, v_pages, page_table, ids, counts, q_positions, kv_lengths, block_size=bk,
-      scale=scale, interpret=interpret)
-  written = jnp.ones((b, t, g, partial_out.shape[0]), bool)
-  return sched.combine(partial_out, partial_lse, written, q.dtype)[0]
+  return paged_sparse_decode.paged_sparse_decode(
+      q, k_pages, v_pages, page_table, ids, q_positions, kv_lengths, block_size=bk,
+      scale=scale, counts=counts, interpret=interpret)[0]
 
 
 def paged_full_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None,

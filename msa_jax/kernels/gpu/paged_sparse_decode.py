@@ -36,24 +36,30 @@ from msa_jax.kernels.gpu import tuning
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
 COMBINE_COLUMNS = 32  # Dv columns per program of the combine kernel
+COMBINE_MAX_SPLITS = 16  # splits one combine program merges (sparse decode: at most topk)
+MAX_KERNEL_COMPACT = 64  # longest selection row a program compacts itself ([k, k] compares)
 
 
-def _kernel(ids_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-            block_size, num_blocks, slots_per_split, scale, paged):
+def _kernel(ids_ref, count_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
+            lse_ref, *, block_size, num_blocks, slots_per_split, scale, paged, compacted):
   b, t, g, split = (pl.program_id(i) for i in range(4))
   p = pos_ref[b, t]
   kv_len = kv_len_ref[b]
-  # The row's selection compacted: valid ids (in range, first occurrence) keep their order.
-  ids = ids_ref[b, t, g, :]
-  width = ids.shape[0]
-  earlier = (lax.broadcasted_iota(jnp.int32, (width, width), 1)
-             < lax.broadcasted_iota(jnp.int32, (width, width), 0))  # [slot, earlier slot]
-  repeat = jnp.max(jnp.where(earlier & (ids[None, :] == ids[:, None]), 1, 0), axis=1) > 0
-  valid = (ids >= 0) & (ids < num_blocks) & ~repeat
-  slot = jnp.sum(jnp.where(earlier & valid[None, :], 1, 0), axis=1)  # valid ids before it
-  slot = jnp.where(valid, slot, width)
   first = split * slots_per_split
-  n = jnp.clip(jnp.sum(valid.astype(jnp.int32)) - first, 0, slots_per_split)
+  if compacted:  # the caller's count_ref valid ids come first
+    n = jnp.clip(count_ref[b, t, g] - first, 0, slots_per_split)
+    block_at = lambda j: ids_ref[b, t, g, first + j]
+  else:  # the row compacted here: valid ids (in range, first occurrence) keep their order
+    ids = ids_ref[b, t, g, :]
+    width = ids.shape[0]
+    earlier = (lax.broadcasted_iota(jnp.int32, (width, width), 1)
+               < lax.broadcasted_iota(jnp.int32, (width, width), 0))  # [slot, earlier slot]
+    repeat = jnp.max(jnp.where(earlier & (ids[None, :] == ids[:, None]), 1, 0), axis=1) > 0
+    valid = (ids >= 0) & (ids < num_blocks) & ~repeat
+    slot = jnp.sum(jnp.where(earlier & valid[None, :], 1, 0), axis=1)  # valid ids before it
+    slot = jnp.where(valid, slot, width)
+    n = jnp.clip(jnp.sum(valid.astype(jnp.int32)) - first, 0, slots_per_split)
+    block_at = lambda j: jnp.sum(jnp.where(slot == first + j, ids, 0))
   q = q_ref[...]  # [rows, D]
   rows = q.shape[0]
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
@@ -62,7 +68,7 @@ def _kernel(ids_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
 
   def body(j, carry):
     m, l, acc = carry
-    blk = jnp.sum(jnp.where(slot == first + j, ids, 0))
+    blk = block_at(j)
     page = table_ref[b, blk] if paged else b * num_blocks + blk
     keys = pl.ds(0, block_size)
     k = k_ref[page, keys, g, :]
@@ -94,19 +100,22 @@ def _kernel(ids_ref, pos_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
 
 
 def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_indices, q_positions,
-                                 kv_lengths, *, block_size, scale, num_splits=None,
+                                 kv_lengths, *, block_size, scale, counts=None, num_splits=None,
                                  num_warps=None, num_stages=None, interpret=False):
   """Returns partial_out f32 [splits,B,T,Hq,Dv], partial_lse f32 [splits,B,T,Hq].
 
   ``block_indices [B,T,G,k]``: the selection as ``sparse_attention`` takes it (-1, repeats
-  and ids past the table count as no block). ``page_table [B, max_pages]``, or None for a
-  contiguous cache seen as pages of one block each (``k_pages`` ``[B * num_blocks, Bk, G,
-  D]``). Every partial slot is written (LSE -inf and out 0 for a split with nothing to do).
+  and ids past the table count as no block), compacted by the kernel (k up to
+  ``MAX_KERNEL_COMPACT``); or, with ``counts [B,T,G]``, already compacted: the first
+  ``counts`` ids valid and distinct (``paged_api.compact_selection``; any k). ``page_table
+  [B, max_pages]``, or None for a contiguous cache seen as pages of one block each
+  (``k_pages`` ``[B * num_blocks, Bk, G, D]``). Every partial slot is written (LSE -inf and
+  out 0 for a split with nothing to do).
   """
   partial_out, partial_lse = _partials(
       q, k_pages, v_pages, page_table, block_indices, q_positions, kv_lengths,
-      block_size=block_size, scale=scale, num_splits=num_splits, num_warps=num_warps,
-      num_stages=num_stages, interpret=interpret)
+      block_size=block_size, scale=scale, counts=counts, num_splits=num_splits,
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
   return _unpadded(partial_out, partial_lse, q.shape[2])
 
 
@@ -118,7 +127,8 @@ def _unpadded(partial_out, partial_lse, hq):
 
 
 def paged_sparse_decode(q, k_pages, v_pages, page_table, block_indices, q_positions,
-                        kv_lengths, *, block_size, scale, num_splits=None, interpret=False):
+                        kv_lengths, *, block_size, scale, counts=None, num_splits=None,
+                        interpret=False):
   """The decode output (out [B,T,Hq,Dv] in q's dtype, lse f32 [B,T,Hq]): the split-K
   partials merged by a second small kernel (``_combine_kernel``), in two launches.
 
@@ -127,12 +137,15 @@ def paged_sparse_decode(q, k_pages, v_pages, page_table, block_indices, q_positi
   """
   partial_out, partial_lse = _partials(
       q, k_pages, v_pages, page_table, block_indices, q_positions, kv_lengths,
-      block_size=block_size, scale=scale, num_splits=num_splits, interpret=interpret)
+      block_size=block_size, scale=scale, counts=counts, num_splits=num_splits,
+      interpret=interpret)
   num_splits, b, t, g, rows, dv = partial_out.shape
   heads, hq = q.shape[2] // g, q.shape[2]
   piece = min(dv, COMBINE_COLUMNS)
-  if not (_power_of_2(num_splits) and _power_of_2(piece) and dv % piece == 0):
-    # Triton tiles are powers of two: such partials merge in XLA instead.
+  if not (_power_of_2(num_splits) and num_splits <= COMBINE_MAX_SPLITS
+          and _power_of_2(piece) and dv % piece == 0):
+    # Triton tiles are powers of two, and a program holds all splits of its piece: other
+    # partials (e.g. full attention's, split over every block) merge in XLA instead.
     return schedule.combine(*_unpadded(partial_out, partial_lse, hq),
                             jnp.ones((b, t, g, num_splits), bool), q.dtype)
   out, lse = pl.pallas_call(
@@ -175,8 +188,8 @@ def _combine_kernel(o_ref, lse_ref, out_ref, out_lse_ref):
 
 
 def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_lengths, *,
-              block_size, scale, num_splits=None, num_warps=None, num_stages=None,
-              interpret=False):
+              block_size, scale, counts=None, num_splits=None, num_warps=None,
+              num_stages=None, interpret=False):
   """Padded partials: out f32 [splits,B,T,G,rows,Dv], lse f32 [splits,B,T,G,rows]."""
   cfg = tuning.config("decode", num_warps=num_warps, num_stages=num_stages)
   b, t, hq, d = q.shape
@@ -188,9 +201,16 @@ def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_le
     num_splits = max(1, min(topk, TARGET_PROGRAMS // (b * t * g)))
   slots_per_split = -(-topk // num_splits)
   num_splits = -(-topk // slots_per_split)
-  width = max(2, pl.next_power_of_2(topk))  # Triton tiles are powers of two
+  if counts is None and topk > MAX_KERNEL_COMPACT:
+    from msa_jax import paged_api
+    block_indices, counts = paged_api.compact_selection(
+        block_indices, page_table.shape[1] if page_table is not None else num_pages // b)
+  compacted = counts is not None
+  # Triton tiles are powers of two: the kernel loads a compacting row whole.
+  width = num_splits * slots_per_split if compacted else max(2, pl.next_power_of_2(topk))
   ids = jnp.pad(block_indices.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, width - topk)),
                 constant_values=-1)
+  counts = counts.astype(jnp.int32) if compacted else jnp.zeros((1, 1, 1), jnp.int32)
   paged = page_table is not None
   if paged:
     num_blocks, table = page_table.shape[1], jnp.clip(page_table, 0, num_pages - 1)
@@ -198,12 +218,13 @@ def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_le
     num_blocks, table = num_pages // b, jnp.zeros((1, 1), jnp.int32)
   q = jnp.pad(q.reshape(b, t, g, heads, d), ((0, 0), (0, 0), (0, 0), (0, rows - heads), (0, 0)))
   kernel = functools.partial(_kernel, block_size=block_size, num_blocks=num_blocks,
-                             slots_per_split=slots_per_split, scale=scale, paged=paged)
+                             slots_per_split=slots_per_split, scale=scale, paged=paged,
+                             compacted=compacted)
   whole = pl.BlockSpec()
   partial_out, partial_lse = pl.pallas_call(
       kernel,
       grid=(b, t, g, num_splits),
-      in_specs=[whole] * 4 + [
+      in_specs=[whole] * 5 + [
           pl.BlockSpec((None, None, None, rows, d), lambda bi, ti, gi, si: (bi, ti, gi, 0, 0)),
           whole, whole],
       out_specs=[
@@ -217,5 +238,5 @@ def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_le
                                           num_stages=cfg["num_stages"]),
       interpret=interpret,
       name="msa_paged_sparse_decode",
-  )(ids, q_positions, kv_lengths, table, q, k_pages, v_pages)
+  )(ids, counts, q_positions, kv_lengths, table, q, k_pages, v_pages)
   return partial_out, partial_lse
