@@ -383,38 +383,40 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
     if guarded:
       v, bad_prefix = kernel.guard_values(v, kv_lengths)
 
-    def kv_outer(lo, hi):  # queries [lo, hi): schedule -> kernel -> combine
+    def kv_outer(lo, hi, live):  # queries [lo, hi): schedule -> kernel -> combine
       ids = block_indices[:, lo:hi]
-      schedule = sched.build_schedule(ids, valid[:, lo:hi], q_positions[:, lo:hi], nb,
+      schedule = sched.build_schedule(ids, live[:, lo:hi], q_positions[:, lo:hi], nb,
                                       per_item)
       partial_out, partial_lse = kernel.sparse_attention_partials(
           q[:, lo:hi], k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
           topk=ids.shape[3], queries_per_tile=per_tile, tiles_per_item=per_item // per_tile,
           interpret=interpret)
-      return sched.combine(partial_out, partial_lse, valid[:, lo:hi], q.dtype)
+      return sched.combine(partial_out, partial_lse, live[:, lo:hi], q.dtype)
 
-    def kv_outer_all():
+    def kv_outer_all(live=valid):
       # Long query ranges in pieces (``query_chunk``): smaller partial buffers (k rows per
       # query), at some speed (on the H200 one piece is fastest: 20.7 vs 22.0 ms at 16K
       # pieces of a 64K chunk, so its table has None).
       piece = tuning.config("sparse").get("query_chunk") or t
-      outs = [kv_outer(lo, min(lo + piece, t)) for lo in range(0, t, piece)]
+      outs = [kv_outer(lo, min(lo + piece, t), live) for lo in range(0, t, piece)]
       return (outs[0] if len(outs) == 1 else
               tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
 
     union_max = tuning.config("sparse").get("union_max") or 0
     from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_kernel
     if guarded and union_max and union_kernel.supports(q, k, v, block_size):
-      # Query-outer over tiles of neighbouring queries when they share their blocks (the
-      # tiles' mean union is small, as with a trained indexer's selections): each tile's
-      # blocks loaded once, no partials, no combine. Else KV-outer.
+      # Query-outer over tiles of neighbouring queries when they share their blocks (small
+      # tile unions, as with a trained indexer's selections): each tile's blocks loaded once,
+      # no partials, no combine. KV-outer where they do not.
       unions = union_kernel.tile_unions(block_indices, valid, hq // g)
-      out, lse = lax.cond(
-          union_kernel.mean_union(unions) <= union_max,
-          lambda: union_kernel.sparse_attention(
-              q, k, v, block_indices, valid, q_positions, kv_lengths, block_size=block_size,
-              scale=scale, unions=unions, interpret=interpret),
-          kv_outer_all)
+      union = lambda u: union_kernel.sparse_attention(
+          q, k, v, block_indices, valid, q_positions, kv_lengths, block_size=block_size,
+          scale=scale, unions=u, interpret=interpret)
+      if tuning.config("sparse").get("union_mix"):
+        out, lse = _union_per_tile(unions, union_max, union, kv_outer_all, valid, hq // g)
+      else:  # per call, by the tiles' mean union
+        out, lse = lax.cond(union_kernel.mean_union(unions) <= union_max,
+                            lambda: union(unions), kv_outer_all)
     else:
       out, lse = kv_outer_all()
     if guarded:
@@ -429,6 +431,29 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
         q, k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
         topk=block_indices.shape[3], queries_per_item=qpi, interpret=interpret)
   return sched.combine(partial_out, partial_lse, valid, q.dtype)
+
+
+def _union_per_tile(unions, union_max, union, kv_outer, valid, heads):
+  """Each tile of queries on the union path if its union has at most ``union_max`` blocks,
+  the others KV-outer (``union(unions)`` and ``kv_outer(live)`` run the two paths; tiles
+  emptied of blocks cost the union kernel nothing, queries without live slots cost KV-outer
+  no work items). When every tile goes one way, only that path runs."""
+  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_kernel
+  ids, counts, members = unions
+  small = counts <= union_max  # [B, tiles, G]; tiles without blocks count as small
+  t = valid.shape[1]
+  on_union = jnp.repeat(small, union_kernel.queries_per_tile(heads), axis=1)[:, :t]  # [B,T,G]
+
+  def mixed():
+    out_u, lse_u = union((ids, jnp.where(small, counts, 0), members))
+    out_k, lse_k = kv_outer(valid & ~on_union[..., None])
+    pick = jnp.repeat(on_union, heads, axis=2)  # [B, T, Hq]
+    return jnp.where(pick[..., None], out_u, out_k), jnp.where(pick, lse_u, lse_k)
+
+  some_large = jnp.any(~small)
+  some_small = jnp.any(small & (counts > 0))
+  branch = jnp.where(some_large, jnp.where(some_small, 1, 2), 0)
+  return lax.switch(branch, [lambda: union(unions), mixed, kv_outer])
 
 
 def _sparse_attention(q, k, v, block_indices, q_positions, kv_lengths, *, block_size, scale,

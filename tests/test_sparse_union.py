@@ -172,3 +172,66 @@ def test_mean_union_counts_only_tiles_with_blocks():
   valid = ids >= 0
   unions = union_kernel.tile_unions(ids, valid, 2)  # tiles {0, 1, 2} and {}
   assert float(union_mgpu.mean_union(unions)) == 3.0
+
+
+@pytest.mark.parametrize("union_max,want", [(2, "mixed"), (100, "union"), (0.5, "kv_outer")])
+def test_per_tile_choice(union_max, want):
+  """``union_mix``: tiles whose union has at most ``union_max`` blocks take the union path,
+  the others KV-outer (fake paths that mark which one produced each query); when all tiles go
+  one way only that path's output is used."""
+  from msa_jax import api
+  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  heads, per_tile = 16, union_mgpu.queries_per_tile(16)  # 8 queries per tile
+  b, t, g, k = 1, 3 * per_tile - 3, 1, 2
+  ids = np.zeros((b, t, g, k), np.int32)
+  ids[:, :per_tile] = [0, 1]  # tile 0: union {0, 1}
+  ids[:, per_tile:2 * per_tile] = np.arange(per_tile * k).reshape(per_tile, 1, k)  # 16 blocks
+  ids[:, 2 * per_tile:] = -1  # tile 2: nothing selected
+  ids = jnp.asarray(ids)
+  valid = ids >= 0
+  unions = union_mgpu.tile_unions(ids, valid, heads)
+  hq = g * heads
+
+  def union(u):  # 1 where the query's tile has blocks in the unions given
+    has = jnp.repeat(u[1] > 0, per_tile, axis=1)[:, :t]
+    out = jnp.broadcast_to(jnp.repeat(has, heads, axis=2)[..., None], (b, t, hq, 4))
+    return out.astype(jnp.float32), jnp.zeros((b, t, hq))
+
+  def kv_outer(live=valid):  # 2 where the query has live slots
+    has = jnp.repeat(jnp.any(live, axis=-1), heads, axis=2)
+    return jnp.broadcast_to(2.0 * has[..., None], (b, t, hq, 4)), jnp.ones((b, t, hq))
+
+  out, lse = jax.jit(lambda: api._union_per_tile(unions, union_max, union, kv_outer, valid,
+                                                 heads))()
+  got = np.asarray(out)[0, ::per_tile, 0, 0]  # one query per tile
+  expect = {"mixed": [1, 2, 0], "union": [1, 1, 0], "kv_outer": [2, 2, 0]}[want]
+  np.testing.assert_array_equal(got, expect)
+  if want == "mixed":
+    np.testing.assert_array_equal(np.asarray(lse)[0, ::per_tile, 0], [0, 1, 0])
+
+
+def test_api_per_tile_mix_matches_oracle():
+  """The Mosaic union and KV-outer kernels in one call (``union_mix``), on a selection whose
+  tiles alternate shared and scattered blocks: every query matches the oracle."""
+  import msa_jax
+  from msa_jax.kernels.gpu import tuning
+  from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
+  case = MGPU_CASES["prefill_gqa16"]  # 8-query tiles, 4 blocks
+  inputs = C.make_inputs(case, jnp.bfloat16, seed=7)
+  ids = np.array(C.random_selection(case, inputs, seed=7))
+  tile = (np.arange(case.q_len) // 8) % 2 == 0
+  own = np.maximum(np.asarray(inputs["q_positions"]), 0) // case.block_size  # [B, T]
+  ids[:, tile] = -1
+  for row in range(ids.shape[0]):  # even tiles: each query's own block only
+    ids[row, tile, :, 0] = own[row, tile, None]
+  ids = jnp.asarray(ids)
+  with tuning.override("sparse", kernel="mosaic", union_max=2, union_mix=True), \
+      interpreted() as params:
+    out, lse = msa_jax.sparse_attention(inputs["q"], inputs["k"], inputs["v"], ids,
+                                        block_size=case.block_size,
+                                        kv_lengths=inputs["kv_lengths"], return_lse=True,
+                                        implementation="pallas_gpu", interpret=params)
+  want_out, want_lse = C.oracle_attention(case, inputs, ids)
+  assert C.rel_err(out, want_out) < 1e-2
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=1e-2)

@@ -1,11 +1,13 @@
-"""The union-tile forward against the KV-outer path, on random and structured selections.
+"""The union-tile forward against the KV-outer path, on random, structured and mixed selections.
 
 Times, on the last ``--chunk`` queries of a ``--context``-token prefill (M3 shapes, bf16),
-``msa_jax.sparse_attention`` as the API runs it (schedule, KV-outer kernel, combine) and
-``kernels/gpu/sparse_attention_union.sparse_attention`` (tile unions in XLA, then one
-query-outer kernel) for several tile sizes and warp counts, after checking each against the
-API's output. Selections come from the Pallas index kernel on random or structured index
-inputs (``msa_jax.workloads``). Needs a GPU::
+``msa_jax.sparse_attention`` as the API runs it three ways (KV-outer alone: schedule, kernel,
+combine; the table's per-call choice by the mean union; the per-tile mix, ``union_mix``),
+the Mosaic union kernel alone, and ``kernels/gpu/sparse_attention_union.sparse_attention``
+(tile unions in XLA, then one query-outer Triton kernel) for several tile sizes and warp
+counts, after checking each against the KV-outer output. Selections come from the index
+kernel on random, structured or mixed index inputs (``models.cli.benchmark.index_inputs``).
+Needs a GPU::
 
     PYTHONPATH=$PWD python3 benchmarks/probes/union_vs_kv_outer.py
 """
@@ -24,6 +26,7 @@ from msa_jax import reference, workloads
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
 from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+from msa_jax.kernels.gpu import tuning
 
 
 def main(argv=None):
@@ -48,18 +51,26 @@ def main(argv=None):
   kvl = jnp.array([n], jnp.int32)
   nb = n // w.block_size
   scale = 1 / math.sqrt(w.head_dim)
-  print("| selection | union of 8 | path | ms | rel. err vs API |")
+  print("| selection | union of 8 | path | ms | rel. err vs KV-outer |")
   print("|---|---|---|---|---|")
   for selection in bench.SELECTIONS:
     q_idx, k_idx = bench.index_inputs(selection, keys[3], 1, n, c, w)
     ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
                              q_positions=pos, kv_lengths=kvl)
     union8 = float(workloads.union_size(ids, nb, 8))
-    api = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
-        q, k, v, ids, q_positions=pos, kv_lengths=kvl))
-    want = api(q, k, v, ids).astype(jnp.float32)
-    ms, _ = bench.timed(lambda: jax.block_until_ready(api(q, k, v, ids)), iters=20, budget_s=3)
-    print(f"| {selection} | {union8:.1f} | API (KV-outer) | {ms:.2f} | - |", flush=True)
+    api = lambda q, k, v, ids: msa_jax.sparse_attention(q, k, v, ids, q_positions=pos,
+                                                         kv_lengths=kvl)
+    want = None
+    for label, cfg in [("API, KV-outer", dict(union_max=0)), ("API, per call (table)", {}),
+                       ("API, per tile", dict(union_mix=True))]:
+      with tuning.override("sparse", **cfg):
+        fn = jax.jit(api)
+        got = fn(q, k, v, ids).astype(jnp.float32)
+        want = got if want is None else want
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        ms, _ = bench.timed(lambda: jax.block_until_ready(fn(q, k, v, ids)), iters=20,
+                            budget_s=3)
+      print(f"| {selection} | {union8:.1f} | {label} | {ms:.2f} | {err:.1e} |", flush=True)
     for stages in args.mosaic_stages:
       def mosaic(q, k, v, ids, stages=stages):
         vg, _ = mgpu.guard_values(v, kvl)

@@ -107,15 +107,23 @@ def _random(key, shape, dtype):
   return jax.random.normal(key, shape, dtype)  # in the target dtype: no float32 copy
 
 
-SELECTIONS = ("random", "structured")
+SELECTIONS = ("random", "structured", "mixed")
+MIXED_STRETCH = 4096  # queries per stretch of the "mixed" selection
 
 
 def index_inputs(selection, key, batch, length, queries, w: Workload):
   """``q_idx [batch, queries, G, Di]`` (the last ``queries`` positions) and ``k_idx [batch,
   length, Di]``: random normal, or with the structure of a trained indexer's selections
   (``msa_jax.workloads``: sink, recency and content blocks shared by neighbouring queries),
-  built one sequence at a time to bound the float32 temporaries."""
+  built one sequence at a time to bound the float32 temporaries; or "mixed": structured
+  keys, with stretches of ``MIXED_STRETCH`` queries alternating structured and random index
+  queries (neighbours that share their blocks, then neighbours that do not)."""
   dtype = jnp.dtype(w.dtype)
+  if selection == "mixed":
+    q_idx, k_idx = index_inputs("structured", key, batch, length, queries, w)
+    noise = _random(jax.random.fold_in(key, 1), q_idx.shape, dtype)
+    stretch = (length - queries + jnp.arange(queries)) // MIXED_STRETCH
+    return jnp.where((stretch % 2 == 1)[None, :, None, None], noise, q_idx), k_idx
   if selection == "random":
     kq, kk = jax.random.split(key)
     return (_random(kq, (batch, queries, w.groups, w.index_dim), dtype),
@@ -789,8 +797,8 @@ def markdown(result) -> str:
           + _fmt(r["peak_bytes"] / 1e9 if r.get("peak_bytes", -1) > 0 else None) + " |")
     lines += ["", "sparse attn = schedule + kernel + combine over all chunks; sparse kernel = "
               "the kernel alone on the last chunk (its useful FLOPs over its time). "
-              "selection: random index inputs, or structured like a trained indexer's "
-              "(msa_jax.workloads); union of 8 = the mean number of distinct blocks that 8 "
+              "selection: random index inputs, structured like a trained indexer's "
+              "(msa_jax.workloads), or mixed (stretches of both); union of 8 = the mean number of distinct blocks that 8 "
               "consecutive queries select (16 when they agree, up to 128)."]
   if result["decode"]:
     lines += ["", "Decode, per call (host dispatch included) and per step inside one jitted loop "
@@ -934,10 +942,11 @@ def main(argv=None):
   parser.add_argument("--index-score-dtype", default=None, choices=["float8_e4m3fn"],
                       help="score the index in this precision (msa_jax.index_topk's "
                            "score_dtype; default: the inputs' bf16)")
-  parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=list(SELECTIONS),
+  parser.add_argument("--selections", nargs="+", choices=SELECTIONS,
+                      default=["random", "structured"],
                       help="index inputs of each row: random, and/or structured like a "
                            "trained indexer's selections (sink, recent and shared content "
-                           "blocks; msa_jax.workloads)")
+                           "blocks; msa_jax.workloads), and/or mixed (stretches of both)")
   parser.add_argument("--skip-prefill", action="store_true", help="no prefill rows")
   parser.add_argument("--skip-decode", action="store_true", help="no decode rows")
   parser.add_argument("--paged", action="store_true",

@@ -46,8 +46,12 @@ DEFAULTS = {
     # the queries of an 8-query tile is at most this, the call runs query-outer over those
     # unions (sparse_attention_union_mgpu.py) instead of KV-outer; 0: never. H200, last 16K
     # queries at 128K: 0.57 + 0.123 ms per unit of mean union, KV-outer 5.5 ms, so about 40.
+    # union_mix: decide per tile instead (tiles with at most union_max blocks take the union
+    # path, the others KV-outer, in one call; for selections that mix shared and scattered
+    # blocks); off until measured.
     "sparse": {"tile_rows": 128, "tiles_per_item": 1, "items_per_program": 1, "num_warps": 4,
-               "num_stages": 2, "kernel": "triton", "query_chunk": None, "union_max": 0},
+               "num_stages": 2, "kernel": "triton", "query_chunk": None, "union_max": 0,
+               "union_mix": False},
     # The Mosaic GPU kernel: tile_rows per compute warpgroup (a multiple of 64 rows),
     # tiles_per_item = compute warpgroups (1 or 2), num_stages = shared-memory slots (>= 2),
     # num_ctas = persistent CTAs (None: one per SM), pingpong = the two compute warpgroups
