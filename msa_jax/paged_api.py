@@ -197,8 +197,7 @@ def compact_selection(block_indices, num_blocks):
   (short sequences, padding queries, repeats) read no page.
   """
   valid = reference.valid_block_mask(block_indices, num_blocks)
-  # Slot of each valid id: the number of valid ids before it. A [k, k] one-hot instead of a
-  # sort: one small fusion (a decode step runs this on every layer).
+  # Slot of each valid id: the number of valid ids before it; a [k, k] one-hot, no sort.
   k = block_indices.shape[-1]
   earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [slot, earlier slot]
   slot = jnp.where(valid, jnp.sum(valid[..., None, :] & earlier, axis=-1), -1)

@@ -105,9 +105,9 @@ def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_indices,
   """Returns partial_out f32 [splits,B,T,Hq,Dv], partial_lse f32 [splits,B,T,Hq].
 
   ``block_indices [B,T,G,k]``: the selection as ``sparse_attention`` takes it (-1, repeats
-  and ids past the table count as no block), compacted by the kernel (k up to
-  ``MAX_KERNEL_COMPACT``); or, with ``counts [B,T,G]``, already compacted: the first
-  ``counts`` ids valid and distinct (``paged_api.compact_selection``; any k). ``page_table
+  and ids past the table count as no block), compacted by the kernel (rows longer than
+  ``MAX_KERNEL_COMPACT`` in XLA first); or, with ``counts [B,T,G]``, already compacted: the
+  first ``counts`` ids valid and distinct (``paged_api.compact_selection``; any k). ``page_table
   [B, max_pages]``, or None for a contiguous cache seen as pages of one block each
   (``k_pages`` ``[B * num_blocks, Bk, G, D]``). Every partial slot is written (LSE -inf and
   out 0 for a split with nothing to do).
