@@ -190,22 +190,6 @@ def _score_inputs(q_idx, index_pages, score_dtype):
 # ----------------------------------------------------------------------------- main branch
 
 
-def compact_selection(block_indices, num_blocks):
-  """Valid ids (in range, first occurrence) first in a stable order, 0 after; and their count.
-
-  int32 [B,T,G,k] and [B,T,G]: the kernels loop over ``counts`` slots only, so idle slots
-  (short sequences, padding queries, repeats) read no page.
-  """
-  valid = reference.valid_block_mask(block_indices, num_blocks)
-  # Slot of each valid id: the number of valid ids before it; a [k, k] one-hot, no sort.
-  k = block_indices.shape[-1]
-  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [slot, earlier slot]
-  slot = jnp.where(valid, jnp.sum(valid[..., None, :] & earlier, axis=-1), -1)
-  to = slot[..., :, None] == jnp.arange(k, dtype=slot.dtype)  # [..., source, slot]
-  ids = jnp.sum(jnp.where(to, block_indices[..., :, None], 0), axis=-2)
-  return ids.astype(jnp.int32), jnp.sum(valid, axis=-1).astype(jnp.int32)
-
-
 def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices, q_positions,
                          *, block_size, scale, impl, interpret):
   if impl == "xla":
@@ -218,7 +202,7 @@ def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices
     return kernel.paged_sparse_decode(q, k_pages, v_pages, page_table, block_indices,
                                       q_positions, lengths, block_size=block_size, scale=scale,
                                       interpret=interpret)
-  ids, counts = compact_selection(block_indices, page_table.shape[1])
+  ids, counts = sched.compact_selection(block_indices, page_table.shape[1])
   from msa_jax.kernels.tpu import paged_sparse_decode as kernel
   partial_out, partial_lse = kernel.paged_sparse_decode_partials(
       q, k_pages, v_pages, page_table, ids, counts, q_positions, lengths,

@@ -124,3 +124,19 @@ def combine(partial_out: jax.Array, partial_lse: jax.Array, valid: jax.Array, ou
   w = w / jnp.where(has, total, 1.0)
   terms = jnp.where(slot_valid[..., None], w[..., None] * partial_out.astype(jnp.float32), 0.0)
   return jnp.sum(terms, axis=0).astype(out_dtype), lse
+
+
+def compact_selection(block_indices, num_blocks):
+  """Valid ids (in range, first occurrence) first in a stable order, 0 after; and their count.
+
+  int32 [B,T,G,k] and [B,T,G]: the kernels loop over ``counts`` slots only, so idle slots
+  (short sequences, padding queries, repeats) read no page.
+  """
+  valid = reference.valid_block_mask(block_indices, num_blocks)
+  # Slot of each valid id: the number of valid ids before it; a [k, k] one-hot, no sort.
+  k = block_indices.shape[-1]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [slot, earlier slot]
+  slot = jnp.where(valid, jnp.sum(valid[..., None, :] & earlier, axis=-1), -1)
+  to = slot[..., :, None] == jnp.arange(k, dtype=slot.dtype)  # [..., source, slot]
+  ids = jnp.sum(jnp.where(to, block_indices[..., :, None], 0), axis=-2)
+  return ids.astype(jnp.int32), jnp.sum(valid, axis=-1).astype(jnp.int32)

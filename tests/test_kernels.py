@@ -258,7 +258,6 @@ def test_decode_kernel_split_k(name, num_splits):
   merge (a kernel for power-of-two split counts, XLA otherwise). The selection goes in raw
   (holes, repeats, out-of-range ids: the kernel compacts it); queries with nothing selected
   get out 0 and LSE -inf."""
-  from msa_jax import paged_api
   from msa_jax.kernels.gpu import paged_sparse_decode
   case = C.CASES[name]
   x = C.make_inputs(case, jnp.float32, seed=22)
@@ -294,7 +293,7 @@ def test_decode_kernel_split_k(name, num_splits):
     assert np.all(np.asarray(merged_out)[0, 0, :heads] == 0)
     assert np.all(np.asarray(merged_lse)[0, 0, :heads] == -np.inf)
   # Compacted by the caller (as full attention's every-block selection comes): the same.
-  compact, counts = paged_api.compact_selection(ids, nb)
+  compact, counts = sched.compact_selection(ids, nb)
   given_out, given_lse = paged_sparse_decode.paged_sparse_decode(
       x["q"], pages(x["k"]), pages(x["v"]), None, compact, x["q_positions"], x["kv_lengths"],
       block_size=case.block_size, scale=scale, counts=counts, num_splits=num_splits,

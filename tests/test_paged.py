@@ -15,7 +15,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 import msa_jax
 from msa_jax import paged
-from msa_jax import paged_api
 from msa_jax import reference
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import paged_index_topk as gpu_paged_index
@@ -362,7 +361,7 @@ def test_paged_decode_split_k(impl, num_splits):
   interpret = (pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
                if impl == "pallas_tpu" else True)
   # The TPU kernel takes the selection compacted; the GPU one compacts it in the kernel.
-  selection = (paged_api.compact_selection(sel, cache.max_pages) if impl == "pallas_tpu"
+  selection = (sched.compact_selection(sel, cache.max_pages) if impl == "pallas_tpu"
                else (sel,))
   p_out, p_lse = module.paged_sparse_decode_partials(
       x["q"], cache.k_pages, cache.v_pages, cache.page_table, *selection, x["q_positions"],
@@ -604,7 +603,7 @@ def test_compact_selection():
   nb = 9
   sel = rng.integers(-3, nb + 3, (2, 3, 4, 16)).astype(np.int32)  # holes, repeats, range
   sel[0, 0, 0] = -1
-  ids, counts = paged_api.compact_selection(jnp.asarray(sel), nb)
+  ids, counts = sched.compact_selection(jnp.asarray(sel), nb)
   for row, got, n in zip(sel.reshape(-1, 16), np.asarray(ids).reshape(-1, 16),
                          np.asarray(counts).reshape(-1)):
     want = list(dict.fromkeys(int(i) for i in row if 0 <= i < nb))

@@ -107,7 +107,7 @@ def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_indices,
   ``block_indices [B,T,G,k]``: the selection as ``sparse_attention`` takes it (-1, repeats
   and ids past the table count as no block), compacted by the kernel (rows longer than
   ``MAX_KERNEL_COMPACT`` in XLA first); or, with ``counts [B,T,G]``, already compacted: the
-  first ``counts`` ids valid and distinct (``paged_api.compact_selection``; any k). ``page_table
+  first ``counts`` ids valid and distinct (``schedule.compact_selection``; any k). ``page_table
   [B, max_pages]``, or None for a contiguous cache seen as pages of one block each
   (``k_pages`` ``[B * num_blocks, Bk, G, D]``). Every partial slot is written (LSE -inf and
   out 0 for a split with nothing to do).
@@ -202,8 +202,7 @@ def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_le
   slots_per_split = -(-topk // num_splits)
   num_splits = -(-topk // slots_per_split)
   if counts is None and topk > MAX_KERNEL_COMPACT:
-    from msa_jax import paged_api
-    block_indices, counts = paged_api.compact_selection(
+    block_indices, counts = schedule.compact_selection(
         block_indices, page_table.shape[1] if page_table is not None else num_pages // b)
   compacted = counts is not None
   # Triton tiles are powers of two: the kernel loads a compacting row whole.

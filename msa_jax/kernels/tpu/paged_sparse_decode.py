@@ -95,7 +95,7 @@ def paged_sparse_decode_partials(q, k_pages, v_pages, page_table, block_ids, cou
   """Returns partial_out f32 [splits,B,T,Hq,Dv], partial_lse f32 [splits,B,T,Hq].
 
   ``block_ids [B,T,G,k]`` compacted selection: the ``counts [B,T,G]`` valid, distinct, in-range
-  ids first (``paged_api.compact_selection``); every partial slot is written. Default split:
+  ids first (``schedule.compact_selection``); every partial slot is written. Default split:
   enough splits that a program holds at most ``MAX_SLOTS_PER_SPLIT`` pages of K and of V in
   VMEM.
   """
