@@ -434,30 +434,39 @@ def markdown(result) -> str:
 
 
 def plot(result, path):
+  """Prefill seconds against prompt length and decode steps against their floors (a panel
+  for each that the result has)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  ax = axes[0]
-  for model in sorted({r["model"] for r in result["prefill"]}):
-    for att, style in (("msa", "o-"), ("dense", "s--")):
-      rows = sorted((r for r in result["prefill"] if r["model"] == model
-                     and r["attention"] == att and r.get("prefill_s")), key=lambda r: r["N"])
-      if rows:
-        ax.plot([r["N"] for r in rows], [r["prefill_s"] for r in rows], style,
-                label=f"{model} {att}")
-  ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds",
-         title="Prefill, batch 1")
-  ax.legend()
-  ax = axes[1]
-  rows = [r for r in result["decode"] if r.get("step_ms")]
-  labels = [f"{r['model']}\nb{r['batch']} {_fmt_n(r['context'])}" for r in rows]
-  x = np.arange(len(rows))
-  ax.bar(x - 0.2, [r["step_ms"] for r in rows], 0.4, label="measured step")
-  ax.bar(x + 0.2, [r["floor_ms"] for r in rows], 0.4, label="byte floor")
-  ax.set_xticks(x, labels, fontsize=7)
-  ax.set(ylabel="ms per decode step", title="Decode step vs its byte floor")
-  ax.legend()
+  prefill = [r for r in result["prefill"] if r.get("prefill_s")]
+  decode = [r for r in result["decode"] if r.get("step_ms")]
+  panels = [name for name, rows in (("prefill", prefill), ("decode", decode)) if rows]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  axes = dict(zip(panels, axes[0]))
+  if "prefill" in axes:
+    ax = axes["prefill"]
+    for model in sorted({r["model"] for r in prefill}):
+      for att, style in (("msa", "o-"), ("dense", "s--")):
+        rows = sorted((r for r in prefill if r["model"] == model and r["attention"] == att),
+                      key=lambda r: r["N"])
+        if rows:
+          ax.plot([r["N"] for r in rows], [r["prefill_s"] for r in rows], style,
+                  label=f"{model} {att}")
+    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds",
+           title="Prefill, batch 1")
+    ax.legend()
+  if "decode" in axes:
+    ax = axes["decode"]
+    labels = [f"{r['model']}\nb{r['batch']} {_fmt_n(r['context'])}" for r in decode]
+    x = np.arange(len(decode))
+    ax.bar(x - 0.2, [r["step_ms"] for r in decode], 0.4, label="measured step")
+    ax.bar(x + 0.2, [r["floor_ms"] for r in decode], 0.4, label="byte floor")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set(ylabel="ms per decode step", title="Decode step vs its byte floor")
+    ax.legend()
   fig.suptitle(f"{result['meta']['device']}, jax {result['meta']['jax']}, "
                f"{result['meta']['commit']}, {result['meta']['date']}", fontsize=9)
   fig.tight_layout()
