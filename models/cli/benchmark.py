@@ -553,8 +553,8 @@ def tune(w: Workload, args, interpret):
       # kernel: Triton or Mosaic GPU (sparse_attention_mgpu.py: tile_rows per compute
       # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
       "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
-                     items_per_program=[1, 4], num_warps=[4, 8], num_stages=[3],
-                     pingpong=[False, True]),  # kv_reuse, kv_stages, q_stages: --tune-grid
+                     items_per_program=[1, 4], num_warps=[4, 8],
+                     num_stages=[3]),  # kv_stages, q_stages: through --tune-grid
       "index_decode": dict(selection=["scores", "tile", "mosaic"], blocks_per_tile=[16, 32, 64],
                            num_stages=[2, 4]),
       # The whole sparse path (schedule, kernel, combine) on the last --tune-path-chunk
@@ -712,7 +712,7 @@ def tune(w: Workload, args, interpret):
 
 
 # Keys of the "sparse" tuning grid that only the Mosaic GPU kernel reads.
-MOSAIC_ONLY = ("pingpong", "kv_reuse", "kv_stages", "q_stages", "skip_mask")
+MOSAIC_ONLY = ("kv_stages", "q_stages")
 
 
 def _sparse_best(ok):

@@ -18,15 +18,10 @@ a warp-specialised persistent kernel overlaps them:
   128-byte swizzled, as wgmma wants them). M3 shapes, NC = 2: 2 + 2 slots take 192 KB + 1 KB,
   3 q + 2 K/V slots 224 KB + 1.5 KB (they fit because no shared memory is reserved for
   cross-warp reductions, which this kernel has none of).
-* K/V loads: item i loads its block's K/V into K/V slot ``m % kv_stages`` (m = loads so far)
-  unless ``kv_reuse`` is on and item i-1 of the CTA's chunk had the same (batch, group,
-  block), in which case it reads the slot already there. Producer and compute warpgroups
-  run the same recurrence over the items, so they agree on every slot. (Measured on the
-  H200, 16K-query chunk at 128K: 3.84-4.01 ms with reuse vs 3.88-3.94 ms without, within
-  run-to-run noise: K/V reloads of a hot block hit L2 and are not what bounds the kernel;
-  off by default.)
-* Producer (warpgroup NC), per item i: for a new K/V load, waits ``kv_consumed`` of its K/V
-  slot (after the first ``kv_stages`` loads) and issues K and V
+* K/V loads: item i loads its block's K/V into K/V slot ``i % kv_stages`` (consecutive items
+  of a hot block reload it from L2).
+* Producer (warpgroup NC), per item i: waits ``kv_consumed`` of its K/V slot (i >=
+  ``kv_stages``) and issues K and V
   (``k[b, blk*Bk:(blk+1)*Bk, g, :]``, one strided [Bk, D] slab each) onto ``kv_loaded``;
   then, in q slot s = i % S, waits ``consumed[s]`` (i >= S) and issues, for every live lane,
   the gather of that query's ``[Hq/G, D]`` slab (one contiguous 4 KB copy of
@@ -35,8 +30,8 @@ a warp-specialised persistent kernel overlaps them:
   arrive on ``loaded[s]`` instead, so its arrival count stays fixed (NC * queries_per_tile).
   After its last item it waits out the last ``consumed`` and ``kv_consumed`` phases (keeps
   every barrier phase observed).
-* Compute warpgroup, per item: on a new K/V load, releases the previous K/V slot (the previous
-  item's wgmmas have completed: their results were read) and waits ``kv_loaded``; waits
+* Compute warpgroup, per item: releases the previous item's K/V slot (its wgmmas have
+  completed: their results were read) and waits ``kv_loaded``; waits
   ``loaded[s]``; S = q K^T (wgmma, A and B from shared
   memory, f32 accumulator); while that runs, releases the *previous* item's slot (waits until
   the previous item's output stores have read shared memory, then arrives on ``consumed``);
@@ -49,21 +44,18 @@ a warp-specialised persistent kernel overlaps them:
   A compute warpgroup whose tile has no live lane skips the math but keeps the barrier
   protocol. The item's scalars (live lanes, per-lane visibility limit and partial row) are
   read one item ahead, under the previous item's wgmmas.
-* ``skip_mask``: the mask runs (under a ``lax.cond``) only for items where some lane does not
+* The causal/length mask runs (under a ``lax.cond``) only for items where some lane does not
   see the whole block.
 * Registers: compute warpgroups raise their limit to 232, the producer drops to 40.
-* ``pingpong`` (two compute warpgroups): a schedule barrier makes them alternate, one's
-  softmax under the other's wgmmas (FlashAttention-3; jax's ``ops/gpu/attention_mgpu.py``).
 
 Supported (``supports``): bf16/f16 (wgmma has no f32 x f32 with a row-major V), D == Dv a
 multiple of 64 and <= 128, block size a multiple of 64 and <= 256, Hq/G a multiple of 8 (TMA
 row slices of the tiled q buffer stay tile-aligned). Anything else: use the Triton kernel.
 
-On the GPU (H200, jax 0.11.2, 2026-11-28, aed32cc): ``JAX_PLATFORMS=cuda pytest
-tests/test_sparse_mgpu.py`` passed (the compiled kernel against the oracle), and the tuner
-measured 3.96 ms vs the Triton kernel's 5.03 ms on a 16K-query chunk at 256K (two compute
-warpgroups); it is the H200's sparse kernel since (2026-11-29, 3d76294: 14.1 ms = 302 TFLOP/s
-on the last 64K-query chunk of a 128K prefill; Triton 20.1 ms).
+On the H200 it is the sparse kernel of the tuning table (about 1.3x the Triton kernel on the
+same chunk; ``benchmarks/NOTES.md`` has the measurements, including the variants tried and
+removed: K/V reuse across consecutive items of a block, ping-pong scheduling of the two
+compute warpgroups, always masking).
 
 Validation on CPU, ``tests/test_sparse_mgpu.py``:
 * Mosaic GPU interpret mode, jax 0.10.2 (here) and 0.11.2 (the GPU machine's; run from a
@@ -85,8 +77,6 @@ Validation on CPU, ``tests/test_sparse_mgpu.py``:
 * Lowering: ``jax.export(..., platforms=["cuda"])`` runs the whole Pallas -> Mosaic GPU
   lowering on CPU at M3 shapes (register layouts, TMA slices of the tiled/swizzled buffers,
   wgmma operand checks) on jax 0.10.2 and 0.11.2.
-The schedule barrier of ``pingpong`` is checked the same way (dropping one of its rounds in
-the no-live-lane path deadlocks, which the test's watchdog reports).
 """
 
 from __future__ import annotations
@@ -108,15 +98,6 @@ WGMMA_ROWS = 64  # rows of one warpgroup's wgmma tile (M)
 SMEM_BYTES = 227 * 1024  # Hopper: shared memory one CTA may use
 _LOG2E = math.log2(math.e)
 _NO_KEYS = -1e30  # floor for the row max, so rows without a visible key give p = 0, not NaN
-
-# Code-path switches read at trace time, for experiments (benchmarks/probes/
-# sparse_mgpu_ablation.py), not for users:
-#   prefetch: the compute warpgroups read item j+1's scalars while item j runs (else at the
-#     start of item j, where their global-memory latency is exposed);
-#   ablate: parts of the work left out, to see what bounds the kernel. Results are wrong with
-#     any of them: "q" (no q gathers), "kv" (no K/V loads), "softmax" (P = S: no mask, no
-#     exponentials), "store" (no output stores), "o_store" / "lse_store" (no O / LSE stores).
-_OPTIONS = {"prefetch": True, "ablate": frozenset()}
 
 
 def supports(q, k, v, block_size: int) -> bool:
@@ -163,11 +144,10 @@ def _interpret_params(interpret):
 
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
-            kv_loaded, kv_consumed, *schedule_barrier, num_ctas, stages, kv_stages, kv_reuse,
-            skip_mask, compute_wgs, queries_per_tile, heads, block_size, scale):
+            kv_loaded, kv_consumed, *, num_ctas, stages, kv_stages, compute_wgs,
+            queries_per_tile, heads, block_size, scale):
   qpt, nc, h, bk = queries_per_tile, compute_wgs, heads, block_size
   rows = qpt * h
-  ablate = _OPTIONS["ablate"]
   dtype = q_smem.dtype
   wg = lax.axis_index("wg")
 
@@ -180,53 +160,32 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
   def slot_of(i):
     return lax.rem(i, jnp.int32(stages))
 
+  def kv_slot_of(i):
+    return lax.rem(i, jnp.int32(kv_stages))
+
   def field(item, f):
     return items_ref[item, f]
-
-  def kv_step(item, i, loads):
-    """(does item i start a new K/V load, the K/V ring index it uses, loads after it).
-
-    ``loads``: K/V loads before item i. Consecutive items of one (batch, group, block) share
-    one load (``kv_reuse``; the items of a hot block are consecutive within a CTA's chunk).
-    Producer and compute warpgroups run the same recurrence over the same items."""
-    if kv_reuse:
-      new = i == 0
-      for f in (sched.ITEM_BATCH, sched.ITEM_GROUP, sched.ITEM_BLOCK):
-        new = new | (field(item, f) != field(jnp.maximum(item - 1, 0), f))
-    else:
-      new = i >= 0  # every item loads (a traced True)
-    loads = loads + new.astype(jnp.int32)
-    return new, lax.rem(loads - 1, jnp.int32(kv_stages)), loads
 
   @pl.when(wg == nc)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    def produce(i, loads):
-      slot = slot_of(i)
+    def produce(i, carry):
+      slot, kv_slot = slot_of(i), kv_slot_of(i)
       # Scalars first: their latency overlaps the wait for the slot.
       item = first + i
       b, g, blk = field(item, sched.ITEM_BATCH), field(item, sched.ITEM_GROUP), field(
           item, sched.ITEM_BLOCK)
       start, count = field(item, sched.ITEM_START), field(item, sched.ITEM_COUNT)
       q_rows = [q_rows_ref[start + lane] for lane in range(nc * qpt)]  # padded: in range
-      new, kv_slot, loads_after = kv_step(item, i, loads)
 
-      @pl.when(new)
-      def _():  # the item's block is not the previous item's: load its K/V
-        @pl.when(loads >= kv_stages)
-        def _():
-          plgpu.barrier_wait(kv_consumed.at[kv_slot])
+      @pl.when(i >= kv_stages)
+      def _():
+        plgpu.barrier_wait(kv_consumed.at[kv_slot])
 
-        keys = pl.ds(blk * bk, bk)
-        if "kv" in ablate:
-          plgpu.barrier_arrive(kv_loaded.at[kv_slot])
-          plgpu.barrier_arrive(kv_loaded.at[kv_slot])
-          return
-        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[kv_slot],
-                                kv_loaded.at[kv_slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[kv_slot],
-                                kv_loaded.at[kv_slot])
+      keys = pl.ds(blk * bk, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[kv_slot], kv_loaded.at[kv_slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[kv_slot], kv_loaded.at[kv_slot])
 
       @pl.when(i >= stages)
       def _():
@@ -236,9 +195,6 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
         for p in range(qpt):
           lane = w * qpt + p
           live = lane < count
-          if "q" in ablate:
-            plgpu.barrier_arrive(loaded.at[slot])
-            continue
 
           @pl.when(live)
           def _():
@@ -248,9 +204,9 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
           @pl.when(jnp.logical_not(live))
           def _():  # nothing to gather: arrive in place of the copy
             plgpu.barrier_arrive(loaded.at[slot])
-      return loads_after
+      return carry
 
-    loads = lax.fori_loop(0, n, produce, jnp.int32(0))
+    lax.fori_loop(0, n, produce, 0)
 
     def drain(i, carry):  # observe the last releases, so no barrier phase goes unobserved
       plgpu.barrier_wait(consumed.at[slot_of(i)])
@@ -258,27 +214,16 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
 
     lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, 0)
 
-    def drain_kv(m, carry):
-      plgpu.barrier_wait(kv_consumed.at[lax.rem(m, jnp.int32(kv_stages))])
+    def drain_kv(i, carry):
+      plgpu.barrier_wait(kv_consumed.at[kv_slot_of(i)])
       return carry
 
-    lax.fori_loop(jnp.maximum(loads - kv_stages, 0), loads, drain_kv, 0)
-
-  def sync_compute_wgs():
-    """Ping-pong (``pingpong``): with two compute warpgroups, one runs its softmax while the
-    other's wgmmas use the tensor cores, as in FlashAttention-3 and jax's
-    ``ops/gpu/attention_mgpu.py``. Both arrive and wait; warpgroup 1 starts one round
-    ahead (below), so their GEMMs alternate. A no-op without the barrier."""
-    if schedule_barrier:
-      plgpu.barrier_arrive(schedule_barrier[0])
-      plgpu.barrier_wait(schedule_barrier[0])
+    lax.fori_loop(jnp.maximum(n - kv_stages, 0), n, drain_kv, 0)
 
   @pl.when(wg < nc)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     w = wg
-    if schedule_barrier:
-      pl.when(w == 1)(sync_compute_wgs)
 
     def release_previous(j):
       """Hand item j-1's slot back once its output stores have read shared memory."""
@@ -302,71 +247,52 @@ def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_
 
     def issue_stores(slot, live_lanes, *out_rows):
       """One TMA store of the staged O rows and one of the LSE rows per live lane."""
-      for p in range(qpt if "store" not in ablate else 0):
+      for p in range(qpt):
         @pl.when(p < live_lanes)
         def _():
           lanes = pl.ds(p * h, h)
-          if "o_store" not in ablate:
-            plgpu.copy_smem_to_gmem(q_smem.at[slot, w, lanes], o_ref.at[out_rows[p]])
-          if "lse_store" not in ablate:
-            plgpu.copy_smem_to_gmem(lse_smem.at[slot, w, lanes], lse_ref.at[out_rows[p]])
+          plgpu.copy_smem_to_gmem(q_smem.at[slot, w, lanes], o_ref.at[out_rows[p]])
+          plgpu.copy_smem_to_gmem(lse_smem.at[slot, w, lanes], lse_ref.at[out_rows[p]])
 
-    tile = dict(heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype,
-                skip_mask=skip_mask)
+    tile = dict(heads=h, rows=rows, block_size=bk, scale=scale, dtype=dtype)
 
-    def consume(j, carry):
-      loads, scalars = carry
-      slot = slot_of(j)
-      item = first + j
-      if _OPTIONS["prefetch"]:
-        # This item's scalars were read during the previous item; read the next item's now,
-        # so their global-memory latency hides under this item's wgmmas.
-        live_lanes, *rest = scalars
-        scalars = read_item(j + 1)
-      else:
-        live_lanes, *rest = read_item(j)
+    def consume(j, scalars):
+      slot, kv_slot = slot_of(j), kv_slot_of(j)
+      # This item's scalars were read during the previous item; read the next item's now, so
+      # their global-memory latency hides under this item's wgmmas.
+      (live_lanes, *rest), scalars = scalars, read_item(j + 1)
       limits, out_rows = rest[:qpt], rest[qpt:]
-      new, kv_slot, loads_after = kv_step(item, j, loads)
 
-      @pl.when(new)
-      def _():
-        # The previous item's wgmmas are complete (their results were read): its K/V slot is
-        # free once this warpgroup moves to another block.
-        @pl.when(j > 0)
-        def _():
-          plgpu.barrier_arrive(kv_consumed.at[lax.rem(loads - 1, jnp.int32(kv_stages))])
+      @pl.when(j > 0)
+      def _():  # the previous item's wgmmas are complete (their results were read)
+        plgpu.barrier_arrive(kv_consumed.at[kv_slot_of(j - 1)])
 
-        plgpu.barrier_wait(kv_loaded.at[kv_slot])
-
+      plgpu.barrier_wait(kv_loaded.at[kv_slot])
       plgpu.barrier_wait(loaded.at[slot])
 
       @pl.when(live_lanes > 0)
       def _():
         _attend_tile(q_tile=q_smem.at[slot, w], k_tile=k_smem.at[kv_slot],
                      v_tile=v_smem.at[kv_slot], lse_tile=lse_smem.at[slot, w], limits=limits,
-                     under_qk=lambda: release_previous(j), sync=sync_compute_wgs, **tile)
+                     under_qk=lambda: release_previous(j), **tile)
         issue_stores(slot, live_lanes, *out_rows)  # they run under the next item's math
 
       @pl.when(live_lanes <= 0)
       def _():
         release_previous(j)
-        sync_compute_wgs()  # the two rounds _attend_tile takes part in
-        sync_compute_wgs()
-      return loads_after, scalars
+      return scalars
 
-    loads, _ = lax.fori_loop(0, n, consume, (jnp.int32(0), read_item(0)))
-    if schedule_barrier:
-      pl.when(w == 0)(sync_compute_wgs)  # balance warpgroup 1's head start
+    lax.fori_loop(0, n, consume, read_item(0))
 
     @pl.when(n > 0)
     def _():
       plgpu.wait_smem_to_gmem(0)
       plgpu.barrier_arrive(consumed.at[slot_of(n - 1)])
-      plgpu.barrier_arrive(kv_consumed.at[lax.rem(loads - 1, jnp.int32(kv_stages))])
+      plgpu.barrier_arrive(kv_consumed.at[kv_slot_of(n - 1)])
 
 
-def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, sync, heads, rows,
-                 block_size, scale, dtype, skip_mask):
+def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, heads, rows,
+                 block_size, scale, dtype):
   """One tile: S = q K^T, softmax over the block, O = P V; O and LSE staged in shared memory
   (O in the q tile, whose rows are dead) for the caller's stores. ``under_qk`` runs while the
   QK wgmma does."""
@@ -374,13 +300,11 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, sync, he
   def qk(acc_ref):
     plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
     under_qk()  # overlaps the wgmma
-    sync()  # ping-pong round 1: the other warpgroup's softmax runs under this wgmma
     return acc_ref[...]
 
   s = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
-  m, l, p16 = _probabilities(s, limits=limits, heads=heads, rows=rows, block_size=block_size,
-                             scale=scale, dtype=dtype, skip_mask=skip_mask)
-  sync()  # ping-pong round 2: softmax done; wait until the tensor cores are ours
+  m, l, p16 = _softmax(s, limits=limits, heads=heads, rows=rows, block_size=block_size,
+                       scale=scale, dtype=dtype)
 
   def pv(acc_ref):
     plgpu.wgmma(acc_ref, p16, v_tile)
@@ -388,15 +312,6 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, sync, he
 
   o = pl.run_scoped(pv, plgpu.ACC((rows, v_tile.shape[-1]), jnp.float32))
   _stage_output(o, m, l, q_tile=q_tile, lse_tile=lse_tile, scale=scale, dtype=dtype)
-
-
-def _probabilities(s, **kw):
-  """(row max, row sum, P) of one block's scores: ``_softmax``, or P = S under the
-  "softmax" ablation (timing experiments only)."""
-  if "softmax" in _OPTIONS["ablate"]:
-    m = l = s.sum(axis=1)
-    return m, l, s.astype(kw["dtype"])
-  return _softmax(s, **kw)
 
 
 def _stage_output(o, m, l, *, q_tile, lse_tile, scale, dtype):
@@ -411,7 +326,7 @@ def _stage_output(o, m, l, *, q_tile, lse_tile, scale, dtype):
   plgpu.commit_smem()
 
 
-def _softmax(s, *, limits, heads, rows, block_size, scale, dtype, skip_mask):
+def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
   """(row max, row sum, P in ``dtype``) of the exact softmax of ``s`` over one block.
 
   Key c of the block is visible to lane p (rows ``p*heads ...``) iff c <= limits[p]. Base 2,
@@ -428,11 +343,9 @@ def _softmax(s, *, limits, heads, rows, block_size, scale, dtype, skip_mask):
     visible = cols <= lax.broadcast_in_dim(limit, (rows, block_size), [0])
     return jnp.where(visible, s, -jnp.inf)
 
-  if skip_mask:  # most items see their whole block: mask only where needed
-    needed = functools.reduce(jnp.minimum, limits) < block_size - 1
-    s = lax.cond(needed, mask, lambda s: s, s)
-  else:
-    s = mask(s)
+  # Most items see their whole block: mask only where a lane needs it.
+  needed = functools.reduce(jnp.minimum, limits) < block_size - 1
+  s = lax.cond(needed, mask, lambda s: s, s)
   c = scale * _LOG2E
   m = jnp.maximum(s.max(axis=1), _NO_KEYS)
   probs = jnp.exp2(s * c - lax.broadcast_in_dim(m * c, (rows, block_size), [0]))
@@ -483,23 +396,19 @@ def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
 
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
-                              kv_stages=None, kv_reuse=None, num_ctas=None, pingpong=None,
-                              skip_mask=None, interpret=False):
+                              kv_stages=None, num_ctas=None, interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
   ``queries_per_tile * tiles_per_item`` entries per item (``work_item_size``);
-  ``tiles_per_item`` is the number of compute warpgroups; ``pingpong`` (two of them only)
-  alternates their wgmmas and softmaxes through a schedule barrier. ``num_stages`` q/O slots
-  and ``kv_stages`` K/V slots; ``kv_reuse``: consecutive items of one block share a K/V load;
-  ``skip_mask``: the causal/length mask only for items where a lane needs it (``lax.cond``).
-  Unset ones come from the tuning table. ``interpret``: False (compiled),
+  ``tiles_per_item`` is the number of compute warpgroups; ``num_stages`` q/O slots and
+  ``kv_stages`` K/V slots, ``num_ctas`` persistent CTAs (unset ones come from the tuning
+  table). ``interpret``: False (compiled),
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
   cfg = tuning.config("sparse_mosaic", num_stages=num_stages, kv_stages=kv_stages,
-                      kv_reuse=kv_reuse, num_ctas=num_ctas, pingpong=pingpong,
-                      skip_mask=skip_mask)
+                      num_ctas=num_ctas)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
@@ -536,11 +445,8 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
       plgpu.Barrier(num_arrivals=2, num_barriers=kv_stages),  # K/V loaded
       plgpu.Barrier(num_arrivals=nc, num_barriers=kv_stages),  # K/V slot consumed
   ]
-  if cfg["pingpong"] and nc == 2:
-    scratch.append(plgpu.Barrier(num_arrivals=nc))  # the compute warpgroups' schedule
   body = functools.partial(_kernel, num_ctas=num_ctas, stages=stages, kv_stages=kv_stages,
-                           kv_reuse=bool(cfg["kv_reuse"]),
-                           skip_mask=bool(cfg["skip_mask"]), compute_wgs=nc,
+                           compute_wgs=nc,
                            queries_per_tile=queries_per_tile, heads=heads,
                            block_size=block_size, scale=float(scale))
   kernel_kwargs = dict(
@@ -741,22 +647,3 @@ def _install_shims_jax_0_10(gcb):
     return token
 
   gcb.wgmma = wgmma
-
-
-# ----------------------------------------------------------------------------- GPU notes
-# Done on the H200 (aed32cc): it compiles and runs at M3 shapes (192 KB + LSE of shared
-# memory, 2 compute warpgroups), tests/test_sparse_mgpu.py passes uninterpreted, and the
-# tuner's correctness check against the Triton kernel passed before timing.
-# Levers tried, short of 330 TFLOP/s (60% of cuDNN), measured with
-# benchmarks/probes/sparse_mgpu_ablation.py and the tuner (benchmarks/NOTES.md, 2026-11-29):
-#  1. ``pingpong``: no gain (4.08 vs 4.14 ms; 2026-11-29 slower: 4.17-4.22 vs 3.85-3.99).
-#  2. ``kv_reuse``: no gain (within noise): K/V reloads of a hot block hit L2.
-#  3. On a 64K-query chunk: scalar prefetch 15.56 -> 15.21 ms (on, not a switch of the
-#     table); then a third q slot with ``skip_mask`` 15.03 -> 14.59 ms (the H200 table has
-#     both).
-#  4. Removed after measuring (code in git history): stores deferred under the next item's
-#     QK wgmma (04a8768: 15.3-17.3 vs 14.6-15.0 ms) and the next item's QK wgmma under this
-#     item's epilogue with two accumulators (75cc77f: 15.37-15.47 vs 14.59-14.73 ms).
-# Ablations (16K chunk, 3.85 ms): no output stores -17%, no softmax -10%, no q gathers or
-# K/V loads 0-5% each; nothing of the memory traffic or softmax left: 2.2-2.3 ms (464-482
-# TFLOP/s) -- the per-block epilogue (normalise, stage, store) of the KV-outer design.

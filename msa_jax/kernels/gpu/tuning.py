@@ -55,14 +55,10 @@ DEFAULTS = {
                "union_mix": False},
     # The Mosaic GPU kernel: tile_rows per compute warpgroup (a multiple of 64 rows),
     # tiles_per_item = compute warpgroups (1 or 2), num_stages = shared-memory slots (>= 2),
-    # num_ctas = persistent CTAs (None: one per SM), pingpong = the two compute warpgroups
-    # alternate wgmma and softmax through a schedule barrier (FlashAttention-3 style),
-    # kv_stages = K/V slots (a ring of their own), kv_reuse = consecutive items of one block
-    # share one K/V load (no measurable gain on the H200: the reloads hit L2),
-    # skip_mask = the causal/length mask only where a lane needs it.
+    # num_ctas = persistent CTAs (None: one per SM), kv_stages = K/V slots (a ring of their
+    # own).
     "sparse_mosaic": {"tile_rows": 64, "tiles_per_item": 2, "num_stages": 2, "num_ctas": None,
-                      "pingpong": False, "kv_stages": 2, "kv_reuse": False,
-                      "skip_mask": False},
+                      "kv_stages": 2},
     "decode": {"num_warps": 4, "num_stages": 2},
     # Backward (sparse_attention_bwd.py): tile_rows = query rows (positions x heads) of a
     # dK/dV tile; tiles_per_item = tiles one dK/dV program walks against its block (bounds
