@@ -110,7 +110,7 @@ class Attention(nnx.Module):
   def paged(self, h, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
             implementation="xla", interpret=False):
     """As ``__call__`` on paged caches (``cache_lib.PagedCache``'s per-layer pages and shared
-    page table). Decode steps (at most ``msa_jax.paged_api.MAX_DECODE_QUERIES`` new tokens per
+    page table). Decode steps (at most ``msa_jax.MAX_DECODE_QUERIES`` new tokens per
     sequence) read the pages in place: MSA layers only the selected ones
     (``msa_jax.paged_msa_decode``), full-attention layers all of the sequence's
     (``msa_jax.paged_full_attention``); longer chunks (prefill) gather the sequence's pages
@@ -124,13 +124,13 @@ class Attention(nnx.Module):
     layer = msa_jax.paged.PagedCache(k_pages, v_pages, index_pages, page_table, kv_lengths)
     layer = msa_jax.paged.write(layer, k, v, ik, positions)
     k_pages, v_pages, index_pages = layer.k_pages, layer.v_pages, layer.index_pages
-    if self.sparse and t <= msa_jax.paged_api.MAX_DECODE_QUERIES:
+    if self.sparse and t <= msa_jax.MAX_DECODE_QUERIES:
       out = msa_jax.paged_msa_decode(
           q, iq, k_pages.astype(q.dtype), v_pages.astype(q.dtype),
           index_pages.astype(q.dtype), page_table, kv_lengths, block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, implementation=implementation,
           interpret=interpret, score_dtype=c.index_score_dtype)
-    elif t <= msa_jax.full.MAX_DECODE_QUERIES:
+    elif t <= msa_jax.MAX_DECODE_QUERIES:
       out = msa_jax.paged_full_attention(
           q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), page_table, kv_lengths,
           q_positions=positions, implementation=implementation, interpret=interpret)

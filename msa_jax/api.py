@@ -1,8 +1,8 @@
-"""Public API of msa_jax: argument checking, defaults, dispatch on ``implementation=``.
+"""Public API of msa_jax on contiguous caches: defaults and dispatch on ``implementation=``.
 
-Every function validates shapes, dtypes and static arguments before anything is traced, and
-raises ``ValueError`` naming the argument and what was expected. Block ids are range-checked
-when they are concrete (outside ``jit``); under ``jit`` out-of-range ids are ignored like -1.
+Every function validates its arguments first (``checks.py``: shapes, dtypes and static
+arguments before anything is traced, ``ValueError`` naming the argument; block ids
+range-checked when concrete, out-of-range ids ignored like -1 under ``jit``).
 """
 
 from __future__ import annotations
@@ -14,197 +14,18 @@ from collections.abc import Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
+from msa_jax import checks
 from msa_jax import reference
 from msa_jax import schedule as sched
 
-IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = checks.IMPLEMENTATIONS
 
 # Query chunk for index scoring: bounds the [B, G, chunk, S/Bk] block-score buffer.
 INDEX_QUERY_CHUNK = 2048
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _shape(x) -> tuple[int, ...]:
-  return tuple(np.shape(x))
-
-
-def _check_rank(name: str, x, rank: int, layout: str):
-  if x is None or not hasattr(x, "shape") or len(_shape(x)) != rank:
-    got = None if x is None else _shape(x)
-    raise ValueError(f"{name} must be a rank-{rank} array {layout}; got shape {got}")
-
-
-def _check_float(name: str, x):
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name} must be a floating-point array (bfloat16/float16/float32); "
-                     f"got dtype {x.dtype}")
-
-
-def _check_int(name: str, x, layout: str):
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{name} must be an integer array {layout}; got dtype {x.dtype}")
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-  """``value`` as a Python int (NumPy integers too); ``ValueError`` if not an int >= minimum."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-      or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-  return int(value)
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _check_qkv(q, k, v):
-  _check_rank("q", q, 4, "[batch, q_len, q_heads, head_dim]")
-  _check_rank("k", k, 4, "[batch, kv_len, kv_heads, head_dim]")
-  _check_rank("v", v, 4, "[batch, kv_len, kv_heads, v_head_dim]")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    _check_float(name, x)
-  b, t, hq, d = q.shape
-  if k.shape[0] != b or v.shape[0] != b:
-    raise ValueError(f"batch mismatch: q has batch {b}, k {k.shape[0]}, v {v.shape[0]}")
-  if k.shape[3] != d:
-    raise ValueError(f"k must have head_dim {d} (as q): expected [{b}, S, G, {d}], "
-                     f"got {k.shape}")
-  if v.shape[:3] != k.shape[:3]:
-    raise ValueError(f"v must match k in [batch, kv_len, kv_heads]: expected "
-                     f"{list(k.shape[:3])} + [Dv], got {list(v.shape)}")
-  if k.shape[1] < 1:
-    raise ValueError(f"k and v must hold at least one key (kv_len >= 1); got k {k.shape}")
-  g = k.shape[2]
-  if g < 1 or hq % g:
-    raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads = groups G ({g}); "
-                     f"q {q.shape}, k {k.shape}")
-  if q.dtype != k.dtype or k.dtype != v.dtype:
-    raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def _check_index_qk(q_idx, k_idx, batch=None, q_len=None, kv_len=None, groups=None):
-  _check_rank("q_idx", q_idx, 4, "[batch, q_len, groups, index_dim]")
-  _check_rank("k_idx", k_idx, 3, "[batch, kv_len, index_dim]")
-  _check_float("q_idx", q_idx)
-  _check_float("k_idx", k_idx)
-  b, t, g, di = q_idx.shape
-  if k_idx.shape[0] != b:
-    raise ValueError(f"batch mismatch: q_idx has batch {b}, k_idx {k_idx.shape[0]}")
-  if k_idx.shape[2] != di:
-    raise ValueError(f"k_idx must have index_dim {di} (as q_idx): expected [{b}, S, {di}], "
-                     f"got {k_idx.shape}")
-  if k_idx.shape[1] < 1:
-    raise ValueError(f"k_idx must hold at least one key (kv_len >= 1); got {k_idx.shape}")
-  if batch is not None and b != batch:
-    raise ValueError(f"batch mismatch: q has batch {batch}, q_idx {b}")
-  if q_len is not None and t != q_len:
-    raise ValueError(f"q_idx must have q_len {q_len} (as q): expected [{batch}, {q_len}, "
-                     f"{groups}, Di], got {q_idx.shape}")
-  if kv_len is not None and k_idx.shape[1] != kv_len:
-    raise ValueError(f"k_idx must have kv_len {kv_len} (as k): expected [{batch}, {kv_len}, "
-                     f"Di], got {k_idx.shape}")
-  if groups is not None and g != groups:
-    raise ValueError(f"q_idx must have one index head per KV group: expected {groups} groups "
-                     f"(k has {groups} kv_heads), got q_idx shape {q_idx.shape}")
-
-
-def _resolve_positions(q_positions, kv_lengths, batch: int, q_len: int, kv_len: int):
-  if kv_lengths is None:
-    kv_lengths = jnp.full((batch,), kv_len, jnp.int32)
-  else:
-    _check_rank("kv_lengths", kv_lengths, 1, f"[batch={batch}]")
-    _check_int("kv_lengths", kv_lengths, f"[batch={batch}]")
-    if _shape(kv_lengths) != (batch,):
-      raise ValueError(f"kv_lengths must have shape [{batch}]; got {_shape(kv_lengths)}")
-    if _is_concrete(kv_lengths):
-      arr = np.asarray(kv_lengths)
-      if arr.min(initial=0) < 0 or arr.max(initial=0) > kv_len:
-        raise ValueError(f"kv_lengths must lie in [0, {kv_len}] (the key length); got {arr}")
-    kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-  if q_positions is None:
-    q_positions = reference.default_q_positions(q_len, kv_lengths)
-  else:
-    _check_rank("q_positions", q_positions, 2, f"[batch={batch}, q_len={q_len}]")
-    _check_int("q_positions", q_positions, f"[batch={batch}, q_len={q_len}]")
-    if _shape(q_positions) != (batch, q_len):
-      raise ValueError(f"q_positions must have shape [{batch}, {q_len}]; "
-                       f"got {_shape(q_positions)}")
-    q_positions = jnp.asarray(q_positions, jnp.int32)
-  return q_positions, kv_lengths
-
-
-def _check_block_indices(block_indices, batch, q_len, groups, num_blocks):
-  layout = f"[batch={batch}, q_len={q_len}, groups={groups}, topk]"
-  _check_rank("block_indices", block_indices, 4, layout)
-  _check_int("block_indices", block_indices, layout)
-  if _shape(block_indices)[:3] != (batch, q_len, groups):
-    raise ValueError(f"block_indices must have shape {layout}; got {_shape(block_indices)}")
-  if block_indices.shape[3] < 1:
-    raise ValueError(f"block_indices must hold at least one slot per (query, group); "
-                     f"got shape {_shape(block_indices)}")
-  if _is_concrete(block_indices):
-    arr = np.asarray(block_indices)
-    if arr.size and (arr.max() >= num_blocks or arr.min() < -1):
-      raise ValueError(f"block_indices must be -1 or a block id in [0, {num_blocks}) "
-                       f"({num_blocks} blocks of the keys); got values in "
-                       f"[{arr.min()}, {arr.max()}]")
-
-
-def _resolve_implementation(implementation, interpret) -> str:
-  if implementation is None:
-    backend = jax.default_backend()
-    if backend == "tpu":
-      return "pallas_tpu"
-    if backend == "gpu" or interpret:
-      return "pallas_gpu"
-    return "xla"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None; "
-                     f"got {implementation!r}")
-  return implementation
-
-
-def _check_static(block_size, topk=None):
-  """(block_size, topk) checked and as Python ints (a NumPy integer is accepted)."""
-  block_size = _check_positive_int("block_size", block_size)
-  if topk is not None:
-    topk = _check_positive_int("topk", topk)
-  return block_size, topk
-
-
-def _empty(*sizes) -> bool:
-  """True when a batch or query length is 0: the result is an empty array, computed by no
-  kernel (grids and chunkings of zero length are not defined)."""
-  return any(int(n) == 0 for n in sizes)
-
-
-def _scale(scale, head_dim):
-  if scale is None:
-    return 1.0 / math.sqrt(head_dim)
-  scale = float(scale)
-  if not math.isfinite(scale) or scale <= 0:
-    raise ValueError(f"scale must be a finite positive number; got {scale}")
-  return scale
-
-
 # ----------------------------------------------------------------------------- index_topk
-
-
-SCORE_DTYPES = (None, "float8_e4m3fn")
-
-
-def _check_score_dtype(score_dtype):
-  try:
-    name = None if score_dtype is None else jnp.dtype(score_dtype).name
-  except TypeError:
-    name = score_dtype
-  if name not in SCORE_DTYPES:
-    raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}; got {score_dtype!r}")
-  return name
 
 
 def fp8_rounded(x):
@@ -309,13 +130,13 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
     int32 [B, T, G, topk]: selected block ids, valid ids first, -1 padding. Order inside the
     valid prefix is unspecified.
   """
-  _check_index_qk(q_idx, k_idx)
-  block_size, topk = _check_static(block_size, topk)
-  score_dtype = _check_score_dtype(score_dtype)
-  impl = _resolve_implementation(implementation, interpret)
+  checks.check_index_qk(q_idx, k_idx)
+  block_size, topk = checks.check_static(block_size, topk)
+  score_dtype = checks.check_score_dtype(score_dtype)
+  impl = checks.resolve_implementation(implementation, interpret)
   b, t = q_idx.shape[:2]
-  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, k_idx.shape[1])
-  if _empty(b, t):
+  q_positions, kv_lengths = checks.resolve_positions(q_positions, kv_lengths, b, t, k_idx.shape[1])
+  if checks.is_empty(b, t):
     return jnp.full((b, t, q_idx.shape[2], topk), -1, jnp.int32)
   return _index_topk(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size, topk=topk,
                      impl=impl, interpret=interpret, score_dtype=score_dtype)
@@ -365,8 +186,7 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
   k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
   if impl == "pallas_gpu":
-    from msa_jax import paged_api
-    if t <= paged_api.MAX_DECODE_QUERIES:  # decode: query-outer split-K, the paged kernel's
+    if t <= checks.MAX_DECODE_QUERIES:  # decode: query-outer split-K, the paged kernel's
       from msa_jax.kernels.gpu import paged_sparse_decode
       # The contiguous cache seen as pages of one block each: block j of row i is page
       # i * nb + j (a reshape, no copy; no page table).
@@ -515,15 +335,15 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, scale=None, q_po
     out [B, T, Hq, Dv] in q's dtype (and lse). Queries without a visible key (padding) get
     out = 0 and lse = -inf.
   """
-  _check_qkv(q, k, v)
-  block_size, _ = _check_static(block_size)
+  checks.check_qkv(q, k, v)
+  block_size, _ = checks.check_static(block_size)
   b, t, hq, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
-  _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
-  scale = _scale(scale, d)
-  impl = _resolve_implementation(implementation, interpret)
-  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
-  if _empty(b, t):
+  checks.check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  q_positions, kv_lengths = checks.resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  if checks.is_empty(b, t):
     out = jnp.zeros((b, t, hq, v.shape[3]), q.dtype)
     lse = jnp.full((b, t, hq), -jnp.inf, jnp.float32)
     return (out, lse) if return_lse else out
@@ -544,16 +364,16 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
   ``return_indices``. Gradients flow to q, k, v (selection is not differentiable; train the
   index branch with ``indexer_kl_loss``).
   """
-  _check_qkv(q, k, v)
+  checks.check_qkv(q, k, v)
   b, t, _, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
-  _check_index_qk(q_idx, k_idx, b, t, s_len, g)
-  block_size, topk = _check_static(block_size, topk)
-  score_dtype = _check_score_dtype(score_dtype)
-  scale = _scale(scale, d)
-  impl = _resolve_implementation(implementation, interpret)
-  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
-  if _empty(b, t):
+  checks.check_index_qk(q_idx, k_idx, b, t, s_len, g)
+  block_size, topk = checks.check_static(block_size, topk)
+  score_dtype = checks.check_score_dtype(score_dtype)
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  q_positions, kv_lengths = checks.resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  if checks.is_empty(b, t):
     out = jnp.zeros((b, t, q.shape[2], v.shape[3]), q.dtype)
     ids = jnp.full((b, t, g, topk), -1, jnp.int32)
     return (out, ids) if return_indices else out
@@ -580,16 +400,16 @@ def indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size=128, scale=
   on the GPU (0.88 s of a 1.1 s training step at 8K x 8), and keep every chunk's gathered keys
   for the backward (over 100 GB at 8K x 8 with Di = 128).
   """
-  _check_qkv(q, k, k)
+  checks.check_qkv(q, k, k)
   b, t, _, d = q.shape
   s_len, g = k.shape[1], k.shape[2]
-  _check_index_qk(q_idx, k_idx, b, t, s_len, g)
-  block_size, _ = _check_static(block_size)
-  _check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
-  scale = _scale(scale, d)
-  impl = _resolve_implementation(implementation, interpret)
-  q_positions, kv_lengths = _resolve_positions(q_positions, kv_lengths, b, t, s_len)
-  if _empty(b, t):  # no query: no KL term (0, with zero gradients)
+  checks.check_index_qk(q_idx, k_idx, b, t, s_len, g)
+  block_size, _ = checks.check_static(block_size)
+  checks.check_block_indices(block_indices, b, t, g, reference.cdiv(s_len, block_size))
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  q_positions, kv_lengths = checks.resolve_positions(q_positions, kv_lengths, b, t, s_len)
+  if checks.is_empty(b, t):  # no query: no KL term (0, with zero gradients)
     return 0.0 * (jnp.sum(q_idx, dtype=jnp.float32) + jnp.sum(k_idx, dtype=jnp.float32))
   ids = jnp.asarray(block_indices, jnp.int32)
   if impl == "xla":

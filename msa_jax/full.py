@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from msa_jax import api
+from msa_jax import checks
 from msa_jax import reference
 from msa_jax import schedule as sched
 
-MAX_DECODE_QUERIES = 16
+MAX_DECODE_QUERIES = checks.MAX_DECODE_QUERIES
 Q_CHUNK = 256
 K_CHUNK = 1024
 # cuDNN flash attention's supported inputs (Hopper/Ampere): half-precision, head dim <= 128.
@@ -51,14 +51,14 @@ def full_attention(q, k, v, *, scale=None, q_positions=None, kv_lengths=None,
   head h uses group ``h // (Hq/G)``), keys visible by MSA's rule. Returns ``[B,T,Hq,Dv]`` in
   q's dtype. Arguments as in ``msa_jax.msa_attention``; ``q_chunk``/``k_chunk`` size the
   ``"xla"`` path's tiles."""
-  api._check_qkv(q, k, v)
+  checks.check_qkv(q, k, v)
   b, t, _, d = q.shape
-  q_positions, kv_lengths = api._resolve_positions(q_positions, kv_lengths, b, t, k.shape[1])
-  scale = api._scale(scale, d)
-  impl = api._resolve_implementation(implementation, interpret)
-  q_chunk = api._check_positive_int("q_chunk", q_chunk)
-  k_chunk = api._check_positive_int("k_chunk", k_chunk)
-  if api._empty(b, t):
+  q_positions, kv_lengths = checks.resolve_positions(q_positions, kv_lengths, b, t, k.shape[1])
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  q_chunk = checks.check_positive_int("q_chunk", q_chunk)
+  k_chunk = checks.check_positive_int("k_chunk", k_chunk)
+  if checks.is_empty(b, t):
     return jnp.zeros((b, t, q.shape[2], v.shape[3]), q.dtype)
   if impl == "pallas_gpu" and t <= MAX_DECODE_QUERIES:
     return _decode_gpu(q, k, v, q_positions, kv_lengths, scale=scale, interpret=interpret)
@@ -186,11 +186,11 @@ def paged_full_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None
     raise ValueError(f"q must hold 1 to {MAX_DECODE_QUERIES} query tokens per sequence for "
                      f"paged full attention; got shape {tuple(q.shape)}")
   bk = k_pages.shape[1]
-  q_positions, lengths = api._resolve_positions(q_positions, lengths, b, t,
+  q_positions, lengths = checks.resolve_positions(q_positions, lengths, b, t,
                                                 page_table.shape[1] * bk)
-  scale = api._scale(scale, d)
-  impl = api._resolve_implementation(implementation, interpret)
-  if api._empty(b):
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  if checks.is_empty(b):
     return jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
   if impl == "pallas_gpu":
     return _decode_pages(q, k_pages, v_pages, jnp.clip(page_table, 0, k_pages.shape[0] - 1),

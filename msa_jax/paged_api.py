@@ -6,7 +6,7 @@ API returns for the same tokens. 1 to ``MAX_DECODE_QUERIES`` query tokens per se
 speculative / multi-token-prediction verification); by default query i of q sits at position
 ``lengths[b] - q + i`` (``lengths`` count the new tokens, already written to the pages).
 
-Argument checking as in ``api.py``: shapes, dtypes and static arguments before anything is
+Arguments are checked as in the contiguous API (``checks.py``): shapes, dtypes and static arguments before anything is
 traced, ``ValueError`` naming the argument; page ids, block ids and lengths are range-checked
 when concrete (outside ``jit``).
 """
@@ -15,114 +15,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from msa_jax import api
+from msa_jax import checks
 from msa_jax import paged
 from msa_jax import reference
 from msa_jax import schedule as sched
 
-MAX_DECODE_QUERIES = 16
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_pages(name, pages, rank, layout, block_size, num_pages=None):
-  api._check_rank(name, pages, rank, layout)
-  api._check_float(name, pages)
-  if pages.shape[1] != block_size:
-    raise ValueError(f"the page size of {name} (axis 1 of {layout}) must equal block_size "
-                     f"({block_size}); got {name} shape {api._shape(pages)}")
-  if num_pages is not None and pages.shape[0] != num_pages:
-    raise ValueError(f"{name} must have {num_pages} pages (as k_pages); got shape "
-                     f"{api._shape(pages)}")
-
-
-def _check_table(page_table, lengths, batch, block_size, num_pages):
-  layout = f"[batch={batch}, max_pages]"
-  api._check_rank("page_table", page_table, 2, layout)
-  api._check_int("page_table", page_table, layout)
-  if page_table.shape[0] != batch or page_table.shape[1] < 1:
-    raise ValueError(f"page_table must have shape {layout} with max_pages >= 1; got "
-                     f"{api._shape(page_table)}")
-  max_pages = page_table.shape[1]
-  api._check_rank("lengths", lengths, 1, f"[batch={batch}]")
-  api._check_int("lengths", lengths, f"[batch={batch}]")
-  if api._shape(lengths) != (batch,):
-    raise ValueError(f"lengths must have shape [{batch}]; got {api._shape(lengths)}")
-  if api._is_concrete(lengths):
-    arr = np.asarray(lengths)
-    limit = max_pages * block_size
-    if arr.size and (arr.min() < 0 or arr.max() > limit):
-      raise ValueError(f"lengths must lie in [0, max_pages * block_size = {limit}] "
-                       f"(page_table has {max_pages} pages per sequence); got {arr}")
-    if api._is_concrete(page_table):
-      table = np.asarray(page_table)
-      used = np.arange(max_pages)[None, :] < -(-arr[:, None] // block_size)
-      bad = used & ((table < 0) | (table >= num_pages))
-      if bad.any():
-        b, j = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"page_table must list a page id in [0, {num_pages}) for every page "
-                         f"holding a token (j < ceil(lengths[b] / block_size)); "
-                         f"page_table[{b}, {j}] = {table[b, j]} with lengths[{b}] = {arr[b]}")
-  return jnp.asarray(page_table, jnp.int32), jnp.asarray(lengths, jnp.int32)
-
-
-def _check_queries(name, x, layout):
-  api._check_rank(name, x, 4, layout)
-  api._check_float(name, x)
-  t = x.shape[1]
-  if not 1 <= t <= MAX_DECODE_QUERIES:
-    raise ValueError(f"{name} must hold 1 to {MAX_DECODE_QUERIES} query tokens per sequence "
-                     f"(axis 1 of {layout}) for paged decode; got shape {api._shape(x)} "
-                     f"(use the contiguous msa_jax API for prefill)")
-
-
-def _positions(q_positions, lengths, batch, q_len):
-  if q_positions is None:
-    return reference.default_q_positions(q_len, lengths)
-  layout = f"[batch={batch}, q_len={q_len}]"
-  api._check_rank("q_positions", q_positions, 2, layout)
-  api._check_int("q_positions", q_positions, layout)
-  if api._shape(q_positions) != (batch, q_len):
-    raise ValueError(f"q_positions must have shape {layout}; got {api._shape(q_positions)}")
-  return jnp.asarray(q_positions, jnp.int32)
-
-
-def _check_index(q_idx, index_pages, block_size, groups=None, num_pages=None):
-  _check_queries("q_idx", q_idx, "[batch, q_len, groups, index_dim]")
-  _check_pages("index_pages", index_pages, 3, "[num_pages, page_size, index_dim]", block_size,
-               num_pages)
-  if index_pages.shape[2] != q_idx.shape[3]:
-    raise ValueError(f"index_pages must have index_dim {q_idx.shape[3]} (as q_idx): expected "
-                     f"[P, {block_size}, {q_idx.shape[3]}], got {api._shape(index_pages)}")
-  if q_idx.dtype != index_pages.dtype:
-    raise ValueError(f"q_idx and index_pages must share one dtype; got {q_idx.dtype} and "
-                     f"{index_pages.dtype}")
-  if groups is not None and q_idx.shape[2] != groups:
-    raise ValueError(f"q_idx must have one index head per KV group: expected {groups} groups "
-                     f"(k_pages has {groups} kv_heads), got q_idx shape {api._shape(q_idx)}")
-
-
-def _check_kv(q, k_pages, v_pages, block_size):
-  _check_queries("q", q, "[batch, q_len, q_heads, head_dim]")
-  _check_pages("k_pages", k_pages, 4, "[num_pages, page_size, kv_heads, head_dim]", block_size)
-  _check_pages("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]",
-               block_size, k_pages.shape[0])
-  hq, d = q.shape[2:]
-  if k_pages.shape[3] != d:
-    raise ValueError(f"k_pages must have head_dim {d} (as q); got shape {api._shape(k_pages)}")
-  if v_pages.shape[2] != k_pages.shape[2]:
-    raise ValueError(f"v_pages must have the kv_heads of k_pages ({k_pages.shape[2]}); got "
-                     f"shape {api._shape(v_pages)}")
-  g = k_pages.shape[2]
-  if g < 1 or hq % g:
-    raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads = groups G ({g}); "
-                     f"q {api._shape(q)}, k_pages {api._shape(k_pages)}")
-  if not q.dtype == k_pages.dtype == v_pages.dtype:
-    raise ValueError(f"q, k_pages, v_pages must share one dtype; got {q.dtype}, "
-                     f"{k_pages.dtype}, {v_pages.dtype}")
+MAX_DECODE_QUERIES = checks.MAX_DECODE_QUERIES
 
 
 # ----------------------------------------------------------------------------- index branch
@@ -164,14 +64,14 @@ def paged_index_topk(q_idx, index_pages, page_table, lengths, *, block_size=128,
     valid ids first in unspecified order, -1 padding. Equal as sets to ``msa_jax.index_topk``
     on the contiguous keys.
   """
-  block_size, topk = api._check_static(block_size, topk)
-  _check_index(q_idx, index_pages, block_size)
+  block_size, topk = checks.check_static(block_size, topk)
+  checks.check_paged_index(q_idx, index_pages, block_size)
   b, t = q_idx.shape[:2]
-  page_table, lengths = _check_table(page_table, lengths, b, block_size, index_pages.shape[0])
-  q_positions = _positions(q_positions, lengths, b, t)
-  impl = api._resolve_implementation(implementation, interpret)
+  page_table, lengths = checks.check_page_table(page_table, lengths, b, block_size, index_pages.shape[0])
+  q_positions = checks.resolve_q_positions(q_positions, lengths, b, t)
+  impl = checks.resolve_implementation(implementation, interpret)
   q_idx, index_pages = _score_inputs(q_idx, index_pages, score_dtype)
-  if api._empty(b):
+  if checks.is_empty(b):
     return jnp.full((0, t, q_idx.shape[2], topk), -1, jnp.int32)
   return _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions,
                            block_size=block_size, topk=topk, impl=impl, interpret=interpret)
@@ -181,7 +81,7 @@ def _score_inputs(q_idx, index_pages, score_dtype):
   """Index queries and pages as ``score_dtype`` scores them: FP8 rounds queries per token and
   pages per page (a page is a block), as ``msa_jax.index_topk`` rounds contiguous keys; the
   decode kernels then run on the rounded values, exact in their dtype."""
-  if api._check_score_dtype(score_dtype) is None:
+  if checks.check_score_dtype(score_dtype) is None:
     return q_idx, index_pages
   pages = reference.fp8_round_blocks(index_pages, index_pages.shape[1])
   return api.fp8_rounded(q_idx), pages.astype(index_pages.dtype)
@@ -231,15 +131,15 @@ def paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices,
     out [B, q, Hq, Dv] in q's dtype (and lse); padding queries get 0 (lse -inf). Only
     keys before ``lengths[b]`` are read into any output: stale page contents never leak.
   """
-  block_size, _ = api._check_static(block_size)
-  _check_kv(q, k_pages, v_pages, block_size)
+  block_size, _ = checks.check_static(block_size)
+  checks.check_paged_kv(q, k_pages, v_pages, block_size)
   b, t, _, d = q.shape
-  page_table, lengths = _check_table(page_table, lengths, b, block_size, k_pages.shape[0])
-  api._check_block_indices(block_indices, b, t, k_pages.shape[2], page_table.shape[1])
-  q_positions = _positions(q_positions, lengths, b, t)
-  scale = api._scale(scale, d)
-  impl = api._resolve_implementation(implementation, interpret)
-  if api._empty(b):
+  page_table, lengths = checks.check_page_table(page_table, lengths, b, block_size, k_pages.shape[0])
+  checks.check_block_indices(block_indices, b, t, k_pages.shape[2], page_table.shape[1])
+  q_positions = checks.resolve_q_positions(q_positions, lengths, b, t)
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  if checks.is_empty(b):
     out = jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
     lse = jnp.zeros((0, t, q.shape[2]), jnp.float32)
     return (out, lse) if return_lse else out
@@ -262,21 +162,21 @@ def paged_msa_decode(q, q_idx, k_pages, v_pages, index_pages, page_table, length
   out [B, q, Hq, Dv], then the int32 [B, q, G, topk] selection when ``return_indices`` and the
   float32 lse [B, q, Hq] when ``return_lse``.
   """
-  block_size, topk = api._check_static(block_size, topk)
-  _check_kv(q, k_pages, v_pages, block_size)
+  block_size, topk = checks.check_static(block_size, topk)
+  checks.check_paged_kv(q, k_pages, v_pages, block_size)
   b, t, _, d = q.shape
   if index_pages is None:
     raise ValueError("index_pages must be an array [num_pages, page_size, index_dim]; got "
                      "None (a cache without an index branch cannot run MSA)")
-  _check_index(q_idx, index_pages, block_size, k_pages.shape[2], k_pages.shape[0])
+  checks.check_paged_index(q_idx, index_pages, block_size, k_pages.shape[2], k_pages.shape[0])
   if q_idx.shape[:2] != (b, t):
     raise ValueError(f"q_idx must have [batch, q_len] = [{b}, {t}] (as q); got shape "
-                     f"{api._shape(q_idx)}")
-  page_table, lengths = _check_table(page_table, lengths, b, block_size, k_pages.shape[0])
-  q_positions = _positions(q_positions, lengths, b, t)
-  scale = api._scale(scale, d)
-  impl = api._resolve_implementation(implementation, interpret)
-  if api._empty(b):
+                     f"{checks.shape_of(q_idx)}")
+  page_table, lengths = checks.check_page_table(page_table, lengths, b, block_size, k_pages.shape[0])
+  q_positions = checks.resolve_q_positions(q_positions, lengths, b, t)
+  scale = checks.resolve_scale(scale, d)
+  impl = checks.resolve_implementation(implementation, interpret)
+  if checks.is_empty(b):
     ids = jnp.full((0, t, k_pages.shape[2], topk), -1, jnp.int32)
     out = jnp.zeros((0, t, q.shape[2], v_pages.shape[3]), q.dtype)
     lse = jnp.zeros((0, t, q.shape[2]), jnp.float32)

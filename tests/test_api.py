@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import msa_jax
-from msa_jax import api
+from msa_jax import checks
 from tests import cases as C
 
 B, T, S, HQ, G, D, DI, BS = 2, 8, 64, 8, 2, 16, 8, 16
@@ -134,9 +134,9 @@ def test_out_of_range_ids_under_jit_are_ignored():
 
 
 def test_default_implementation_on_cpu():
-  assert api._resolve_implementation(None, False) == "xla"
-  assert api._resolve_implementation(None, True) == "pallas_gpu"
-  assert api._resolve_implementation("pallas_tpu", False) == "pallas_tpu"
+  assert checks.resolve_implementation(None, False) == "xla"
+  assert checks.resolve_implementation(None, True) == "pallas_gpu"
+  assert checks.resolve_implementation("pallas_tpu", False) == "pallas_tpu"
 
 
 def test_defaults_match_explicit_arguments():
