@@ -19,6 +19,7 @@ import pytest
 import msa_jax
 from msa_jax import reference
 from msa_jax import schedule as sched
+from msa_jax.kernels.gpu import mosaic_common as common
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import tuning
 from tests import cases as C
@@ -27,7 +28,7 @@ try:
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
 except ImportError:  # a jax without the Mosaic GPU interpreter
   gpu_interpret = None
-InterpretGPUParams = mgpu.interpret_params_class()
+InterpretGPUParams = common.interpret_params_class()
 
 pytestmark = pytest.mark.skipif(
     (gpu_interpret is None or InterpretGPUParams is None) and jax.default_backend() != "gpu",

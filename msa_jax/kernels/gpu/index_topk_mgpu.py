@@ -57,10 +57,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax.kernels.gpu import index_topk
-from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
+from msa_jax.kernels.gpu import mosaic_common as common
 from msa_jax.kernels.gpu import tuning
 
-WGMMA_ROWS = 64  # rows of one compute warpgroup (one wgmma M)
+WGMMA_ROWS = common.WGMMA_ROWS  # rows of one compute warpgroup (one wgmma M)
 COMPUTE_WGS = 2
 CTA_ROWS = COMPUTE_WGS * WGMMA_ROWS
 MAX_TOPK = 16  # the running top-k takes 4 registers per entry and row pair
@@ -126,7 +126,7 @@ def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, i
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds((first + i) * bk, bk)], k_smem.at[slot],
                               loaded.at[slot])
 
-    mgpu.produce_ring(steps, stages, consumed, load)
+    common.produce_ring(steps, stages, consumed, load)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
@@ -259,8 +259,8 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   blocks_per_split = None if splits == 1 else -(-nb // splits)
   need = smem_bytes(num_stages=stages, index_dim=di, block_size=block_size, topk=topk,
                     itemsize=q_idx.dtype.itemsize, values=splits > 1)
-  if need > mgpu.SMEM_BYTES:
-    raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
+  if need > common.SMEM_BYTES:
+    raise ValueError(f"{need} bytes of shared memory > {common.SMEM_BYTES}: fewer stages")
   rows, rows_pad, q_rows, last, meta, k_idx = _geometry(q_idx, k_idx, q_positions, kv_lengths,
                                                         block_size)
   swizzle = 128
@@ -290,7 +290,7 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )
-  params = mgpu._interpret_params(interpret)
+  params = common.interpret_params(interpret)
   if params is not None:
     kernel_kwargs["interpret"] = params
   body = functools.partial(_kernel, stages=stages, block_size=block_size, topk=topk,

@@ -71,7 +71,7 @@ Validation on CPU, ``tests/test_sparse_mgpu.py``:
   tolerance), 8 and 16 heads per group, 1 and 2 compute warpgroups, uneven CTA chunks, and
   the API dispatch. Injected bugs were caught: releasing a slot before its wgmma read it
   (race, both versions), releasing it before the stores read it (race, 0.11.2).
-* Interpreter gaps filled by ``_install_interpreter_shims`` (interpret mode only): wgmma with
+* Interpreter gaps filled by ``interpreter_shims.install`` (interpret mode only): wgmma with
   an operand in registers (P) in both versions; on 0.10.2 also a ``transpose_ref`` operand
   (K^T), race checks of wgmma operand reads, and ``layout_cast`` on CPU (identity).
 * Lowering: ``jax.export(..., platforms=["cuda"])`` runs the whole Pallas -> Mosaic GPU
@@ -81,9 +81,7 @@ Validation on CPU, ``tests/test_sparse_mgpu.py``:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -92,12 +90,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax import schedule as sched
+from msa_jax.kernels.gpu import mosaic_common as common
 from msa_jax.kernels.gpu import tuning
 
-WGMMA_ROWS = 64  # rows of one warpgroup's wgmma tile (M)
-SMEM_BYTES = 227 * 1024  # Hopper: shared memory one CTA may use
-_LOG2E = math.log2(math.e)
-_NO_KEYS = -1e30  # floor for the row max, so rows without a visible key give p = 0, not NaN
+WGMMA_ROWS = common.WGMMA_ROWS
 
 
 def supports(q, k, v, block_size: int) -> bool:
@@ -127,19 +123,6 @@ def work_item_size(heads: int, tile_rows: int | None = None,
   cfg = tuning.config("sparse_mosaic", tile_rows=tile_rows, tiles_per_item=tiles_per_item)
   per_tile = _rows_per_tile(heads, cfg["tile_rows"])
   return per_tile, per_tile * cfg["tiles_per_item"]
-
-
-def _interpret_params(interpret):
-  """False/None -> compiled; True -> default GPU interpret params; else passed through."""
-  if interpret is False or interpret is None:
-    return None
-  _install_interpreter_shims()
-  if interpret is True:
-    params_cls = interpret_params_class()
-    if params_cls is None:
-      raise NotImplementedError("this jax has no Mosaic GPU interpret mode")
-    return params_cls()
-  return interpret
 
 
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
@@ -311,26 +294,14 @@ def _attend_tile(*, q_tile, k_tile, v_tile, lse_tile, limits, under_qk, heads, r
     return acc_ref[...]
 
   o = pl.run_scoped(pv, plgpu.ACC((rows, v_tile.shape[-1]), jnp.float32))
-  _stage_output(o, m, l, q_tile=q_tile, lse_tile=lse_tile, scale=scale, dtype=dtype)
-
-
-def _stage_output(o, m, l, *, q_tile, lse_tile, scale, dtype):
-  """Normalise O, stage it in the q tile (its q rows are dead) and the LSE in its buffer, and
-  make both visible to the TMA engine."""
-  has_keys = l != 0  # NaN (a visible NaN/Inf logit) is not "no keys"
-  l_safe = jnp.where(has_keys, l, 1.0)
-  o = o / lax.broadcast_in_dim(l_safe, o.shape, [0])
-  lse = jnp.where(has_keys, m * scale + jnp.log(l_safe), -jnp.inf)
-  q_tile[...] = o.astype(dtype)
-  lse_tile[...] = lse
-  plgpu.commit_smem()
+  common.stage_output(o, m, l, q_tile=q_tile, lse_tile=lse_tile, scale=scale, dtype=dtype)
 
 
 def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
   """(row max, row sum, P in ``dtype``) of the exact softmax of ``s`` over one block.
 
   Key c of the block is visible to lane p (rows ``p*heads ...``) iff c <= limits[p]. Base 2,
-  the scale folded into one multiply; the row max is floored at ``_NO_KEYS`` so a row without
+  the scale folded into one multiply; the row max is floored at ``common.NO_KEYS`` so a row without
   a visible key gives P = 0 and sum 0, not NaN."""
   def mask(s):
     row_ids = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
@@ -346,8 +317,8 @@ def _softmax(s, *, limits, heads, rows, block_size, scale, dtype):
   # Most items see their whole block: mask only where a lane needs it.
   needed = functools.reduce(jnp.minimum, limits) < block_size - 1
   s = lax.cond(needed, mask, lambda s: s, s)
-  c = scale * _LOG2E
-  m = jnp.maximum(s.max(axis=1), _NO_KEYS)
+  c = scale * common.LOG2E
+  m = jnp.maximum(s.max(axis=1), common.NO_KEYS)
   probs = jnp.exp2(s * c - lax.broadcast_in_dim(m * c, (rows, block_size), [0]))
   return m, probs.sum(axis=1), probs.astype(dtype)
 
@@ -424,10 +395,10 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
                      f"kv_stages >= 2")
   need = smem_bytes(stages=stages, compute_wgs=tiles_per_item, rows=rows, head_dim=d,
                     block_size=block_size, itemsize=q.dtype.itemsize, kv_stages=kv_stages)
-  if need > SMEM_BYTES:
-    raise ValueError(f"{need} bytes of shared memory > {SMEM_BYTES}: fewer rows or stages")
-  params = _interpret_params(interpret)
-  num_ctas = cfg["num_ctas"] or _num_sms()
+  if need > common.SMEM_BYTES:
+    raise ValueError(f"{need} bytes of shared memory > {common.SMEM_BYTES}: fewer rows or stages")
+  params = common.interpret_params(interpret)
+  num_ctas = cfg["num_ctas"] or common.num_sms()
   num_ctas = max(1, min(num_ctas, schedule.max_items))
   rows_out = topk * b * t * g
 
@@ -457,7 +428,7 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
       grid_names=("cta",),
       num_threads=nc + 1,
       thread_name="wg",
-      compiler_params=_compiler_params(),
+      compiler_params=common.compiler_params(),
   )
   if params is not None:
     kernel_kwargs["interpret"] = params
@@ -468,182 +439,3 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   partial_out = partial_out[:rows_out].reshape(topk, b, t, hq, dv)
   partial_lse = partial_lse[:rows_out].reshape(topk, b, t, hq)
   return partial_out, partial_lse
-
-
-def produce_ring(n, stages: int, consumed, load):
-  """The producer side of a ring of ``stages`` shared-memory slots (the union and index
-  kernels): for item i < n, wait until slot ``i % stages`` was released on ``consumed``
-  (from its second use on), then ``load(i, slot)``; at the end, wait out the last releases,
-  so no barrier phase goes unobserved."""
-  slot_of = lambda i: lax.rem(i, jnp.int32(stages))
-
-  @pl.loop(0, n)
-  def _(i):
-    @pl.when(i >= stages)
-    def _():
-      plgpu.barrier_wait(consumed.at[slot_of(i)])
-
-    load(i, slot_of(i))
-
-  @pl.loop(jnp.maximum(n - stages, 0), n)
-  def _(i):
-    plgpu.barrier_wait(consumed.at[slot_of(i)])
-
-
-def _compiler_params():
-  """approx_math, and no shared memory reserved for cross-warp reductions: the kernel's
-  reductions (softmax rows in the WGMMA layout) stay within a warp, and the 2 KB Mosaic
-  reserves by default is what a third q slot lacks at M3 shapes."""
-  params = dict(approx_math=True)
-  if "reduction_scratch_bytes" in {f.name for f in dataclasses.fields(plgpu.CompilerParams)}:
-    params["reduction_scratch_bytes"] = 0
-  return plgpu.CompilerParams(**params)
-
-
-def _num_sms() -> int:
-  device = jax.devices()[0]
-  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 2
-
-
-# ----------------------------------------------------------------------------- interpreter
-
-_SHIMS_INSTALLED = False
-
-
-def interpret_params_class():
-  """The Mosaic GPU interpret-params class of this jax (None if it has no GPU interpreter)."""
-  for name in ("InterpretGPUParams", "InterpretParams"):  # public in jax 0.11.2
-    if hasattr(plgpu, name):
-      return getattr(plgpu, name)
-  try:  # jax 0.10.2: private only
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  except ImportError:
-    return None
-  return InterpretGPUParams
-
-
-def _install_interpreter_shims():
-  """Let the Mosaic GPU interpreter run this kernel's wgmmas and layout hints.
-
-  Known interpreter gaps, filled here and nowhere else:
-    * wgmma with an operand held in registers (P of O = P V) crashes both jax 0.10.2's and
-      0.11.2's interpreter (they read every operand as a shared-memory buffer);
-    * jax 0.10.2 only: a ``transpose_ref`` wgmma operand (K^T) crashes it, wgmma operand
-      reads are not race-checked (added here, with the reading thread's vector clock, like a
-      load), and ``layout_cast`` (register layout hints, e.g. of ``plgpu.broadcasted_iota``)
-      has no CPU lowering (it becomes the identity).
-  The replacement only adds these cases; anything else goes to the interpreter's own code.
-  """
-  global _SHIMS_INSTALLED
-  if _SHIMS_INSTALLED:
-    return
-  _SHIMS_INSTALLED = True
-  try:
-    import inspect
-    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as gcb
-    params = inspect.signature(gcb.wgmma).parameters
-  except (ImportError, AttributeError, TypeError, ValueError):
-    return  # another interpreter layout: leave it alone
-  if "device_id" in params:
-    _install_shims_jax_0_10(gcb)
-  elif "mesh_location" in params:
-    _install_shims_jax_0_11(gcb)
-
-
-def _in_registers(key_or_value) -> bool:
-  import numpy as np
-  value = np.asarray(key_or_value)
-  return value.ndim != 1 or not np.issubdtype(value.dtype, np.integer)
-
-
-def _matmul_acc(acc, a, b):
-  import numpy as np
-  return acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(acc.dtype)
-
-
-def _install_shims_jax_0_11(gcb):
-  from jax._src.pallas.mosaic_gpu.interpret import shared_memory as memory
-  original = gcb.wgmma
-
-  def wgmma(*, token, mesh_location, thread, acc_allocation_key_as_array, acc_transforms,
-            a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
-            source_info=None):
-    if not _in_registers(a_allocation_key_as_array):
-      return original(token=token, mesh_location=mesh_location, thread=thread,
-                      acc_allocation_key_as_array=acc_allocation_key_as_array,
-                      acc_transforms=acc_transforms,
-                      a_allocation_key_as_array=a_allocation_key_as_array,
-                      a_transforms=a_transforms,
-                      b_allocation_key_as_array=b_allocation_key_as_array,
-                      b_transforms=b_transforms, source_info=source_info)
-    import numpy as np
-    mem = gcb._get_shared_memory()
-    info = memory.GPULoggingInfo(mesh_location, thread, source_info)
-
-    def read(key_as_array, transforms):
-      key = memory.HostAllocationKey.from_array(key_as_array)
-      access = mem.access(key, jax.tree.map(int, gcb._remove_noop_transforms(transforms)))
-      return key, access, mem.get_buffer_content(key, access, thread, logging_info=info)[0]
-
-    _, _, b = read(b_allocation_key_as_array, b_transforms)
-    acc_key, acc_access, acc = read(acc_allocation_key_as_array, acc_transforms)
-    res = _matmul_acc(acc, np.asarray(a_allocation_key_as_array), b)
-    mem.store_buffer_content(acc_key, acc_access, res, thread, logging_info=info)
-    return token
-
-  gcb.wgmma = gcb.fail_on_exception(wgmma) if hasattr(gcb, "fail_on_exception") else wgmma
-
-
-def _install_shims_jax_0_10(gcb):
-  import numpy as np
-  from jax._src.interpreters import mlir
-  from jax._src.pallas.mosaic.interpret import utils as iutils
-  from jax._src.pallas.mosaic_gpu import core as gpu_core
-  from jax._src.state import types as state_types
-
-  mlir.register_lowering(gpu_core.layout_cast_p, lambda ctx, x, **_: [x], platform="cpu")
-
-  def split(transforms):
-    index, perm = [], None
-    for tr in gcb._remove_noop_transforms(tuple(transforms)):
-      if isinstance(tr, state_types.TransposeTransform):
-        if perm is not None:
-          raise NotImplementedError("two transposes of one wgmma operand")
-        perm = tuple(tr.permutation)
-      elif perm is not None:
-        raise NotImplementedError("indexing after a transpose of a wgmma operand")
-      else:
-        index.append(tr)
-    return iutils.to_range(jax.tree.map(int, tuple(index))), perm
-
-  def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array,
-            acc_transforms, acc_dtype, a_allocation_key_as_array, a_transforms,
-            b_allocation_key_as_array, b_transforms, source_info=None):
-    device_id, thread_id = int(device_id), int(thread_id)
-    coords = tuple(int(x) for x in grid_point_coords)
-    mem = gcb._get_shared_memory()
-    tid = mem.get_global_thread_id(device_id, thread_id)
-    info = iutils.GPULoggingInfo(device_id=device_id, grid_point_coords=coords,
-                                 thread_id=thread_id, source_info=source_info)
-
-    def operand(key_or_value, transforms):
-      if _in_registers(key_or_value):
-        return np.asarray(key_or_value)
-      key = gcb.HostAllocationKey.from_array(key_or_value)
-      rng, perm = split(transforms)
-      data, _, clock = mem.get_buffer_content(key, rng, tid, logging_info=info)
-      if mem.detect_races:
-        gcb.get_races().check_read(device_id, thread_id, clock, key, rng,
-                                   source_info=source_info)
-      return data if perm is None else np.transpose(data, perm)
-
-    a = operand(a_allocation_key_as_array, a_transforms)
-    b = operand(b_allocation_key_as_array, b_transforms)
-    acc_key = gcb.HostAllocationKey.from_array(acc_allocation_key_as_array)
-    acc_range, _ = split(acc_transforms)
-    acc, _, _ = mem.get_buffer_content(acc_key, acc_range, tid, logging_info=info)
-    mem.store_buffer_content(acc_key, acc_range, _matmul_acc(acc.astype(acc_dtype), a, b), tid,
-                             logging_info=info)
-    return token
-
-  gcb.wgmma = wgmma

@@ -42,11 +42,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax import reference
+from msa_jax.kernels.gpu import mosaic_common as common
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import sparse_attention_union as union_common
 
 COMPUTE_WGS = 2
-ROWS = mgpu.WGMMA_ROWS  # rows of one compute warpgroup
+ROWS = common.WGMMA_ROWS  # rows of one compute warpgroup
 
 
 def supports(q, k, v, block_size: int) -> bool:
@@ -88,7 +89,7 @@ def _kernel(ids_ref, counts_ref, members_ref, last_ref, q_ref, k_ref, v_ref, o_r
       plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem.at[slot], loaded.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem.at[slot], loaded.at[slot])
 
-    mgpu.produce_ring(count, stages, consumed, load)
+    common.produce_ring(count, stages, consumed, load)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
@@ -100,7 +101,7 @@ def _kernel(ids_ref, counts_ref, members_ref, last_ref, q_ref, k_ref, v_ref, o_r
       plgpu.copy_gmem_to_smem(q_ref.at[q_rows[p]], q_smem.at[w, pl.ds(p * heads, heads)],
                               q_loaded.at[w])
     last = [last_ref[b, t0 + p] for p in range(lanes)]  # last visible key per query
-    c = scale * mgpu._LOG2E  # pylint: disable=protected-access
+    c = scale * common.LOG2E
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=row_layout)
     cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
@@ -146,11 +147,11 @@ def _kernel(ids_ref, counts_ref, members_ref, last_ref, q_ref, k_ref, v_ref, o_r
 
     dv = v_smem.shape[-1]
     init = (plgpu.layout_cast(jnp.zeros((ROWS, dv), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((ROWS,), mgpu._NO_KEYS, jnp.float32), row_layout),  # pylint: disable=protected-access
+            plgpu.layout_cast(jnp.full((ROWS,), common.NO_KEYS, jnp.float32), row_layout),
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout))
     acc, m, l = lax.fori_loop(0, count, step, init)
-    mgpu._stage_output(acc, m, l, q_tile=q_smem.at[w], lse_tile=lse_smem.at[w], scale=scale,  # pylint: disable=protected-access
-                       dtype=q_smem.dtype)
+    common.stage_output(acc, m, l, q_tile=q_smem.at[w], lse_tile=lse_smem.at[w], scale=scale,
+                        dtype=q_smem.dtype)
     for p in range(lanes):
       rows = pl.ds(p * heads, heads)
       plgpu.copy_smem_to_gmem(q_smem.at[w, rows], o_ref.at[q_rows[p]])
@@ -186,8 +187,8 @@ def sparse_attention(q, k, v, block_indices, valid, q_positions, kv_lengths, *, 
     raise ValueError(f"num_stages must be >= 2; got {num_stages}")
   need = smem_bytes(stages=num_stages, head_dim=d, block_size=block_size,
                     itemsize=q.dtype.itemsize)
-  if need > mgpu.SMEM_BYTES:
-    raise ValueError(f"{need} bytes of shared memory > {mgpu.SMEM_BYTES}: fewer stages")
+  if need > common.SMEM_BYTES:
+    raise ValueError(f"{need} bytes of shared memory > {common.SMEM_BYTES}: fewer stages")
   lanes = ROWS // heads
   per_tile = COMPUTE_WGS * lanes
   if unions is None:
@@ -222,9 +223,9 @@ def sparse_attention(q, k, v, block_indices, valid, q_positions, kv_lengths, *, 
       grid_names=("group", "tile", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=mgpu._compiler_params(),  # pylint: disable=protected-access
+      compiler_params=common.compiler_params(),
   )
-  params = mgpu._interpret_params(interpret)  # pylint: disable=protected-access
+  params = common.interpret_params(interpret)
   if params is not None:
     kernel_kwargs["interpret"] = params
   out, lse = plgpu.kernel(body, **kernel_kwargs)(
