@@ -42,7 +42,7 @@ def _mosaic_index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, top
   ``min_programs``. FP8: q's per-token scale never changes a row's order (dropped); each
   block's scale multiplies its block max."""
   from msa_jax.kernels.gpu import index_topk_mgpu as kernel
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   fp8 = score_dtype is not None
   if not (kernel.supports_fp8(q_idx, block_size, topk) if fp8 else
           kernel.supports(q_idx, k_idx, block_size, topk)):
@@ -67,7 +67,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
   selection = "scores"
   if impl == "pallas_gpu":
     from msa_jax.kernels.gpu import index_topk as kernel
-    from msa_jax.kernels.gpu import tuning
+    from msa_jax import tuning
     key = kernel.config_key(q_idx.shape[1])
     selection = tuning.config(key)["selection"]
     if selection == "mosaic":  # Hopper wgmma + TMA; other inputs take a Triton kernel
@@ -162,7 +162,7 @@ def gpu_sparse_kernel(q, k, v, block_size: int):
   """The GPU KV-outer kernel module for these inputs: the Mosaic GPU one where the card's
   tuning table picks it and it supports the shapes, else the Triton one."""
   from msa_jax.kernels.gpu import sparse_attention
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   if tuning.config("sparse")["kernel"] == "mosaic":  # Hopper TMA + wgmma, where it applies
     from msa_jax.kernels.gpu import sparse_attention_mgpu
     if sparse_attention_mgpu.supports(q, k, v, block_size):
@@ -195,7 +195,7 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
           q, as_pages(k), as_pages(v), None, block_indices, q_positions, kv_lengths,
           block_size=block_size, scale=scale, interpret=interpret)
     from msa_jax.kernels.gpu import sparse_attention_mgpu
-    from msa_jax.kernels.gpu import tuning
+    from msa_jax import tuning
     kernel = gpu_sparse_kernel(q, k, v, block_size)
     per_tile, per_item = kernel.work_item_size(
         hq // g, tile_rows=INTERPRET_TILE_ROWS if interpret else None)

@@ -19,7 +19,7 @@ import msa_jax
 from msa_jax import reference
 from msa_jax.kernels.gpu import smem
 from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 from tests import backward_checks as B
 from tests import cases as C
 
@@ -98,7 +98,7 @@ def test_queries_without_visible_keys():
 
 def test_production_tile_rows():
   """The default GPU tile (tuning table's tile_rows) rather than the small interpret tile."""
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   case = C.CASES["decode8"]
   x = C.make_inputs(case, jnp.float32, seed=24)
   ids = C.random_selection(case, x, seed=24, holes=True)

@@ -36,9 +36,10 @@ def test_benchmark_smoke(tmp_path):
   assert (tmp_path / "smoke.md").read_text().count("|") > 20
   assert (tmp_path / "smoke.png").stat().st_size > 1000
   assert "| N |" in proc.stdout  # the table is printed last
-  tuned = json.loads((tmp_path / "tuned_configs.json").read_text())
-  assert set(tuned["cpu"]) == {"index", "sparse", "index_decode"}
-  assert tuned["cpu"]["sparse"]["query_chunk"] in (None, 32)  # the sparse-path sweep
+  tuned = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "tuning" / "cpu").iterdir()}
+  assert set(tuned) == {"index", "sparse", "index_decode"}
+  assert tuned["sparse"]["config"]["query_chunk"] in (None, 32)  # the sparse-path sweep
+  assert tuned["index"]["device_kind"] == "cpu" and tuned["index"]["tuned_at"]["context"] > 0
   assert all(t["ms"] > 0 for t in result["tuning"]["index"]["trials"])
 
   # --merge: two invocations' results (say prefill and decode, run as two processes) as one.

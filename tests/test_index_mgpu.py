@@ -12,7 +12,7 @@ import pytest
 
 import msa_jax
 from msa_jax.kernels.gpu import index_topk_mgpu as kernel
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 from tests import cases as C
 from tests import oracle
 from tests.test_sparse_mgpu import gpu_interpret, interpreted, InterpretGPUParams

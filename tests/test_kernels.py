@@ -1,6 +1,7 @@
 """Pallas kernels (interpret mode) against reference.py, on the edge cases of docs/msa.md §8."""
 
 import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from msa_jax import api
 from msa_jax import reference
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import index_topk as gpu_index
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 from tests import cases as C
 from tests import oracle
 
@@ -39,7 +40,7 @@ INDEX_VARIANTS = {
 @contextlib.contextmanager
 def index_override(**params):
   """Index-kernel parameters for prefill and decode shapes alike."""
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   with tuning.override("index", **params), tuning.override("index_decode", **params):
     yield
 
@@ -48,7 +49,6 @@ def index_override(**params):
 @pytest.mark.parametrize("name", C.KERNEL_CASES)
 @pytest.mark.parametrize("variant", list(INDEX_VARIANTS))
 def test_index_topk_kernel(variant, name, dtype):
-  from msa_jax.kernels.gpu import tuning
   impl, params = INDEX_VARIANTS[variant]
   case = C.CASES[name]
   x = C.make_inputs(case, dtype, seed=11)
@@ -321,7 +321,7 @@ def test_gpu_decode_uses_query_outer_kernel(monkeypatch):
 
 def test_gpu_kernel_several_items_per_program(monkeypatch):
   """The KV-outer GPU kernel looping over several work items per program (padded tail)."""
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   monkeypatch.setitem(tuning.DEFAULTS, "sparse", dict(tuning.DEFAULTS["sparse"],
                                                       items_per_program=3))
   case = C.CASES["prefill_padding"]
@@ -334,21 +334,24 @@ def test_gpu_kernel_several_items_per_program(monkeypatch):
 
 
 def test_tuning_table_lookup(monkeypatch, tmp_path):
-  import json
-  from msa_jax.kernels.gpu import tuning
-  path = tmp_path / "table.json"
-  path.write_text(json.dumps({"cpu": {"index": {"block_rows": 32}}}))
-  monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
-  tuning._table.cache_clear()
+  from msa_jax import tuning
+  assert tuning.card_dir("NVIDIA H200") == "nvidia_h200"
+  assert tuning._card_table("NVIDIA H200")["sparse"]["kernel"] in ("mosaic", "triton")  # shipped
+  monkeypatch.setattr(tuning, "DATA_DIR", str(tmp_path))
+  tuning._card_table.cache_clear()
   try:
-    assert tuning.config("index")["block_rows"] == 32  # from the table
+    paths = tuning.save("cpu", {"index": {"block_rows": 32}}, data_dir=str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [os.path.join("cpu", "index.json")]
+    assert tuning.config("index")["block_rows"] == 32  # from the card's data
     with tuning.override("index", block_rows=8):
-      assert tuning.config("index")["block_rows"] == 8  # a scoped override beats the table
+      assert tuning.config("index")["block_rows"] == 8  # a scoped override beats the data
       assert tuning.config("index", block_rows=16)["block_rows"] == 16  # explicit wins
     assert tuning.config("index")["block_rows"] == 32
-    assert tuning.config("sparse") == tuning.DEFAULTS["sparse"]  # not in the table
+    assert tuning.config("sparse") == tuning.DEFAULTS["sparse"]  # not in the data
+    with pytest.raises(ValueError, match="unknown tuning section"):
+      tuning.save("cpu", {"indx": {}}, data_dir=str(tmp_path))
   finally:
-    tuning._table.cache_clear()
+    tuning._card_table.cache_clear()
 
 
 @pytest.mark.parametrize("selection,blocks_per_tile", [("tile", 1), ("tile", 4),

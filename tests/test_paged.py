@@ -18,7 +18,7 @@ from msa_jax import paged
 from msa_jax import reference
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import paged_index_topk as gpu_paged_index
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 from tests import cases as C
 from tests import oracle
 

@@ -21,7 +21,7 @@ from msa_jax import reference
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import mosaic_common as common
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 from tests import cases as C
 
 try:

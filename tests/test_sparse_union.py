@@ -141,7 +141,7 @@ def test_api_chooses_union_or_kv_outer_by_mean_union(monkeypatch, union_max):
   import msa_jax
   from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
   from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES["prefill_gqa16"]
   inputs = C.make_inputs(case, jnp.bfloat16, seed=6)
@@ -214,7 +214,7 @@ def test_api_per_tile_mix_matches_oracle():
   """The Mosaic union and KV-outer kernels in one call (``union_mix``), on a selection whose
   tiles alternate shared and scattered blocks: every query matches the oracle."""
   import msa_jax
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES["prefill_gqa16"]  # 8-query tiles, 4 blocks
   inputs = C.make_inputs(case, jnp.bfloat16, seed=7)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import msa_jax
 from msa_jax import workloads
 from models.cli import benchmark as bench
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 
 def main(argv=None):

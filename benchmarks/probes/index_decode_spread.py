@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 import msa_jax
 from models.cli import benchmark as bench
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 
 def main(argv=None):

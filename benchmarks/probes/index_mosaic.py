@@ -24,7 +24,7 @@ from models.cli import benchmark as bench
 from msa_jax import reference, workloads
 from msa_jax.kernels.gpu import index_topk as triton_kernel
 from msa_jax.kernels.gpu import index_topk_mgpu as mosaic_kernel
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import msa_jax  # noqa: E402
 from msa_jax.kernels.gpu import sparse_attention_bwd as bwd  # noqa: E402
-from msa_jax.kernels.gpu import tuning  # noqa: E402
+from msa_jax import tuning  # noqa: E402
 from models import grouped_matmul as gm  # noqa: E402
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -101,7 +101,7 @@ def cases():
     qi = jax.ShapeDtypeStruct((1, t, 4, di), jnp.dtype(dtype))
     ki = jax.ShapeDtypeStruct((1, 4096, di), jnp.dtype(dtype))
     for selection in ("scores", "tile") + (("fused",) if t > 1 else ()):
-      section = tuning.DECODE_QUERIES >= t and "index_decode" or "index"
+      section = msa_jax.MAX_DECODE_QUERIES >= t and "index_decode" or "index"
 
       def index(qi, ki, selection=selection, section=section):
         with tuning.override(section, selection=selection):

@@ -26,7 +26,7 @@ from msa_jax import reference, workloads
 from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
 from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
 from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 
 def main(argv=None):

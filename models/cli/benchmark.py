@@ -280,7 +280,7 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
   from msa_jax import api
   from msa_jax import reference
   from msa_jax import schedule as sched
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   pos, kvl = pos_len
   piece = tuning.config("sparse").get("query_chunk") or q_c.shape[1]
   start = (q_c.shape[1] - 1) // piece * piece
@@ -524,15 +524,15 @@ def tune(w: Workload, args, interpret):
   """Sweep the GPU kernels' launch parameters on one representative prefill chunk.
 
   The chunk is the last ``--tune-chunk`` queries of an ``--tune-context``-token prefill. The
-  fastest configuration of each kernel goes into ``msa_jax/kernels/gpu/tuned_configs.json``
-  under this card's name (and into the output directory).
+  fastest configuration of each kernel goes into this card's tuning data
+  (``msa_jax/tuning/data/<card>/``, and a copy under the output directory).
   """
   import itertools
   from msa_jax import api
   from msa_jax import reference
   from msa_jax import schedule as sched
   from msa_jax.kernels.gpu import sparse_attention as sparse_kernel
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
 
   dtype = jnp.dtype(w.dtype)
   n, c = args.tune_context, min(args.tune_chunk, args.tune_context)
@@ -590,6 +590,7 @@ def tune(w: Workload, args, interpret):
 
   # Decode: one query per sequence against a long cache (batch 1: the launch-bound case).
   nd = args.tune_decode_context
+  shape = {"context": n, "chunk": c, "decode_context": nd}
   q_idx_d = _random(keys[3], (1, 1, w.groups, w.index_dim), dtype)
   k_idx_d = _random(keys[4], (1, nd, w.index_dim), dtype)
 
@@ -700,14 +701,14 @@ def tune(w: Workload, args, interpret):
     if ok and kernel == "sparse_path":  # a key of the "sparse" entry
       best["sparse"] = dict(best.get("sparse") or tuning.config("sparse"),
                             **min(ok, key=lambda t: t["ms"])["config"])
-      _store_tuned(best, args)
+      _store_tuned(best, args, shape)
     elif ok:
       best[kernel] = dict(tuning.DEFAULTS[kernel], **min(ok, key=lambda t: t["ms"])["config"])
       if kernel == "sparse":
         best.update(_sparse_best(ok))
-      _store_tuned(best, args)  # after each kernel: a sweep cut short keeps what it found
+      _store_tuned(best, args, shape)  # after each kernel: a cut sweep keeps its finds
     report[kernel] = {"trials": trials, "best": best.get(kernel)}
-  report["shape"] = {"context": n, "chunk": c, "decode_context": nd}
+  report["shape"] = shape
   return report
 
 
@@ -718,7 +719,7 @@ MOSAIC_ONLY = ("kv_stages", "q_stages")
 def _sparse_best(ok):
   """The "sparse" entry (Triton's best launch parameters, "kernel" = the faster kernel) and
   the "sparse_mosaic" entry (the Mosaic kernel's best tiles), from the timed sparse trials."""
-  from msa_jax.kernels.gpu import tuning
+  from msa_jax import tuning
   fastest = lambda trials: min(trials, key=lambda t: t["ms"])["config"]
   winner = fastest(ok).get("kernel", "triton")
   triton = [t for t in ok if t["config"].get("kernel", "triton") == "triton"]
@@ -738,21 +739,13 @@ def _sparse_best(ok):
   return best
 
 
-def _store_tuned(best, args):
-  """Merge ``best`` into this card's entry of the tuning table (and a copy in --output-dir)."""
-  from msa_jax.kernels.gpu import tuning
-  table_path = tuning.TABLE_PATH if not args.smoke else os.path.join(args.output_dir,
-                                                                     "tuned_configs.json")
-  try:
-    with open(table_path) as f:
-      table = json.load(f)
-  except FileNotFoundError:
-    table = {}
-  table.setdefault(tuning.device_kind(), {}).update(best)
-  for path in {table_path, os.path.join(args.output_dir, "tuned_configs.json")}:
-    with open(path, "w") as f:
-      json.dump(table, f, indent=1, sort_keys=True)
-  tuning._table.cache_clear()
+def _store_tuned(best, args, shape):
+  """Write ``best`` as this card's tuning data (``msa_jax/tuning/data/<card>/``; under
+  ``--output-dir``/tuning with ``--smoke``), and a copy under ``--output-dir``/tuning."""
+  from msa_jax import tuning
+  copy = os.path.join(args.output_dir, "tuning")
+  for data_dir in ([copy] if args.smoke else [tuning.DATA_DIR, copy]):
+    tuning.save(tuning.device_kind(), best, data_dir=data_dir, tuned_at=shape)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -925,7 +918,7 @@ def main(argv=None):
                       help="time budget of the timed dense calls (slow ones are timed once)")
   parser.add_argument("--tune", action="store_true",
                       help="first sweep the GPU kernels' launch parameters and store the best "
-                           "for this card in msa_jax/kernels/gpu/tuned_configs.json")
+                           "as this card's data in msa_jax/tuning/data/<card>/")
   parser.add_argument("--tune-grid", default=None,
                       help='JSON: sweep only these kernels over these values, e.g. '
                            '\'{"sparse": {"kernel": ["triton", "mosaic"], "tile_rows": [64]}}\' '

@@ -30,12 +30,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from msa_jax.kernels.gpu import tuning
+from msa_jax import checks
+from msa_jax import tuning
 
 
 def config_key(q_len: int) -> str:
   """The tuning table's section for ``q_len`` queries per sequence (decode or prefill)."""
-  return "index_decode" if q_len <= tuning.DECODE_QUERIES else "index"
+  return "index_decode" if q_len <= checks.MAX_DECODE_QUERIES else "index"
 
 
 def _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size, blocks_per_tile,

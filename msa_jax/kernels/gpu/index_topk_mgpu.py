@@ -58,7 +58,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax.kernels.gpu import index_topk
 from msa_jax.kernels.gpu import mosaic_common as common
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 WGMMA_ROWS = common.WGMMA_ROWS  # rows of one compute warpgroup (one wgmma M)
 COMPUTE_WGS = 2

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax.kernels.gpu import index_topk as contiguous
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 CONFIG = "index_decode"
 

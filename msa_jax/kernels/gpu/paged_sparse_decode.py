@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import schedule
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs

@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as pltr
 
 from msa_jax import schedule as sched
 from msa_jax.kernels import masking
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 
 def work_item_size(heads: int, tile_rows: int | None = None,

@@ -51,7 +51,7 @@ from jax.experimental.pallas import triton as pltr
 from msa_jax import reference
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import smem
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
 # Tile rows in interpret mode, as api.INTERPRET_TILE_ROWS (CPU cost grows with the row gathers).

@@ -91,7 +91,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import mosaic_common as common
-from msa_jax.kernels.gpu import tuning
+from msa_jax import tuning
 
 WGMMA_ROWS = common.WGMMA_ROWS
 

@@ -1,8 +1,10 @@
-"""Per-card launch parameters of the GPU kernels.
+"""Per-card launch parameters of the GPU kernels: tuning as data.
 
-Defaults below; ``tuned_configs.json`` beside this file holds the values chosen by
-``scripts/benchmark.py --tune`` for each card (keyed by ``device_kind``), so tuning is data,
-not code. Unknown cards (and CPU interpret runs) get the defaults.
+``DEFAULTS`` below, per kernel section; ``data/<card>/<section>.json`` holds the values that
+``scripts/benchmark.py --tune`` (``msa_jax.tuning.autotune``) chose on a card, ``<card>`` being
+the device kind in lower case with ``_`` for anything else (``NVIDIA H200`` ->
+``nvidia_h200``). Unknown cards (and CPU interpret runs) get the defaults. ``override``
+changes them for the kernels traced inside a block (sweeps, tests).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import contextlib
 import functools
 import json
 import os
+import re
 
 import jax
 
-DECODE_QUERIES = 16  # queries per sequence up to which "index_decode" applies
 
-TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 DEFAULTS = {
     # selection: where the top-k happens (index_topk.py): "scores" (XLA over the block-score
@@ -28,7 +30,8 @@ DEFAULTS = {
     # slots 133 ms).
     "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
               "selection": "scores", "mosaic_stages": 4, "mosaic_fp8_stages": 4},
-    # The same kernels for decode (at most DECODE_QUERIES queries per sequence): few rows, so
+    # The same kernels for decode (at most checks.MAX_DECODE_QUERIES queries per sequence):
+    # few rows, so
     # the grid comes from the key tiles and the best tile differs from prefill's.
     # min_programs: blocks_per_tile is halved (down to 1) until the grid has this many
     # programs, so a short cache still spreads over the GPU (compiled runs only). One per SM
@@ -69,13 +72,45 @@ DEFAULTS = {
 }
 
 
+def card_dir(kind: str) -> str:
+  """The data folder's name for a device kind: ``NVIDIA H200`` -> ``nvidia_h200``."""
+  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
+
+
 @functools.lru_cache(maxsize=None)
-def _table() -> dict:
-  try:
-    with open(TABLE_PATH) as f:
-      return json.load(f)
-  except FileNotFoundError:
+def _card_table(kind: str) -> dict:
+  """{section: parameters} stored for this device kind (empty if none)."""
+  folder = os.path.join(DATA_DIR, card_dir(kind))
+  if not os.path.isdir(folder):
     return {}
+  table = {}
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".json"):
+      with open(os.path.join(folder, name)) as f:
+        table[name[:-len(".json")]] = json.load(f)["config"]
+  return table
+
+
+def save(kind: str, sections: dict, data_dir: str = DATA_DIR, **meta) -> list[str]:
+  """Write ``{section: parameters}`` as this card's data (one file per section, replacing
+  those sections only; ``meta``, such as the shapes tuned at, is stored beside them).
+  Returns the paths written."""
+  folder = os.path.join(data_dir, card_dir(kind))
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for section, params in sections.items():
+    if section not in DEFAULTS:
+      raise ValueError(f"unknown tuning section {section!r}; known: {sorted(DEFAULTS)}")
+    path = os.path.join(folder, f"{section}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:  # then renamed: a crash leaves the old file whole
+      json.dump({"device_kind": kind, "config": params, **meta}, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+    paths.append(path)
+  if data_dir == DATA_DIR:
+    _card_table.cache_clear()
+  return paths
 
 
 def device_kind() -> str:
@@ -107,7 +142,7 @@ def override(kernel: str, /, **params):  # positional: "kernel" is also a key of
 def config(kernel: str, /, **explicit) -> dict:
   """Launch parameters of ``kernel``: defaults < this card's table < ``override`` < explicit."""
   params = dict(DEFAULTS[kernel])
-  params.update(_table().get(device_kind(), {}).get(kernel, {}))
+  params.update(_card_table(device_kind()).get(kernel, {}))
   params.update(_scoped.get(kernel, {}))
   params.update({k: v for k, v in explicit.items() if v is not None})
   return params
