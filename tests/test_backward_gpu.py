@@ -162,7 +162,7 @@ def test_indexer_kl_loss_unselected_keys_get_exact_zero():
 
 def _smem_records():
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "benchmarks", "smem_h200.jsonl")
+                      "benchmarks", "results", "nvidia_h200", "smem.jsonl")
   with open(path) as f:
     return [json.loads(line) for line in f]
 

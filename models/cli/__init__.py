@@ -61,6 +61,13 @@ def enable_compilation_cache(folder: str | None = None):
       os.environ[name.upper()] = str(value)
 
 
+def results_dir(*parts: str) -> str:
+  """``benchmarks/results/<card>/<parts>``: where a benchmark's results go by default
+  (``<card>`` as in ``msa_jax.tuning.card_dir``: ``nvidia_h200``, ``cpu``)."""
+  from msa_jax import tuning
+  return os.path.join("benchmarks", "results", tuning.card_dir(tuning.device_kind()), *parts)
+
+
 def commit() -> str:
   """The commit results are recorded at: ``$MSA_COMMIT`` if set (a copied tree whose .git is
   stale), else ``git rev-parse --short HEAD`` of this checkout, else ``"unknown"``."""

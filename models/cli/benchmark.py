@@ -957,9 +957,11 @@ def main(argv=None):
                       help="instead of timing: merge the results of several invocations "
                            "(e.g. prefill and decode run as two processes under a per-call "
                            "time limit, each with its baselines) into one JSON/MD/PNG")
-  parser.add_argument("--output-dir", default="benchmarks", help="where the JSON/MD/PNG go")
-  parser.add_argument("--tag", default=None, help="file name stem (default: card name)")
+  parser.add_argument("--output-dir", default=None,
+                      help="where the JSON/MD/PNG go (default: benchmarks/results/<card>)")
+  parser.add_argument("--tag", default=None, help="file name stem (default: kernels)")
   args = parser.parse_args(argv)
+  args.output_dir = args.output_dir or cli.results_dir()
   if args.merge:
     merge(args.merge, args.output_dir, args.tag or "merged")
     return
@@ -989,8 +991,7 @@ def main(argv=None):
   os.makedirs(args.output_dir, exist_ok=True)
   if args.tune:
     result["tuning"] = tune(workload, args, interpret)
-  tag = args.tag or ("smoke" if args.smoke else
-                     meta["device"].lower().replace(" ", "_").replace("nvidia_", ""))
+  tag = args.tag or ("smoke" if args.smoke else "kernels")
   stem = os.path.join(args.output_dir, tag)
 
   def save():  # after every row: nothing is lost if a later size fails

@@ -499,13 +499,14 @@ def main(argv=None):
   parser.add_argument("--skip-decode", action="store_true", help="no decode rows")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                       help="parameter and activation dtype")
-  parser.add_argument("--output-dir", default="benchmarks/model",
-                      help="where <tag>.json/.md/.png go")
+  parser.add_argument("--output-dir", default=None,
+                      help="where <tag>.json/.md/.png go (default: benchmarks/results/<card>/model)")
   parser.add_argument("--tag", default=None, help="file name stem (default: model_<commit>)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes on any backend (tests the script; numbers mean "
                            "nothing)")
   args = parser.parse_args(argv)
+  args.output_dir = args.output_dir or cli.results_dir("model")
   if args.smoke:
     args.configs = ["tiny"]
     args.prefill_sizes = [96, 160]

@@ -28,7 +28,7 @@ def dkv_bytes(rows: int, d: int, dv: int, block_size: int, itemsize: int) -> int
 
   Triton stages the operands of its four dots: q and dO twice (``rows x (D + Dv)`` each way),
   K and V once, one ``rows x Bk`` probability tile, plus a few float32 values per row. Fitted
-  to the requests XLA reported on an H200 (``benchmarks/smem_h200.jsonl``; exact to within a
+  to the requests XLA reported on an H200 (``benchmarks/results/nvidia_h200/smem.jsonl``; exact to within a
   few bytes per row, never below).
   """
   return itemsize * (2 * rows * (d + dv) + block_size * (d + dv) + rows * block_size) + 9 * rows

@@ -5,7 +5,7 @@
 # prompts as one batch; the served run takes all REQUESTS prompts as a queue over MAX_BATCH
 # rows of a paged cache (later requests admitted as earlier ones leave). Prints both runs'
 # last lines and the served/static decode tokens/s ratio. Usage:
-#   benchmarks/serve_vs_static.sh OUT_DIR
+#   benchmarks/recipes/serve_vs_static.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: serve_vs_static.sh OUT_DIR}
 mkdir -p "$out"

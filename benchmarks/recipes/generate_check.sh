@@ -5,7 +5,7 @@
 # GPU kernels), 2 GPUs tensor-parallel, 2 GPUs expert-parallel (when 2 GPUs are present), and
 # the CPU xla path. SERVE_BATCH=N adds a continuous-batching run on 1 GPU (the prompts as a
 # queue of requests over N rows of a paged cache of SERVE_PAGES pages; its tokens must equal the
-# static batch's). Usage: benchmarks/generate_check.sh OUT_DIR
+# static batch's). Usage: benchmarks/recipes/generate_check.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: generate_check.sh OUT_DIR}
 mkdir -p "$out"

@@ -1,10 +1,10 @@
-"""Summarise a benchmarks/finetune_demo.sh run: a markdown table and one PNG of the curves.
+"""Summarise a benchmarks/recipes/finetune_demo.sh run: a markdown table and one PNG of the curves.
 
 Reads RUNS_DIR/<stage>/metrics.jsonl (training loss and periodic retrieval accuracy of every
 stage, in order) and RUNS_DIR/eval_*.json (scripts/evaluate.py on the same held-out examples),
 writes RUNS_DIR/demo.md and RUNS_DIR/demo.png, and prints the table.
 
-Usage: python3 benchmarks/finetune_demo_report.py RUNS_DIR [--dense-target 0.95]
+Usage: python3 benchmarks/recipes/finetune_demo_report.py RUNS_DIR [--dense-target 0.95]
        [--recall-target 0.9]
 """
 
@@ -129,7 +129,7 @@ def plot(runs: str, path: str):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("runs", help="the RUNS_DIR of benchmarks/finetune_demo.sh")
+  p.add_argument("runs", help="the RUNS_DIR of benchmarks/recipes/finetune_demo.sh")
   p.add_argument("--dense-target", type=float, default=0.95)
   p.add_argument("--recall-target", type=float, default=0.9)
   args = p.parse_args(argv)

@@ -22,7 +22,7 @@
 # Every stage is resumable (Orbax checkpoints in its folder): rerun the same command and
 # finished stages are skipped, an interrupted one continues (--resume). STAGE_MINUTES bounds
 # each invocation of a stage, so a piece of work fits a short GPU lease.
-# Usage: benchmarks/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A1, STEPS_A2, STEPS_B,
+# Usage: benchmarks/recipes/finetune_demo.sh RUNS_DIR   (env: STAGE_MINUTES, STEPS_A1, STEPS_A2, STEPS_B,
 #        STEPS_C, STEPS_D, EVAL_EXAMPLES, EXTRA: extra flags for every finetune.py call, STOP_AFTER: a
 #        stage name to stop after, e.g. b_dense_8k for the dense model alone)
 set -uo pipefail
