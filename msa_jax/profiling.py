@@ -1,4 +1,5 @@
-"""Where device time goes: per-kernel totals from a ``jax.profiler`` trace.
+"""Where device time goes: wall-clock timing of blocking calls (``timed``) and per-kernel
+totals from a ``jax.profiler`` trace.
 
 ``kernel_table`` reads the Perfetto trace that ``jax.profiler.trace(dir,
 create_perfetto_trace=True)`` writes and sums the device time of every kernel by name, so the
@@ -14,6 +15,32 @@ import glob
 import gzip
 import json
 import os
+import statistics
+import time
+
+import jax
+
+
+def timed(fn, *, iters: int, budget_s: float):
+  """Median wall time (ms) of ``fn()`` (which must block), after one warm-up call.
+
+  Runs at most ``iters`` timed calls and fewer when one call is slow, so that the timed calls
+  take about ``budget_s``; always at least one.
+  """
+  fn()
+  times = []
+  while len(times) < iters:
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+    if sum(times) > budget_s:
+      break
+  return statistics.median(times) * 1e3, len(times)
+
+
+def block(x):
+  """``x`` once the device has computed it."""
+  return jax.block_until_ready(x)
 
 
 def kernel_table(trace_dir: str, calls: int, top: int = 30, device: str = "GPU") -> list[dict]:

@@ -25,10 +25,30 @@ share nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from msa_jax import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """The attention geometry a benchmark or sweep runs at (MiniMax-M3's by default)."""
+  q_heads: int = 64
+  groups: int = 4
+  head_dim: int = 128
+  index_dim: int = 128
+  block_size: int = 128
+  topk: int = 16
+  dtype: str = "bfloat16"
+  index_score_dtype: str | None = None  # msa_jax.index_topk's score_dtype
+
+
+M3 = Workload()
+SMOKE = Workload(q_heads=16, groups=1, head_dim=32, index_dim=16, block_size=16, topk=4,
+                 dtype="float32")
 
 
 def structured_index_inputs(key, batch: int, length: int, groups: int, dim: int, *,

@@ -28,9 +28,7 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,48 +36,17 @@ import numpy as np
 
 from models import cli
 import msa_jax
+from msa_jax import profiling
 from msa_jax import workloads
 
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-  q_heads: int = 64
-  groups: int = 4
-  head_dim: int = 128
-  index_dim: int = 128
-  block_size: int = 128
-  topk: int = 16
-  dtype: str = "bfloat16"
-  index_score_dtype: str | None = None  # msa_jax.index_topk's score_dtype
-
-
-M3 = Workload()
-SMOKE = Workload(q_heads=16, groups=1, head_dim=32, index_dim=16, block_size=16, topk=4,
-                 dtype="float32")
+Workload, M3, SMOKE = workloads.Workload, workloads.M3, workloads.SMOKE
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def timed(fn, *, iters: int, budget_s: float):
-  """Median wall time (ms) of ``fn()`` (which must block), after one warm-up call.
-
-  Runs at most ``iters`` timed calls and fewer when one call is slow, so that the timed calls
-  take about ``budget_s``; always at least one.
-  """
-  fn()
-  times = []
-  while len(times) < iters:
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-    if sum(times) > budget_s:
-      break
-  return statistics.median(times) * 1e3, len(times)
-
-
-def block(x):
-  return jax.block_until_ready(x)
+timed, block = profiling.timed, profiling.block
 
 
 def in_loop(fn, steps: int):
@@ -521,222 +488,26 @@ def paged_decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret):
 
 
 def tune(w: Workload, args, interpret):
-  """Sweep the GPU kernels' launch parameters on one representative prefill chunk.
-
-  The chunk is the last ``--tune-chunk`` queries of an ``--tune-context``-token prefill. The
-  fastest configuration of each kernel goes into this card's tuning data
-  (``msa_jax/tuning/data/<card>/``, and a copy under the output directory).
-  """
-  import itertools
-  from msa_jax import api
-  from msa_jax import reference
-  from msa_jax import schedule as sched
-  from msa_jax.kernels.gpu import sparse_attention as sparse_kernel
-  from msa_jax import tuning
-
-  dtype = jnp.dtype(w.dtype)
-  n, c = args.tune_context, min(args.tune_chunk, args.tune_context)
-  keys = jax.random.split(jax.random.PRNGKey(0), 5)
-  q = _random(keys[0], (1, c, w.q_heads, w.head_dim), dtype)
-  k = _random(keys[1], (1, n, w.groups, w.head_dim), dtype)
-  v = _random(keys[2], (1, n, w.groups, w.head_dim), dtype)
-  q_idx = _random(keys[3], (1, c, w.groups, w.index_dim), dtype)
-  k_idx = _random(keys[4], (1, n, w.index_dim), dtype)
-  pos = (n - c + jnp.arange(c, dtype=jnp.int32))[None]
-  kvl = jnp.array([n], jnp.int32)
-  grids = {
-      # selection "mosaic" (index_topk_mgpu.py) reads only mosaic_stages; the others only
-      # the Triton keys.
-      "index": dict(selection=["scores", "tile", "fused", "mosaic"], block_rows=[64, 128],
-                    blocks_per_tile=[16, 32, 64], num_warps=[4, 8], num_stages=[2],
-                    mosaic_stages=[2, 3, 4]),
-      # kernel: Triton or Mosaic GPU (sparse_attention_mgpu.py: tile_rows per compute
-      # warpgroup, tiles_per_item = compute warpgroups; the other keys are Triton's only).
-      "sparse": dict(kernel=["triton", "mosaic"], tile_rows=[32, 64, 128], tiles_per_item=[1, 2],
-                     items_per_program=[1, 4], num_warps=[4, 8],
-                     num_stages=[3]),  # kv_stages, q_stages: through --tune-grid
-      "index_decode": dict(selection=["scores", "tile", "mosaic"], blocks_per_tile=[16, 32, 64],
-                           num_stages=[2, 4]),
-      # The whole sparse path (schedule, kernel, combine) on the last --tune-path-chunk
-      # queries, run in pieces of query_chunk queries (after "sparse": its best kernel).
-      "sparse_path": dict(query_chunk=[None, 32768, 16384, 8192, 4096]),
-  }
-  if args.tune_grid:  # only the named kernels, over the given values
-    grids = {name: {key: list(vals) for key, vals in grid.items()}
-             for name, grid in json.loads(args.tune_grid).items()}
-    unknown = set(grids) - {"index", "sparse", "index_decode", "sparse_path"}
-    if unknown:
-      raise SystemExit(f"--tune-grid: unknown kernels {sorted(unknown)}")
+  """``msa_jax.tuning.autotune.tune`` on the last ``--tune-chunk`` queries of a
+  ``--tune-context``-token prefill (``--tune-grid``: only these sweeps); the winners become
+  this card's tuning data (``msa_jax/tuning/data/<card>/``, and a copy under the output
+  directory)."""
+  from msa_jax.tuning import autotune
+  grids = None
+  if args.tune_grid:
+    try:
+      grids = autotune.check_grids(json.loads(args.tune_grid))
+    except ValueError as e:
+      raise SystemExit(f"--tune-grid: {e}") from None
   elif args.smoke:
-    grids = {"index": dict(selection=["scores", "tile", "fused"], block_rows=[16, 32],
-                           blocks_per_tile=[4]),
-             "sparse": dict(tiles_per_item=[1, 2], items_per_program=[1, 2]),
-             "index_decode": dict(selection=["scores", "tile"]),
-             "sparse_path": dict(query_chunk=[None, 32])}
-  ids = msa_jax.index_topk(q_idx, k_idx, block_size=w.block_size, topk=w.topk,
-                           q_positions=pos, kv_lengths=kvl, implementation="pallas_gpu",
-                           interpret=interpret)
-  nb = reference.cdiv(n, w.block_size)
-  valid = reference.valid_block_mask(ids, nb)
-  build = jax.jit(sched.build_schedule, static_argnums=(3, 4))
-
-  def index_runner(cfg):  # the whole selection, compiled once per configuration, then timed
-    f = jax.jit(lambda a, b: msa_jax.index_topk(
-        a, b, block_size=w.block_size, topk=w.topk, q_positions=pos, kv_lengths=kvl,
-        implementation="pallas_gpu", interpret=interpret))
-    with tuning.override("index", **cfg):
-      block(f(q_idx, k_idx))
-    return lambda: block(f(q_idx, k_idx))
-
-  # Decode: one query per sequence against a long cache (batch 1: the launch-bound case).
-  nd = args.tune_decode_context
-  shape = {"context": n, "chunk": c, "decode_context": nd}
-  q_idx_d = _random(keys[3], (1, 1, w.groups, w.index_dim), dtype)
-  k_idx_d = _random(keys[4], (1, nd, w.index_dim), dtype)
-
-  def decode_runner(cfg):
-    f = jax.jit(lambda a, b: msa_jax.index_topk(
-        a, b, block_size=w.block_size, topk=w.topk, implementation="pallas_gpu",
-        interpret=interpret))
-    with tuning.override("index_decode", **cfg):
-      block(f(q_idx_d, k_idx_d))
-    return lambda: block(f(q_idx_d, k_idx_d))
-
-  def sparse_partials(cfg):  # (jitted partials function, schedule) for one configuration
-    cfg = dict(cfg)
-    module = sparse_kernel
-    if cfg.pop("kernel", "triton") == "mosaic":
-      if interpret:
-        raise NotImplementedError("the Mosaic GPU kernel is not swept in interpret mode")
-      from msa_jax.kernels.gpu import sparse_attention_mgpu as module
-      for name in ("items_per_program", "num_warps", "num_stages"):  # Triton's only
-        cfg.pop(name, None)
-      if "q_stages" in cfg:  # the Mosaic kernel's q/O slots (its num_stages)
-        cfg["num_stages"] = cfg.pop("q_stages")
-    else:
-      for name in MOSAIC_ONLY:
-        cfg.pop(name, None)
-    tile_rows = api.INTERPRET_TILE_ROWS if interpret else cfg.pop("tile_rows", None)
-    cfg.pop("tile_rows", None)
-    per_tile, per_item = module.work_item_size(
-        w.q_heads // w.groups, tile_rows=tile_rows, tiles_per_item=cfg.pop("tiles_per_item"))
-    schedule = build(ids, valid, pos, nb, per_item)
-    f = jax.jit(lambda q, k, v, s: module.sparse_attention_partials(
-        q, k, v, s, kvl, block_size=w.block_size, scale=1 / math.sqrt(w.head_dim),
-        topk=w.topk, queries_per_tile=per_tile, tiles_per_item=per_item // per_tile,
-        interpret=interpret, **cfg))
-    return f, schedule
-
-  checked = {}
-
-  def combined_head(cfg):  # first queries' combined output and LSE: to compare kernels
-    f, schedule = sparse_partials(cfg)
-    p_out, p_lse = f(q, k, v, schedule)
-    m = min(c, 1024)
-    return sched.combine(p_out[:, :, :m], p_lse[:, :, :m], valid[:, :m], jnp.float32)
-
-  def sparse_runner(cfg):  # the kernel alone, on a schedule built for the item size
-    if cfg.get("kernel") == "mosaic":  # never pick a kernel that disagrees with Triton's
-      if "want" not in checked:
-        checked["want"] = combined_head({"tiles_per_item": 1})
-      (out, lse), (want_out, want_lse) = combined_head(cfg), checked["want"]
-      err = float(jnp.linalg.norm(out - want_out) / jnp.linalg.norm(want_out))
-      lse_err = float(jnp.max(jnp.where(jnp.isfinite(want_lse), jnp.abs(lse - want_lse), 0)))
-      if not (err <= 2e-2 and lse_err <= 1e-2):
-        raise ValueError(f"mosaic != triton: out rel. err {err:.2e}, LSE err {lse_err:.2e}")
-    f, schedule = sparse_partials(cfg)
-    f1 = jax.jit(lambda *a: f(*a)[1][0, 0, 0, 0])  # one element: no copy of the partials
-    return lambda: block(f1(q, k, v, schedule))
-
-  def redundant(kernel, cfg, grid):  # a key the kernel ignores: time it once, not per value
-    if kernel == "sparse":
-      ignored = (("items_per_program", "num_warps", "num_stages")
-                 if cfg.get("kernel") == "mosaic" else MOSAIC_ONLY)
-    elif kernel in ("index", "index_decode"):
-      ignored = (("block_rows", "blocks_per_tile", "num_warps", "num_stages")
-                 if cfg.get("selection") == "mosaic" else ("mosaic_stages",))
-    else:
-      return False
-    return any(n in cfg and cfg[n] != grid[n][0] for n in ignored)
-
-  # The sparse path on a longer chunk: the query pieces only matter for long query ranges.
-  path_inputs = {}
-
-  def path_runner(cfg):
-    if not path_inputs:
-      cp = min(args.tune_path_chunk, n)
-      pos_p = (n - cp + jnp.arange(cp, dtype=jnp.int32))[None]
-      q_idx_p = _random(keys[3], (1, cp, w.groups, w.index_dim), dtype)
-      path_inputs.update(q=_random(keys[0], (1, cp, w.q_heads, w.head_dim), dtype), pos=pos_p,
-                         ids=msa_jax.index_topk(q_idx_p, k_idx, block_size=w.block_size,
-                                                topk=w.topk, q_positions=pos_p,
-                                                kv_lengths=kvl, implementation="pallas_gpu",
-                                                interpret=interpret))
-    x = path_inputs
-    f = jax.jit(lambda q, k, v, ids: msa_jax.sparse_attention(
-        q, k, v, ids, q_positions=x["pos"], kv_lengths=kvl, block_size=w.block_size,
-        implementation="pallas_gpu", interpret=interpret))
-    with tuning.override("sparse", **cfg):  # traced (and compiled) with these pieces
-      block(f(x["q"], k, v, x["ids"]))
-    return lambda: block(f(x["q"], k, v, x["ids"]))
-
-  runners = {"index": index_runner, "sparse": sparse_runner, "index_decode": decode_runner,
-             "sparse_path": path_runner}
-  report, best = {}, {}
-  for kernel, grid in grids.items():
-    trials = []
-    for values in itertools.product(*grid.values()):
-      cfg = dict(zip(grid.keys(), values))
-      if redundant(kernel, cfg, grid):
-        continue
-      try:
-        ms, _ = timed(runners[kernel](cfg), iters=args.iters, budget_s=1)
-      except Exception as e:  # a config the compiler rejects (e.g. shared memory)
-        trials.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
-        print(json.dumps({"kernel": kernel, **trials[-1]}), flush=True)
-        continue
-      trials.append({"config": cfg, "ms": ms})
-      print(json.dumps({"kernel": kernel, **trials[-1]}), flush=True)
-    ok = [t for t in trials if "ms" in t]
-    if ok and kernel == "sparse_path":  # a key of the "sparse" entry
-      best["sparse"] = dict(best.get("sparse") or tuning.config("sparse"),
-                            **min(ok, key=lambda t: t["ms"])["config"])
-      _store_tuned(best, args, shape)
-    elif ok:
-      best[kernel] = dict(tuning.DEFAULTS[kernel], **min(ok, key=lambda t: t["ms"])["config"])
-      if kernel == "sparse":
-        best.update(_sparse_best(ok))
-      _store_tuned(best, args, shape)  # after each kernel: a cut sweep keeps its finds
-    report[kernel] = {"trials": trials, "best": best.get(kernel)}
-  report["shape"] = shape
-  return report
-
-
-# Keys of the "sparse" tuning grid that only the Mosaic GPU kernel reads.
-MOSAIC_ONLY = ("kv_stages", "q_stages")
-
-
-def _sparse_best(ok):
-  """The "sparse" entry (Triton's best launch parameters, "kernel" = the faster kernel) and
-  the "sparse_mosaic" entry (the Mosaic kernel's best tiles), from the timed sparse trials."""
-  from msa_jax import tuning
-  fastest = lambda trials: min(trials, key=lambda t: t["ms"])["config"]
-  winner = fastest(ok).get("kernel", "triton")
-  triton = [t for t in ok if t["config"].get("kernel", "triton") == "triton"]
-  mosaic = [t for t in ok if t["config"].get("kernel") == "mosaic"]
-  # Without Triton trials (a --tune-grid of the Mosaic kernel alone) its table entry stays.
-  launch = ({k: v for k, v in fastest(triton).items() if k not in MOSAIC_ONLY} if triton
-            else tuning.config("sparse"))
-  best = {"sparse": dict(tuning.DEFAULTS["sparse"], **launch)}
-  best["sparse"]["kernel"] = winner
-  if mosaic:
-    cfg = fastest(mosaic)
-    best["sparse_mosaic"] = dict(tuning.DEFAULTS["sparse_mosaic"], tile_rows=cfg["tile_rows"],
-                                 tiles_per_item=cfg["tiles_per_item"],
-                                 **{k: cfg[k] for k in MOSAIC_ONLY if k in cfg})
-    if "q_stages" in best["sparse_mosaic"]:
-      best["sparse_mosaic"]["num_stages"] = best["sparse_mosaic"].pop("q_stages")
-  return best
+    grids = autotune.SMOKE_GRIDS
+  shape = {"context": args.tune_context, "chunk": min(args.tune_chunk, args.tune_context),
+           "decode_context": args.tune_decode_context}
+  return autotune.tune(w, context=args.tune_context, chunk=args.tune_chunk,
+                       decode_context=args.tune_decode_context,
+                       path_chunk=args.tune_path_chunk, grids=grids, iters=args.iters,
+                       interpret=interpret, on_best=lambda best: _store_tuned(best, args, shape),
+                       log=lambda line: print(line, flush=True))
 
 
 def _store_tuned(best, args, shape):
