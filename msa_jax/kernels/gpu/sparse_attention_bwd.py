@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import reference
+from msa_jax.kernels import backward
 from msa_jax import schedule as sched
 from msa_jax.kernels.gpu import smem
 from msa_jax import tuning
@@ -314,28 +315,15 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
                          d_lse=None, *, block_size, scale, interpret=False, queries_per_item=None,
                          tiles_per_item=None, num_warps=None, num_stages=None,
                          dq_num_warps=None, dq_num_stages=None, reduce_num_warps=None):
-  """Gradients of ``reference.sparse_attention``'s output with respect to q, k, v.
+  """Gradients of ``reference.sparse_attention``'s output with respect to q, k, v (arguments
+  and returns: ``kernels/backward.py``).
 
-  Args:
-    q: [B, T, Hq, D]; k: [B, S, G, D]; v: [B, S, G, Dv] (S need not be a multiple of
-      ``block_size``); one float dtype.
-    block_indices: int32 [B, T, G, topk] as given to the forward (-1 = none; repeated ids
-      count once; out-of-range ids are ignored).
-    q_positions: int32 [B, T]; kv_lengths: int32 [B].
-    out: [B, T, Hq, Dv] the forward's output; lse: float32 [B, T, Hq] its log-sum-exp
-      (-inf for queries without a visible key).
-    d_out: [B, T, Hq, Dv] cotangent of ``out``.
-    d_lse: optional float [B, T, Hq] cotangent of ``lse`` (d lse / d s = p, so it folds into
-      Delta: ``ds = p * (d_out.v - (Delta - d_lse))``).
-    block_size, scale: as in the forward.
+  GPU-only arguments:
     interpret: run the kernels in Pallas interpret mode.
     queries_per_item: query positions per KV-outer tile (rows = this x Hq/G); default
       ``tile_rows // (Hq/G)`` of the tuning table (``INTERPRET_TILE_ROWS`` in interpret mode).
     tiles_per_item, num_warps, num_stages, dq_num_warps, dq_num_stages, reduce_num_warps:
-      launch parameters; None takes the per-card table (``tuning.py``, section "sparse_bwd").
-
-  Returns:
-    (dq [B, T, Hq, D], dk [B, S, G, D], dv [B, S, G, Dv]) in the dtypes of q, k, v.
+      launch parameters; None takes the per-card table (``msa_jax.tuning``, "sparse_bwd").
   """
   cfg = tuning.config("sparse_bwd", tiles_per_item=tiles_per_item, num_warps=num_warps,
                       num_stages=num_stages, dq_num_warps=dq_num_warps,
@@ -355,18 +343,9 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
   pad = nb * block_size - s_len
   kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
   vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  block_indices = jnp.asarray(block_indices, jnp.int32)
-  valid = reference.valid_block_mask(block_indices, nb)
-  q_positions = jnp.asarray(q_positions, jnp.int32)
-  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-  lse = lse.astype(jnp.float32)
-  # No visible key: lse = -inf; +inf makes p = exp(s - lse) = 0 instead of inf.
-  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse.astype(jnp.float32)
-  d_out = d_out.astype(q.dtype)
-  args = (q, kp, vp, d_out, lse, delta, block_indices, valid, q_positions, kv_lengths)
+  x = backward.prepare(q, block_indices, q_positions, kv_lengths, out, lse, d_out, d_lse, nb)
+  args = (q, kp, vp, x.d_out, x.lse, x.delta, x.block_indices, x.valid, x.q_positions,
+          x.kv_lengths)
   dq = _dq(*args, block_size=block_size, scale=scale, cfg=cfg, interpret=interpret)
   dk, dv = _dkv(*args, block_size=block_size, scale=scale, queries_per_item=queries_per_item,
                 tiles_per_item=cfg["tiles_per_item"], cfg=cfg, interpret=interpret)

@@ -64,6 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from msa_jax import reference
+from msa_jax.kernels import backward
 from msa_jax import schedule as sched
 
 # Rows of one dK/dV tile (query positions x heads of the group): 8 x 16 at M3 shapes, the
@@ -343,26 +344,13 @@ def _dkv(q, k_t, v_t, d_out, lse, delta, block_indices, valid, q_positions, kv_l
 def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, lse, d_out,
                          d_lse=None, *, block_size, scale, interpret=False,
                          queries_per_item=None):
-  """Gradients of ``reference.sparse_attention``'s output with respect to q, k, v.
+  """Gradients of ``reference.sparse_attention``'s output with respect to q, k, v (arguments
+  and returns: ``kernels/backward.py``).
 
-  Args:
-    q: [B, T, Hq, D]; k: [B, S, G, D]; v: [B, S, G, Dv] (S need not be a multiple of
-      ``block_size``); one float dtype.
-    block_indices: int32 [B, T, G, topk] as given to the forward (-1 = none; repeated ids
-      count once; out-of-range ids are ignored).
-    q_positions: int32 [B, T]; kv_lengths: int32 [B].
-    out: [B, T, Hq, Dv] the forward's output; lse: float32 [B, T, Hq] its log-sum-exp
-      (-inf for queries without a visible key).
-    d_out: [B, T, Hq, Dv] cotangent of ``out``.
-    d_lse: optional float [B, T, Hq] cotangent of ``lse`` (d lse / d s = p, so it folds into
-      Delta: ``ds = p * (d_out.v - (Delta - d_lse))``).
-    block_size, scale: as in the forward.
+  TPU-only arguments:
     interpret: False, True, or ``pltpu.InterpretParams`` (the Mosaic-TPU simulator).
     queries_per_item: query positions per dK/dV tile (rows = this x Hq/G); default
       ``TILE_ROWS // (Hq/G)`` (``INTERPRET_TILE_ROWS`` in interpret mode).
-
-  Returns:
-    (dq [B, T, Hq, D], dk [B, S, G, D], dv [B, S, G, Dv]) in the dtypes of q, k, v.
 
   Raises:
     ValueError: on inconsistent shapes, or (compiling for a TPU) tiles Mosaic cannot lay out.
@@ -401,25 +389,15 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
   # Head-major K/V: one (batch, group, block) is a contiguous [Bk, D] tile.
   k_t = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   v_t = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  block_indices = jnp.asarray(block_indices, jnp.int32)
-  valid = reference.valid_block_mask(block_indices, nb)
-  q_positions = jnp.asarray(q_positions, jnp.int32)
-  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-  lse = lse.astype(jnp.float32)
-  # No visible key: lse = -inf; +inf makes p = exp(s - lse) = 0 instead of inf.
-  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse.astype(jnp.float32)
-  d_out = d_out.astype(q.dtype)
+  x = backward.prepare(q, block_indices, q_positions, kv_lengths, out, lse, d_out, d_lse, nb)
   # Key j is visible to a query iff j <= min(position, kv_len - 1) (docs/msa.md §2).
-  last_key = jnp.minimum(q_positions, kv_lengths[:, None] - 1)
+  last_key = jnp.minimum(x.q_positions, x.kv_lengths[:, None] - 1)
 
-  stats = jnp.stack([lse.reshape(b, t, g, heads), delta.reshape(b, t, g, heads)], axis=-2)
-  dq = _dq(q, k_t, v_t, d_out, stats, block_indices, valid, last_key, block_size=block_size,
-           scale=scale, interpret=interpret)
-  dk_t, dv_t = _dkv(q, k_t, v_t, d_out, lse, delta, block_indices, valid, q_positions,
-                    kv_lengths, block_size=block_size, scale=scale,
+  stats = jnp.stack([x.lse.reshape(b, t, g, heads), x.delta.reshape(b, t, g, heads)], axis=-2)
+  dq = _dq(q, k_t, v_t, x.d_out, stats, x.block_indices, x.valid, last_key,
+           block_size=block_size, scale=scale, interpret=interpret)
+  dk_t, dv_t = _dkv(q, k_t, v_t, x.d_out, x.lse, x.delta, x.block_indices, x.valid,
+                    x.q_positions, x.kv_lengths, block_size=block_size, scale=scale,
                     queries_per_item=queries_per_item, interpret=interpret)
   dk = dk_t.transpose(0, 2, 1, 3)[:, :s_len]
   dv = dv_t.transpose(0, 2, 1, 3)[:, :s_len]
