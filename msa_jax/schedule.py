@@ -34,6 +34,13 @@ ITEM_BATCH, ITEM_GROUP, ITEM_BLOCK, ITEM_START, ITEM_COUNT = range(5)
 ITEM_FIELDS = 5
 
 
+def read_item(items_ref, i):
+  """(batch, group, block, first entry, number of entries) of work item ``i``, read inside a
+  kernel from the flattened ``items`` (``[max_items * ITEM_FIELDS]`` scalars)."""
+  base = i * ITEM_FIELDS
+  return tuple(items_ref[base + f] for f in range(ITEM_FIELDS))
+
+
 class Schedule(NamedTuple):
   """KV-outer work list. All int32.
 

@@ -64,12 +64,7 @@ def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref, k_r
 def _attend_item(i, items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref, k_ref,
                  v_ref, o_ref, lse_ref, *, queries_per_tile, tiles_per_item, block_size,
                  **params):
-  base = i * sched.ITEM_FIELDS
-  b = items_ref[base + sched.ITEM_BATCH]
-  g = items_ref[base + sched.ITEM_GROUP]
-  blk = items_ref[base + sched.ITEM_BLOCK]
-  start = items_ref[base + sched.ITEM_START]
-  count = items_ref[base + sched.ITEM_COUNT]
+  b, g, blk, start, count = sched.read_item(items_ref, i)
 
   @pl.when(count > 0)
   def _():

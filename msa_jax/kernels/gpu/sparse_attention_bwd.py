@@ -195,12 +195,7 @@ def _dq(q, k, v, d_out, lse, delta, block_indices, valid, q_positions, kv_length
 def _dkv_kernel(items_ref, q_rows_ref, pos_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref,
                 lse_ref, delta_ref, dk_ref, dv_ref, *, queries_per_item, heads, block_size,
                 scale):
-  base = pl.program_id(0) * sched.ITEM_FIELDS
-  b = items_ref[base + sched.ITEM_BATCH]
-  g = items_ref[base + sched.ITEM_GROUP]
-  blk = items_ref[base + sched.ITEM_BLOCK]
-  start = items_ref[base + sched.ITEM_START]
-  count = items_ref[base + sched.ITEM_COUNT]
+  b, g, blk, start, count = sched.read_item(items_ref, pl.program_id(0))
 
   # Items past the schedule's end (count 0) write nothing: the reduce never reads them.
   @pl.when(count > 0)

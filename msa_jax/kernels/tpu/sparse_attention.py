@@ -30,11 +30,7 @@ def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref,  # scalar 
             q_tile, o_tile, lse_tile, q_sems, o_sems, lse_sems,  # scratch
             *, queries_per_item, heads, block_size, scale):
   i = pl.program_id(0)
-  base = i * sched.ITEM_FIELDS
-  b = items_ref[base + sched.ITEM_BATCH]
-  blk = items_ref[base + sched.ITEM_BLOCK]
-  start = items_ref[base + sched.ITEM_START]
-  count = items_ref[base + sched.ITEM_COUNT]
+  b, _, blk, start, count = sched.read_item(items_ref, i)
 
   def for_live_lanes(body):
     for r in range(queries_per_item):
@@ -103,9 +99,8 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   v = v.transpose(0, 2, 1, 3)
 
   def kv_index(i, items, *_):
-    base = i * sched.ITEM_FIELDS
-    return (items[base + sched.ITEM_BATCH], items[base + sched.ITEM_GROUP],
-            items[base + sched.ITEM_BLOCK], 0)
+    b, g, blk, _, _ = sched.read_item(items, i)
+    return b, g, blk, 0
 
   kernel = functools.partial(_kernel, queries_per_item=queries_per_item, heads=heads,
                              block_size=block_size, scale=scale)
