@@ -29,8 +29,7 @@ def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref,  # scalar 
             o_hbm, lse_hbm,  # outputs (HBM, written by DMA)
             q_tile, o_tile, lse_tile, q_sems, o_sems, lse_sems,  # scratch
             *, queries_per_item, heads, block_size, scale):
-  i = pl.program_id(0)
-  b, _, blk, start, count = sched.read_item(items_ref, i)
+  b, _, blk, start, count = sched.read_item(items_ref, pl.program_id(0))
 
   def for_live_lanes(body):
     for r in range(queries_per_item):
