@@ -109,7 +109,7 @@ class Attention(nnx.Module):
 
   def paged(self, h, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
             implementation="xla", interpret=False):
-    """As ``__call__`` on paged caches (``cache_lib.PagedCache``'s per-layer pages and shared
+    """As ``__call__`` on paged caches (``cache_lib.PagedModelCache``'s per-layer pages and shared
     page table). Decode steps (at most ``msa_jax.MAX_DECODE_QUERIES`` new tokens per
     sequence) read the pages in place: MSA layers only the selected ones
     (``msa_jax.paged_msa_decode``), full-attention layers all of the sequence's

@@ -33,13 +33,18 @@ class Cache(NamedTuple):
 
 def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
   """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
-  kv = lambda: jnp.zeros((batch, max_len, config.num_kv_heads, config.head_dim), dtype)
-  return Cache(
-      k=tuple(kv() for _ in range(config.num_layers)),
-      v=tuple(kv() for _ in range(config.num_layers)),
-      index_k=tuple(jnp.zeros((batch, max_len, config.index_head_dim), dtype) if sparse
-                    else None for sparse in config.sparse_layers),
-      lengths=jnp.zeros((batch,), jnp.int32))
+  return Cache(*_layer_buffers(config, (batch, max_len), dtype),
+               lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def _layer_buffers(config, lead: tuple[int, int], dtype):
+  """Zeroed (k, v, index_k) per layer, each ``[*lead, ...]`` (index_k None in full-attention
+  layers): ``lead`` is (batch, max_len) for a contiguous cache, (num_pages, Bk) for pages."""
+  kv = lambda: jnp.zeros((*lead, config.num_kv_heads, config.head_dim), dtype)
+  return (tuple(kv() for _ in range(config.num_layers)),
+          tuple(kv() for _ in range(config.num_layers)),
+          tuple(jnp.zeros((*lead, config.index_head_dim), dtype) if sparse else None
+                for sparse in config.sparse_layers))
 
 
 def new_positions(lengths: jax.Array, q_len: int, num_new: jax.Array | None) -> jax.Array:
@@ -59,7 +64,7 @@ def write(buffer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
   return buffer.at[rows, cols].set(new.astype(buffer.dtype), mode="drop")
 
 
-class PagedCache(NamedTuple):
+class PagedModelCache(NamedTuple):
   """The caches of all layers in pages of ``Bk`` tokens (``msa_jax.paged`` layout, for serving).
 
   Per layer ``k``/``v`` pages ``[num_pages, Bk, G, D]`` and, for MSA layers, index-key pages
@@ -84,14 +89,9 @@ class PagedCache(NamedTuple):
 
 
 def init_paged_cache(config, *, num_pages: int, batch: int, max_pages: int,
-                     dtype=jnp.float32) -> PagedCache:
+                     dtype=jnp.float32) -> PagedModelCache:
   """Empty paged caches (all pages zero, page table -1) for ``batch`` rows."""
-  bk = config.index_block_size
-  kv = lambda: jnp.zeros((num_pages, bk, config.num_kv_heads, config.head_dim), dtype)
-  return PagedCache(
-      k=tuple(kv() for _ in range(config.num_layers)),
-      v=tuple(kv() for _ in range(config.num_layers)),
-      index_k=tuple(jnp.zeros((num_pages, bk, config.index_head_dim), dtype) if sparse
-                    else None for sparse in config.sparse_layers),
+  return PagedModelCache(
+      *_layer_buffers(config, (num_pages, config.index_block_size), dtype),
       page_table=jnp.full((batch, max_pages), -1, jnp.int32),
       lengths=jnp.zeros((batch,), jnp.int32))

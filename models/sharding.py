@@ -136,7 +136,7 @@ def cache_shardings(cache, mesh, rules: Mapping = RULES):
 
 
 def paged_cache_shardings(cache, mesh, rules: Mapping = RULES):
-  """NamedShardings for a ``models.PagedCache``: KV pages' heads over tensor, the rest
+  """NamedShardings for a ``models.cache.PagedModelCache``: KV pages' heads over tensor, the rest
   replicated (pages are shared by all batch rows, so nothing is split over data)."""
 
   one = functools.partial(_sharding_of, mesh=mesh, rules=rules)

@@ -92,11 +92,11 @@ class MiniMaxM3(nnx.Module):
     self.lm_head = Linear(c.hidden_size, c.vocab_size, axes=("embed", "vocab"), rngs=rngs,
                           param_dtype=param_dtype)
 
-  def __call__(self, tokens: jax.Array, cache: cache_lib.Cache | cache_lib.PagedCache,
+  def __call__(self, tokens: jax.Array, cache: cache_lib.Cache | cache_lib.PagedModelCache,
                num_new: jax.Array | None = None, *, last_only: bool = False):
     """Run ``tokens [B, T]`` after what ``cache`` holds (prefill, a chunk or decode steps).
 
-    ``cache`` is contiguous (``cache_lib.Cache``) or paged (``cache_lib.PagedCache``, whose
+    ``cache`` is contiguous (``cache_lib.Cache``) or paged (``cache_lib.PagedModelCache``, whose
     page table must already hold pages for the new tokens). ``num_new [B]`` (optional) says
     how many of the T tokens are real per sequence (ragged batches; the rest are padding and
     leave the cache untouched; 0 leaves a row alone). Returns
@@ -109,7 +109,7 @@ class MiniMaxM3(nnx.Module):
     kv_lengths = (cache.lengths + added).astype(jnp.int32)
     x = self.embed_tokens[...][tokens].astype(self.dtype)
     x = sharding.constrain(x, ("batch", "seq", "embed_act"))
-    paged = isinstance(cache, cache_lib.PagedCache)
+    paged = isinstance(cache, cache_lib.PagedModelCache)
     kw = dict(implementation=self.implementation, interpret=self.interpret)
     ks, vs, iks = [], [], []
     for layer, k_c, v_c, i_c in zip(self.layers, cache.k, cache.v, cache.index_k):
