@@ -42,6 +42,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter,
     return super()._get_help_string(action)
 
 
+def console_command(main, *, compilation_cache: bool = False):
+  """``run()`` of a command module: ``main()`` with its exit status for the shell (the
+  console script ``msa-<name>``, ``python -m models.cli.<name>``, ``scripts/<name>.py``);
+  ``compilation_cache``: reruns skip most compilation."""
+  def run():
+    if compilation_cache:
+      enable_compilation_cache()
+    sys.exit(main())
+  return run
+
+
 def enable_compilation_cache(folder: str | None = None):
   """Keep compiled programs on disk between runs (JAX's persistent compilation cache): a
   script's second run skips most of its compilation. ``folder`` defaults to

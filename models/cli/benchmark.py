@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -819,10 +818,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-benchmark`` (also ``python -m models.cli.benchmark`` and
-  ``scripts/benchmark.py``): ``main()`` with its exit status for the shell."""
-  sys.exit(main())
+run = cli.console_command(main)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 import traceback
 
@@ -562,10 +561,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-benchmark-model`` (also ``python -m models.cli.benchmark_model`` and
-  ``scripts/benchmark_model.py``): ``main()`` with its exit status for the shell."""
-  sys.exit(main())
+run = cli.console_command(main)
 
 
 if __name__ == "__main__":

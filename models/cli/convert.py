@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 
 from models import cli
 
@@ -68,10 +67,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-convert`` (also ``python -m models.cli.convert`` and
-  ``scripts/convert.py``): ``main()`` with its exit status for the shell."""
-  sys.exit(main())
+run = cli.console_command(main)
 
 
 if __name__ == "__main__":

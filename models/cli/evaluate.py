@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from models import cli
 from models import data as data_lib
@@ -205,11 +204,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-evaluate`` (also ``python -m models.cli.evaluate`` and
-  ``scripts/evaluate.py``): ``main()`` with its exit status for the shell."""
-  cli.enable_compilation_cache()  # reruns skip most compilation
-  sys.exit(main())
+run = cli.console_command(main, compilation_cache=True)
 
 
 if __name__ == "__main__":

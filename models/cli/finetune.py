@@ -546,11 +546,7 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   return 0
 
 
-def run():
-  """The console command ``msa-finetune`` (also ``python -m models.cli.finetune`` and
-  ``scripts/finetune.py``): ``main()`` with its exit status for the shell."""
-  cli.enable_compilation_cache()  # reruns skip most compilation
-  sys.exit(main())
+run = cli.console_command(main, compilation_cache=True)
 
 
 if __name__ == "__main__":

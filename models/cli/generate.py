@@ -441,10 +441,7 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
   return 0
 
 
-def run():
-  """The console command ``msa-generate`` (also ``python -m models.cli.generate`` and
-  ``scripts/generate.py``): ``main()`` with its exit status for the shell."""
-  sys.exit(main(compilation_cache=True))
+run = cli.console_command(lambda: main(compilation_cache=True))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import datetime
 import json
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 
@@ -200,10 +199,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-gpu-check`` (also ``python -m models.cli.gpu_check`` and
-  ``scripts/gpu_check.py``): ``main()`` with its exit status for the shell."""
-  sys.exit(main())
+run = cli.console_command(main)
 
 
 if __name__ == "__main__":

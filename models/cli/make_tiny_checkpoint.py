@@ -11,7 +11,6 @@ Example:  python3 scripts/make_tiny_checkpoint.py --output-dir /tmp/tiny-m3 --mx
 from __future__ import annotations
 
 import argparse
-import sys
 
 from models import cli
 
@@ -35,11 +34,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-make-tiny-checkpoint`` (also ``python -m
-  models.cli.make_tiny_checkpoint`` and ``scripts/make_tiny_checkpoint.py``): ``main()`` with
-  its exit status for the shell."""
-  sys.exit(main())
+run = cli.console_command(main)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 import jax
@@ -81,10 +80,7 @@ def main(argv=None):
   return 0
 
 
-def run():
-  """The console command ``msa-profile-step`` (also ``python -m models.cli.profile_step`` and
-  ``scripts/profile_step.py``): ``main()`` with its exit status for the shell."""
-  sys.exit(main())
+run = cli.console_command(main)
 
 
 if __name__ == "__main__":
