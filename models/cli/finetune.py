@@ -346,18 +346,57 @@ def main(argv=None, *, on_step=None):
 
 
 def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
+  """Build or restore the run, train to ``--steps`` (or a stop), save, summarise."""
   log_path = os.path.join(out_dir, "metrics.jsonl")
   args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  dtype, param_dtype = jnp.dtype(args.dtype), jnp.dtype(args.param_dtype)
   resume_step = ckpts.latest_step()
   if resume_step is not None and not args.resume:
     raise SystemExit(f"{out_dir} already holds checkpoints (step {resume_step}): pass --resume "
                      "to continue, or choose a new --output-dir")
+  config, model, tokenizer_dirs = _build_model(args, out_dir, resume=resume_step is not None)
+  training.save_json(os.path.join(out_dir, "config.json"), config_lib.to_hf_config(config))
+  source = eval_cli.make_source(args, config.vocab_size, tokenizer_dirs)
+  train_config, trainer = _build_trainer(args, model, mesh)
+  data_settings = {k: getattr(args, k) for k in DATA_KEYS}
+  state = _initial_state(args, ckpts, trainer, out_dir, log_path, data_settings,
+                         resume=resume_step is not None)
+  resumed = resume_step is not None
+  trainer.parts.release()  # the state holds the parameters now
+  del model
+  training.save_json(os.path.join(out_dir, "args.json"), vars(args))
+
+  def meta(step):
+    return {"step": step, "examples_seen": step * args.batch_size,
+            "data_settings": data_settings, "data": source.describe(),
+            "train_config": dataclasses.asdict(train_config)}
+
+  step, state = _loop(args, trainer, train_config, state, source, ckpts, meta, mesh, out_dir,
+                      log_path, on_step, t_begin, resumed)
+  finished = step >= args.steps
+  if finished:
+    model = trainer.model(state)
+    model_dir = os.path.join(out_dir, "model")
+    if os.path.isdir(model_dir):
+      shutil.rmtree(model_dir)
+    checkpoint_lib.save_orbax(model, model_dir)
+  plot_curves(log_path, os.path.join(out_dir, "curves.png"), args.dense_warmup_steps)
+  records = [r for r in read_jsonl(log_path) if "loss" in r]
+  summary = {"step": step, "finished": finished, "output_dir": out_dir}
+  if records:
+    summary.update({k: records[-1][k] for k in ("loss", "lm_loss", "kl")})
+  print(json.dumps(summary))
+  if not finished:
+    print(f"stopped at step {step} of {args.steps}: rerun with --resume to continue")
+  return 0
+
+
+def _build_model(args, out_dir, *, resume):
+  """(config, model, folders to look for a tokenizer in): the run's own config when resuming,
+  else --init-from's weights or --config, with the command line's model overrides."""
   tokenizer_dirs = [out_dir]
   try:
-    if resume_step is not None:  # the run's own config; --init-from is not read again
-      config = config_lib.from_hf_config(out_dir)
-      init_params = None
+    if resume:  # the run's own config; --init-from is not read again
+      config, init_params = config_lib.from_hf_config(out_dir), None
     elif args.init_from:
       config, init_params = training.load_params(args.init_from)
       config = training.override_config(config, **model_overrides(args))
@@ -367,8 +406,8 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
       init_params = None
   except (ValueError, OSError) as e:
     raise SystemExit(f"model: {e}")
-  model, report = training.build_model(config, seed=args.seed, dtype=dtype,
-                                       param_dtype=param_dtype,
+  model, report = training.build_model(config, seed=args.seed, dtype=jnp.dtype(args.dtype),
+                                       param_dtype=jnp.dtype(args.param_dtype),
                                        implementation=args.implementation,
                                        init_params=init_params)
   if init_params is not None:
@@ -382,9 +421,11 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
       tok = os.path.join(folder, "tokenizer.json")
       if os.path.exists(tok):
         shutil.copy(tok, os.path.join(out_dir, "tokenizer.json"))
-  training.save_json(os.path.join(out_dir, "config.json"), config_lib.to_hf_config(config))
-  source = eval_cli.make_source(args, config.vocab_size, tokenizer_dirs)
+  return config, model, tokenizer_dirs
 
+
+def _build_trainer(args, model, mesh):
+  """(TrainConfig, Trainer) from the command line; SystemExit on a bad combination."""
   try:
     train_config = training.TrainConfig(
         total_steps=args.steps, mode=args.mode, attention=args.attention,
@@ -400,60 +441,46 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   if args.batch_size % shards:
     raise SystemExit(f"--batch-size {args.batch_size} must be divisible by data x fsdp = "
                      f"{shards}")
+  return train_config, trainer
 
-  data_settings = {k: getattr(args, k) for k in DATA_KEYS}
-  if resume_step is not None:
-    try:
-      resume_step, state, meta, broken = ckpts.restore_newest_intact(trainer.abstract_state())
-    except RuntimeError as e:
-      raise SystemExit(f"--resume: {e}")
-    for step, aside, err in broken:
-      print(f"warning: checkpoint step {step} cannot be restored ({err}); moved to {aside}, "
-            f"resuming from step {resume_step}", file=sys.stderr)
-    # runs from before --repeats / --fused-pairs
-    saved = {"repeats": 1, "fused_pairs": False, **meta.get("data_settings", {})}
-    if saved != data_settings:
-      raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
-                       f"({saved} vs {data_settings}); resuming would not continue the "
-                       "same run")
-    truncate_log(log_path, resume_step)
-    print(f"resumed from step {resume_step} ({meta['examples_seen']} examples seen)")
-    changed = changed_flags(os.path.join(out_dir, "args.json"), vars(args))
-    if changed:
-      print(f"note: flags differ from the previous invocation (the model config is the run's "
-            f"own; a changed schedule or optimizer flag changes the run): {changed}")
-  else:
-    state = trainer.init_state()
+
+def _initial_state(args, ckpts, trainer, out_dir, log_path, data_settings, *, resume):
+  """The newest intact checkpoint's state when resuming (refusing other data settings, the
+  log cut back to it), else a fresh state and log."""
+  if not resume:
     if os.path.exists(log_path):
       os.remove(log_path)
+    return trainer.init_state()
+  try:
+    resume_step, state, meta, broken = ckpts.restore_newest_intact(trainer.abstract_state())
+  except RuntimeError as e:
+    raise SystemExit(f"--resume: {e}")
+  for step, aside, err in broken:
+    print(f"warning: checkpoint step {step} cannot be restored ({err}); moved to {aside}, "
+          f"resuming from step {resume_step}", file=sys.stderr)
+  # runs from before --repeats / --fused-pairs
+  saved = {"repeats": 1, "fused_pairs": False, **meta.get("data_settings", {})}
+  if saved != data_settings:
+    raise SystemExit(f"--resume: the data settings differ from the checkpoint's "
+                     f"({saved} vs {data_settings}); resuming would not continue the "
+                     "same run")
+  truncate_log(log_path, resume_step)
+  print(f"resumed from step {resume_step} ({meta['examples_seen']} examples seen)")
+  changed = changed_flags(os.path.join(out_dir, "args.json"), vars(args))
+  if changed:
+    print(f"note: flags differ from the previous invocation (the model config is the run's "
+          f"own; a changed schedule or optimizer flag changes the run): {changed}")
+  return state
+
+
+def _loop(args, trainer, train_config, state, source, ckpts, meta, mesh, out_dir, log_path,
+          on_step, t_begin, resumed):
+  """The training steps from the state's step to --steps / --stop-at / --time-limit, with
+  logging, checkpoints and evaluations; returns (last step, state)."""
   start = int(state["step"])
-  trainer.parts.release()  # the state holds the parameters now
-  del model
-  training.save_json(os.path.join(out_dir, "args.json"), vars(args))
-
-  def meta(step):
-    return {"step": step, "examples_seen": step * args.batch_size,
-            "data_settings": data_settings, "data": source.describe(),
-            "train_config": dataclasses.asdict(train_config)}
-
-  def run_eval(step, attention):
-    result = metrics.evaluate(trainer.parts, state["params"], source,
-                              num_examples=args.eval_examples, batch_size=args.batch_size,
-                              attention=attention, mesh=mesh,
-                              dense_implementation=args.dense_implementation)
-    record = {"step": step, "eval": result, "attention": attention}
-    with open(log_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    if not args.quiet:
-      extra = (f" block_recall {result['block_recall']:.3f} score_recall "
-               f"{result['score_recall']:.3f}" if result.get("block_recall") is not None
-               else "")
-      say(f"eval @ {step} [{attention}]: accuracy {result['accuracy']:.4f} loss "
-          f"{result['loss']:.4f} ppl {result['perplexity']:.3f}{extra}")
-
   tokens_per_step = args.batch_size * source.seq_len
   stop = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
-  step, last_saved, step_times = start, start if resume_step is not None else None, []
+  step, last_saved, step_times = start, start if resumed else None, []
   compiled = set()  # phases whose step function this process has compiled
   progress, say = None, print
   if not args.quiet:
@@ -464,20 +491,6 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
   # The next batch is built on a host thread while the device runs the current step (batches
   # are a pure function of the step, so this changes nothing but the wall time).
   loader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-  @contextlib.contextmanager
-  def profiler(n):  # --profile-step: trace step n, then print device time per kernel
-    if n != args.profile_step:
-      yield
-      return
-    trace_dir = os.path.join(out_dir, "profile")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      yield
-    table = profiling.markdown(f"training step {n}", profiling.kernel_table(trace_dir, 1))
-    with open(os.path.join(trace_dir, "profile_step.md"), "w") as f:
-      f.write(table + "\n")
-    say(table)
-
   fetch = lambda s: loader.submit(source.batch, s * args.batch_size, args.batch_size, "train")
   pending = fetch(step) if step < stop else None
   try:
@@ -487,7 +500,7 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
         t0 = time.perf_counter()
         batch = pending.result()
         pending = fetch(step + 1) if step + 1 < stop else None
-        with profiler(step + 1):
+        with _profiler(args, step + 1, out_dir, say):
           state, met = trainer.step(state, batch, step)
           met = jax.device_get(met)
         dt = time.perf_counter() - t0
@@ -513,7 +526,7 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
           ckpts.save(step, state, meta(step))
           last_saved = step
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-          run_eval(step, attention)
+          _evaluate(args, trainer, state, source, mesh, step, attention, log_path, say)
         if args.time_limit is not None:
           elapsed = time.perf_counter() - t_begin
           typical = float(np.median(step_times[-20:])) if step_times else 0.0
@@ -527,23 +540,39 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
     loader.shutdown(cancel_futures=True)
     if progress is not None:
       progress.close()
+  return step, state
 
-  finished = step >= args.steps
-  if finished:
-    model = trainer.model(state)
-    model_dir = os.path.join(out_dir, "model")
-    if os.path.isdir(model_dir):
-      shutil.rmtree(model_dir)
-    checkpoint_lib.save_orbax(model, model_dir)
-  plot_curves(log_path, os.path.join(out_dir, "curves.png"), args.dense_warmup_steps)
-  records = [r for r in read_jsonl(log_path) if "loss" in r]
-  summary = {"step": step, "finished": finished, "output_dir": out_dir}
-  if records:
-    summary.update({k: records[-1][k] for k in ("loss", "lm_loss", "kl")})
-  print(json.dumps(summary))
-  if not finished:
-    print(f"stopped at step {step} of {args.steps}: rerun with --resume to continue")
-  return 0
+
+def _evaluate(args, trainer, state, source, mesh, step, attention, log_path, say):
+  """Evaluate the current parameters, append the result to the log and print it."""
+  result = metrics.evaluate(trainer.parts, state["params"], source,
+                            num_examples=args.eval_examples, batch_size=args.batch_size,
+                            attention=attention, mesh=mesh,
+                            dense_implementation=args.dense_implementation)
+  record = {"step": step, "eval": result, "attention": attention}
+  with open(log_path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+  if not args.quiet:
+    extra = (f" block_recall {result['block_recall']:.3f} score_recall "
+             f"{result['score_recall']:.3f}" if result.get("block_recall") is not None
+             else "")
+    say(f"eval @ {step} [{attention}]: accuracy {result['accuracy']:.4f} loss "
+        f"{result['loss']:.4f} ppl {result['perplexity']:.3f}{extra}")
+
+
+@contextlib.contextmanager
+def _profiler(args, n, out_dir, say):
+  """--profile-step: trace step n, then print the device time per kernel."""
+  if n != args.profile_step:
+    yield
+    return
+  trace_dir = os.path.join(out_dir, "profile")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    yield
+  table = profiling.markdown(f"training step {n}", profiling.kernel_table(trace_dir, 1))
+  with open(os.path.join(trace_dir, "profile_step.md"), "w") as f:
+    f.write(table + "\n")
+  say(table)
 
 
 run = cli.console_command(main, compilation_cache=True)
