@@ -198,8 +198,7 @@ def read_prompts(inputs, tokenizer, chat=None) -> list[list[int]]:
   return prompts
 
 
-def main(argv=None, *, compilation_cache=False):
-  """The CLI; ``compilation_cache``: keep compiled programs on disk (command-line runs)."""
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=cli.HelpFormatter)
   parser.add_argument("--checkpoint", default=None,
@@ -270,15 +269,28 @@ def main(argv=None, *, compilation_cache=False):
   parser.add_argument("--ignore-eos", action="store_true",
                       help="do not stop at the checkpoint's eos_token_id")
   parser.add_argument("--quiet", action="store_true", help="no streaming output")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None, *, compilation_cache=False):
+  """The CLI; ``compilation_cache``: keep compiled programs on disk (command-line runs)."""
+  args = build_parser().parse_args(argv)
   _load_runtime()
   if compilation_cache:
     cli.enable_compilation_cache()  # reruns skip most compilation
-
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
+  folder, tokenizer, prompts = _check_args(args)
+  model, mesh, folder = _load_model(args, folder, prompts)
+  if args.max_batch is not None:
+    return _serve_queue(model, prompts, args, mesh, tokenizer, folder)
+  return generate_static(model, prompts, tokenizer, args, mesh, folder)
+
+
+def _check_args(args):
+  """Validate the command line and read the prompts: (checkpoint folder or None, tokenizer,
+  prompts as id lists). SystemExit with a message on bad input."""
   args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   if args.dtype == "float32":  # true float32 matmuls (GPUs would otherwise use TF32)
     jax.config.update("jax_default_matmul_precision", "highest")
   if args.prefill_chunk < 1 or args.decode_block < 1:
@@ -312,7 +324,13 @@ def main(argv=None, *, compilation_cache=False):
     prompts = read_prompts([("text", "The quick brown fox")], tokenizer, chat)
   if any(not p for p in prompts):
     raise SystemExit("every prompt needs at least one token")
+  return folder, tokenizer, prompts
 
+
+def _load_model(args, folder, prompts):
+  """(model, mesh, checkpoint label) on the --mesh, from --checkpoint or --random-weights;
+  the prompts are checked against its vocabulary and context length."""
+  dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   try:
     mesh = sharding.make_mesh(sharding.parse_mesh(
         args.mesh, {"data": 1, "tensor": jax.device_count(), "expert": 1}))
@@ -342,37 +360,39 @@ def main(argv=None, *, compilation_cache=False):
     raise SystemExit(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} "
                      f"exceeds the model's max_position_embeddings ({limit}, from its "
                      f"config.json)")
+  return model, mesh, folder
 
-  if args.max_batch is not None:
-    if args.max_batch < 1 or (args.num_pages is not None and args.num_pages < 1):
-      raise SystemExit("--max-batch and --num-pages must be >= 1")
-    bk = model.config.index_block_size
-    if args.prefill_chunk < bk or args.prefill_chunk % bk:
-      raise SystemExit(f"--prefill-chunk must be a positive multiple of the block size {bk}; "
-                       f"got {args.prefill_chunk}")
-    with sharding.activation_sharding(mesh):
-      generated, records, timings = serve(model, prompts, args, mesh, tokenizer)
-    result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
-              "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
-    result["generated_text"] = show_results(prompts, generated, tokenizer)
-    rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
-    peak = max(_peak_memory(), default=-1)
-    result["peak_bytes"] = peak
-    if args.output_json:
-      with open(args.output_json, "w") as f:
-        json.dump(result, f, indent=1)
-    memory = f"{peak / 2**30:.2f} GiB" if peak >= 0 else "n/a"
-    refused = sum("refused" in r for r in records)
-    served = len(prompts) - refused
-    print(f"served {served} requests ({refused} refused) in {timings['steps']} steps: prefill "
-          f"{rate(timings['prefill_tokens_per_s'])}, decode {rate(timings['decode_tokens_per_s'])}"
-          f", compile {timings['compile_s']:.1f} s (not in the rates), peak memory {memory}")
-    if not served:
-      print("no request could be served (every one was refused: see above)", file=sys.stderr)
-      return 1
-    return 0
 
-  return generate_static(model, prompts, tokenizer, args, mesh, folder)
+def _serve_queue(model, prompts, args, mesh, tokenizer, folder):
+  """--max-batch: the prompts as a queue of requests over a paged cache (continuous
+  batching); prints the rates, writes --output-json; exit status 1 if none was served."""
+  if args.max_batch < 1 or (args.num_pages is not None and args.num_pages < 1):
+    raise SystemExit("--max-batch and --num-pages must be >= 1")
+  bk = model.config.index_block_size
+  if args.prefill_chunk < bk or args.prefill_chunk % bk:
+    raise SystemExit(f"--prefill-chunk must be a positive multiple of the block size {bk}; "
+                     f"got {args.prefill_chunk}")
+  with sharding.activation_sharding(mesh):
+    generated, records, timings = serve(model, prompts, args, mesh, tokenizer)
+  result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
+            "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
+  result["generated_text"] = show_results(prompts, generated, tokenizer)
+  rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
+  peak = max(_peak_memory(), default=-1)
+  result["peak_bytes"] = peak
+  if args.output_json:
+    with open(args.output_json, "w") as f:
+      json.dump(result, f, indent=1)
+  memory = f"{peak / 2**30:.2f} GiB" if peak >= 0 else "n/a"
+  refused = sum("refused" in r for r in records)
+  served = len(prompts) - refused
+  print(f"served {served} requests ({refused} refused) in {timings['steps']} steps: prefill "
+        f"{rate(timings['prefill_tokens_per_s'])}, decode {rate(timings['decode_tokens_per_s'])}"
+        f", compile {timings['compile_s']:.1f} s (not in the rates), peak memory {memory}")
+  if not served:
+    print("no request could be served (every one was refused: see above)", file=sys.stderr)
+    return 1
+  return 0
 
 
 def _peak_memory():
