@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -661,7 +662,7 @@ def merge(paths, out_dir, tag):
   return result
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=cli.HelpFormatter)
   parser.add_argument("--sizes", type=int, nargs="+",
@@ -730,24 +731,20 @@ def main(argv=None):
   parser.add_argument("--output-dir", default=None,
                       help="where the JSON/MD/PNG go (default: benchmarks/results/<card>)")
   parser.add_argument("--tag", default=None, help="file name stem (default: kernels)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
   args.output_dir = args.output_dir or cli.results_dir()
   if args.merge:
     merge(args.merge, args.output_dir, args.tag or "merged")
-    return
-
+    return 0
   workload, interpret, impl = M3, False, args.implementation
   if args.smoke:
     workload, interpret = SMOKE, True
     impl = impl or "pallas_gpu"
-    args.sizes = [s for s in args.sizes if s <= 512] or [128, 256]
-    args.chunk = min(args.chunk, 128)
-    args.decode_batches, args.decode_contexts = [1, 2], [96]
-    args.decode_queries = sorted({min(q, 4) for q in args.decode_queries})
-    args.iters = min(args.iters, 2)
-    args.decode_loop_steps = 2
-    args.tune_context, args.tune_chunk, args.tune_decode_context = 256, 64, 256
-    args.tune_path_chunk = 64
+    _shrink_for_smoke(args)
   workload = dataclasses.replace(workload, index_score_dtype=args.index_score_dtype)
   device = jax.devices()[0]
   meta = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
@@ -761,61 +758,64 @@ def main(argv=None):
   os.makedirs(args.output_dir, exist_ok=True)
   if args.tune:
     result["tuning"] = tune(workload, args, interpret)
-  tag = args.tag or ("smoke" if args.smoke else "kernels")
-  stem = os.path.join(args.output_dir, tag)
+  stem = os.path.join(args.output_dir, args.tag or ("smoke" if args.smoke else "kernels"))
 
-  def save():  # after every row: nothing is lost if a later size fails
+  def add(table, row):  # print and save after every row: a later failure loses nothing
+    result.setdefault(table, []).append(row)
+    print(json.dumps(row), flush=True)
     with open(stem + ".json", "w") as f:
       json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
       f.write(markdown(result))
 
-  dense = {}  # dense baselines, timed once per shape for all selections
-  if not args.skip_prefill:
-    for n in args.sizes:
-      for selection in args.selections:
-        try:
-          result["prefill"].append(prefill_row(n, workload, args, impl, interpret, selection,
-                                               dense))
-        except Exception as e:  # record it and go on to the next size
-          result["prefill"].append({"N": n, "selection": selection,
-                                    "error": f"{type(e).__name__}: {str(e)[:500]}"})
-        print(json.dumps(result["prefill"][-1]), flush=True)
-        save()
-  if not args.skip_decode:
-    for batch in args.decode_batches:
-      for ctx in args.decode_contexts:
-        if batch * ctx > args.max_decode_tokens:
-          continue
-        for q_len in args.decode_queries:
-          for selection in args.selections:
-            try:
-              result["decode"].append(add_byte_floor(
-                  decode_row(batch, ctx, q_len, workload, args, impl, interpret, selection,
-                             dense), result["ceilings"]))
-            except Exception as e:
-              result["decode"].append({"batch": batch, "context": ctx, "q_len": q_len,
-                                       "selection": selection,
-                                       "error": f"{type(e).__name__}: {str(e)[:500]}"})
-            print(json.dumps(result["decode"][-1]), flush=True)
-            save()
-  if args.paged:
-    result["paged_decode"] = []
-    for batch in args.decode_batches:
-      for ctx in args.decode_contexts:
-        if batch * ctx > args.max_paged_tokens:
-          continue
-        try:
-          row = paged_decode_row(batch, ctx, 1, workload, args, impl, interpret)
-        except Exception as e:
-          row = {"batch": batch, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:500]}"}
-        result["paged_decode"].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-  save()
+  _run_rows(args, workload, impl, interpret, result["ceilings"], add)
   plot(result, stem + ".png")
   print(markdown(result))
   return 0
+
+
+def _shrink_for_smoke(args):
+  """--smoke: tiny sizes everywhere (the script's paths, not its speed)."""
+  args.sizes = [s for s in args.sizes if s <= 512] or [128, 256]
+  args.chunk = min(args.chunk, 128)
+  args.decode_batches, args.decode_contexts = [1, 2], [96]
+  args.decode_queries = sorted({min(q, 4) for q in args.decode_queries})
+  args.iters = min(args.iters, 2)
+  args.decode_loop_steps = 2
+  args.tune_context, args.tune_chunk, args.tune_decode_context = 256, 64, 256
+  args.tune_path_chunk = 64
+
+
+def _run_rows(args, workload, impl, interpret, ceilings_, add):
+  """Every prefill, decode and paged-decode row the command line asks for, each passed to
+  ``add(table, row)``; a row that fails is recorded with its error and the run goes on."""
+  failed = lambda e, **key: {**key, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+  dense = {}  # dense baselines, timed once per shape for all selections
+  for n in ([] if args.skip_prefill else args.sizes):
+    for selection in args.selections:
+      try:
+        row = prefill_row(n, workload, args, impl, interpret, selection, dense)
+      except Exception as e:  # pylint: disable=broad-except
+        row = failed(e, N=n, selection=selection)
+      add("prefill", row)
+  for batch, ctx in itertools.product(args.decode_batches, args.decode_contexts):
+    if args.skip_decode or batch * ctx > args.max_decode_tokens:
+      continue
+    for q_len, selection in itertools.product(args.decode_queries, args.selections):
+      try:
+        row = add_byte_floor(decode_row(batch, ctx, q_len, workload, args, impl, interpret,
+                                        selection, dense), ceilings_)
+      except Exception as e:  # pylint: disable=broad-except
+        row = failed(e, batch=batch, context=ctx, q_len=q_len, selection=selection)
+      add("decode", row)
+  for batch, ctx in itertools.product(args.decode_batches, args.decode_contexts):
+    if not args.paged or batch * ctx > args.max_paged_tokens:
+      continue
+    try:
+      row = paged_decode_row(batch, ctx, 1, workload, args, impl, interpret)
+    except Exception as e:  # pylint: disable=broad-except
+      row = failed(e, batch=batch, context=ctx)
+    add("paged_decode", row)
 
 
 run = cli.console_command(main)
