@@ -366,122 +366,158 @@ class PagedServer(_CompiledSteps):
     if any(not p for p in prompts):
       raise ValueError("every prompt needs at least one token")
     self.compile()
-    alloc, bk, put = self.alloc, self.config.index_block_size, self._put
-    budget = [len(p) + max_new_tokens for p in prompts]
-    queue = list(range(len(prompts)))
-    active: dict[int, int] = {}  # row -> request
-    generated = [[] for _ in prompts]
-    records = [{"request": i, "prompt_len": len(p)} for i, p in enumerate(prompts)]
-    next_token = np.zeros(self.rows, np.int32)
-    key = put(jax.random.PRNGKey(seed))
-    step = 0
-    t = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0,
-         "tokens": 0}
-    stop_ids = set(stop_ids)
-
-    def sync(reset_rows=()):
-      """The allocator's page table to the device; new and freed rows get length 0."""
-      lengths = self.cache.lengths
-      reset = list(reset_rows) + freed
-      if reset:
-        lengths = put(np.where(np.isin(np.arange(self.rows), reset), 0, np.asarray(lengths))
-                      .astype(np.int32))
-        freed.clear()
-      self.cache = self.cache._replace(page_table=put(alloc.page_table.copy()),
-                                       lengths=lengths)
-
-    freed = []
-
-    def emit(row, tokens, at_step):
-      """Record ``tokens`` (until a stop) for the request in ``row``; free it when done."""
-      i = active[row]
-      kept = []
-      for tok in tokens:
-        if len(generated[i]) >= max_new_tokens:
-          break
-        kept.append(int(tok))
-        generated[i].append(int(tok))
-        if int(tok) in stop_ids:
-          break
-      t["tokens"] += len(kept)
-      if on_tokens is not None and kept:
-        on_tokens(at_step, {i: kept})
-      if kept:
-        next_token[row] = kept[-1]
-      if len(generated[i]) >= max_new_tokens or (kept and kept[-1] in stop_ids):
-        records[active.pop(row)]["finished_step"] = at_step + max(len(kept), 1) - 1
-        alloc.free(row)
-        freed.append(row)
-
-    while queue or active:
-      admitted = []
-      while queue:
-        i = queue[0]
-        if alloc.pages_for(budget[i]) > self.num_pages:
-          queue.pop(0)
-          records[i]["refused"] = (f"needs {alloc.pages_for(budget[i])} pages of {bk} "
-                                   f"tokens (prompt {len(prompts[i])} + {max_new_tokens} "
-                                   f"new); the cache has {self.num_pages}")
-          if on_refused is not None:
-            on_refused(i, records[i]["refused"])
-          continue
-        row = alloc.admit(len(prompts[i]), reserve_tokens=budget[i])
-        if row is None:  # no free row or pages: wait for a request to leave
-          break
-        queue.pop(0)
-        active[row] = i
-        admitted.append(row)
-        records[i].update(row=row, admitted_step=step)
+    run = _ServeRun(self, prompts, max_new_tokens, seed, set(stop_ids), on_tokens, on_refused)
+    while run.queue or run.active:
+      admitted = run.admit()
       if admitted:  # prefill the newcomers chunk by chunk; the other rows are left alone
-        sync(admitted)
-        prompt_of = {r: prompts[active[r]] for r in admitted}
-        for start in range(0, max(map(len, prompt_of.values())), self.width):
-          tokens = np.zeros((self.rows, self.width), np.int32)
-          num_new = np.zeros(self.rows, np.int32)
-          for r, p in prompt_of.items():
-            chunk = p[start:start + self.width]
-            tokens[r, :len(chunk)], num_new[r] = chunk, len(chunk)
-          key, sub = jax.random.split(key)
-          t0 = time.perf_counter()
-          self.cache, first = self._compiled["prefill"](self.state, self.cache, put(tokens),
-                                                        put(num_new), sub)
-          first = np.asarray(first)
-          t["prefill_s"] += time.perf_counter() - t0
-          t["prefill_tokens"] += int(num_new.sum())
-          for r, p in list(prompt_of.items()):  # a prompt's last chunk gives its first token
-            if start < len(p) <= start + self.width:
-              emit(r, [first[r]], step)
-          step += 1
-      if active:  # a block of decode steps for every live request
-        rows = sorted(active)
-        left = min(max_new_tokens - len(generated[active[r]]) for r in rows)
-        steps = min(self.decode_block, left)
-        for r in rows:  # pages for the block's tokens (within the reservation)
-          have = len(prompts[active[r]]) + len(generated[active[r]])
-          if not alloc.grow(r, have + steps - 1):
-            raise RuntimeError("a reserved page was not available")  # the allocator's promise
-        live = np.zeros(self.rows, bool)
-        live[rows] = True
-        sync()
-        key, sub = jax.random.split(key)
-        t0 = time.perf_counter()
-        self.cache, out = self._compiled["decode"](self.state, self.cache, put(next_token),
-                                                   put(live), sub, put(np.int32(steps)))
-        out = np.asarray(out)[:, :steps]
-        t["decode_s"] += time.perf_counter() - t0
-        before = t["tokens"]
-        for r in rows:
-          emit(r, out[r], step)
-        t["decode_tokens"] += t["tokens"] - before
-        step += steps
-      elif queue and not admitted:
-        raise RuntimeError("requests wait but nothing runs")  # cannot happen: see admit above
+        run.prefill(admitted)
+      if run.active:  # a block of decode steps for every live request
+        run.decode_block()
+      elif run.queue and not admitted:
+        raise RuntimeError("requests wait but nothing runs")  # cannot happen: see admit
+    return run.result()
+
+
+class _ServeRun:
+  """One ``PagedServer.serve`` call: the queue, the rows' requests, their tokens and
+  timings, and the three moves of the loop (admit, prefill the admitted, a decode block)."""
+
+  def __init__(self, server, prompts, max_new_tokens, seed, stop_ids, on_tokens, on_refused):
+    self.server, self.prompts, self.max_new_tokens = server, prompts, max_new_tokens
+    self.stop_ids, self.on_tokens, self.on_refused = stop_ids, on_tokens, on_refused
+    self.budget = [len(p) + max_new_tokens for p in prompts]
+    self.queue = list(range(len(prompts)))
+    self.active: dict[int, int] = {}  # row -> request
+    self.generated = [[] for _ in prompts]
+    self.records = [{"request": i, "prompt_len": len(p)} for i, p in enumerate(prompts)]
+    self.next_token = np.zeros(server.rows, np.int32)
+    self.key = server._put(jax.random.PRNGKey(seed))  # pylint: disable=protected-access
+    self.step = 0
+    self.freed = []  # rows freed since the last sync
+    self.t = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0,
+              "tokens": 0}
+
+  def _put(self, x):
+    return self.server._put(x)  # pylint: disable=protected-access
+
+  def _subkey(self):
+    self.key, sub = jax.random.split(self.key)
+    return sub
+
+  def sync(self, reset_rows=()):
+    """The allocator's page table to the device; new and freed rows get length 0."""
+    srv = self.server
+    lengths = srv.cache.lengths
+    reset = list(reset_rows) + self.freed
+    if reset:
+      lengths = self._put(np.where(np.isin(np.arange(srv.rows), reset), 0,
+                                   np.asarray(lengths)).astype(np.int32))
+      self.freed.clear()
+    srv.cache = srv.cache._replace(page_table=self._put(srv.alloc.page_table.copy()),
+                                   lengths=lengths)
+
+  def emit(self, row, tokens, at_step):
+    """Record ``tokens`` (until a stop) for the request in ``row``; free it when done."""
+    i = self.active[row]
+    kept = []
+    for tok in tokens:
+      if len(self.generated[i]) >= self.max_new_tokens:
+        break
+      kept.append(int(tok))
+      self.generated[i].append(int(tok))
+      if int(tok) in self.stop_ids:
+        break
+    self.t["tokens"] += len(kept)
+    if self.on_tokens is not None and kept:
+      self.on_tokens(at_step, {i: kept})
+    if kept:
+      self.next_token[row] = kept[-1]
+    if len(self.generated[i]) >= self.max_new_tokens or (kept and kept[-1] in self.stop_ids):
+      self.records[self.active.pop(row)]["finished_step"] = at_step + max(len(kept), 1) - 1
+      self.server.alloc.free(row)
+      self.freed.append(row)
+
+  def admit(self) -> list[int]:
+    """Rows given to queued requests while rows and pages last (in order); requests that
+    can never fit are refused."""
+    srv, admitted = self.server, []
+    alloc = srv.alloc
+    while self.queue:
+      i = self.queue[0]
+      if alloc.pages_for(self.budget[i]) > srv.num_pages:
+        self.queue.pop(0)
+        self.records[i]["refused"] = (
+            f"needs {alloc.pages_for(self.budget[i])} pages of "
+            f"{srv.config.index_block_size} tokens (prompt {len(self.prompts[i])} + "
+            f"{self.max_new_tokens} new); the cache has {srv.num_pages}")
+        if self.on_refused is not None:
+          self.on_refused(i, self.records[i]["refused"])
+        continue
+      row = alloc.admit(len(self.prompts[i]), reserve_tokens=self.budget[i])
+      if row is None:  # no free row or pages: wait for a request to leave
+        break
+      self.queue.pop(0)
+      self.active[row] = i
+      admitted.append(row)
+      self.records[i].update(row=row, admitted_step=self.step)
+    return admitted
+
+  def prefill(self, admitted):
+    """The admitted rows' prompts, chunk by chunk; each prompt's last chunk gives its first
+    token."""
+    srv = self.server
+    self.sync(admitted)
+    prompt_of = {r: self.prompts[self.active[r]] for r in admitted}
+    for start in range(0, max(map(len, prompt_of.values())), srv.width):
+      tokens = np.zeros((srv.rows, srv.width), np.int32)
+      num_new = np.zeros(srv.rows, np.int32)
+      for r, p in prompt_of.items():
+        chunk = p[start:start + srv.width]
+        tokens[r, :len(chunk)], num_new[r] = chunk, len(chunk)
+      sub = self._subkey()
+      t0 = time.perf_counter()
+      srv.cache, first = srv._compiled["prefill"](  # pylint: disable=protected-access
+          srv.state, srv.cache, self._put(tokens), self._put(num_new), sub)
+      first = np.asarray(first)
+      self.t["prefill_s"] += time.perf_counter() - t0
+      self.t["prefill_tokens"] += int(num_new.sum())
+      for r, p in list(prompt_of.items()):
+        if start < len(p) <= start + srv.width:
+          self.emit(r, [first[r]], self.step)
+      self.step += 1
+
+  def decode_block(self):
+    """Up to ``decode_block`` decode steps for every live request in one device call."""
+    srv = self.server
+    rows = sorted(self.active)
+    left = min(self.max_new_tokens - len(self.generated[self.active[r]]) for r in rows)
+    steps = min(srv.decode_block, left)
+    for r in rows:  # pages for the block's tokens (within the reservation)
+      have = len(self.prompts[self.active[r]]) + len(self.generated[self.active[r]])
+      if not srv.alloc.grow(r, have + steps - 1):
+        raise RuntimeError("a reserved page was not available")  # the allocator's promise
+    live = np.zeros(srv.rows, bool)
+    live[rows] = True
+    self.sync()
+    sub = self._subkey()
+    t0 = time.perf_counter()
+    srv.cache, out = srv._compiled["decode"](  # pylint: disable=protected-access
+        srv.state, srv.cache, self._put(self.next_token), self._put(live), sub,
+        self._put(np.int32(steps)))
+    out = np.asarray(out)[:, :steps]
+    self.t["decode_s"] += time.perf_counter() - t0
+    before = self.t["tokens"]
+    for r in rows:
+      self.emit(r, out[r], self.step)
+    self.t["decode_tokens"] += self.t["tokens"] - before
+    self.step += steps
+
+  def result(self) -> ServeResult:
+    srv, t = self.server, self.t
     rate = lambda n, s: n / s if s else None
     timings = {"prefill_tokens_per_s": rate(t["prefill_tokens"], t["prefill_s"]),
                "decode_tokens_per_s": rate(t["decode_tokens"], t["decode_s"]),
-               "prefill_s": t["prefill_s"], "decode_s": t["decode_s"], "steps": step,
-               "num_pages": self.num_pages, "max_batch": self.rows,
-               "compile_s": self.compile_s, "includes_compilation": False}
-    return ServeResult(generated, records, timings)
-
-
+               "prefill_s": t["prefill_s"], "decode_s": t["decode_s"], "steps": self.step,
+               "num_pages": srv.num_pages, "max_batch": srv.rows,
+               "compile_s": srv.compile_s, "includes_compilation": False}
+    return ServeResult(self.generated, self.records, timings)
