@@ -103,6 +103,7 @@ DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "fused_pa
              "text_files", "text_field", "eos_id", "eval_fraction", "data_seed", "batch_size")
 
 
+# Every option of the command in --help's order, in one place (hence its length).
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=cli.HelpFormatter)

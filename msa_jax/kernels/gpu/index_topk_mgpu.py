@@ -92,6 +92,9 @@ def smem_bytes(*, num_stages, index_dim, block_size, topk, itemsize=2, values=Fa
   return q_tiles + ring + CTA_ROWS * 4 + (1 + values) * COMPUTE_WGS * topk * WGMMA_ROWS * 4
 
 
+# One function on purpose (longer than most): a Mosaic GPU kernel body whose producer and
+# compute warpgroups are branches over the same refs, barriers and item recurrence; each
+# branch is a nested function, so the body reads as the protocol the module docstring states.
 def _kernel(meta_ref, last_ref, q_ref, k_ref, *refs, stages, block_size, topk, interpreted,
             block_scaled, blocks_per_split):
   if block_scaled:

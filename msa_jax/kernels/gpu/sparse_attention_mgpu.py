@@ -125,6 +125,9 @@ def work_item_size(heads: int, tile_rows: int | None = None,
   return per_tile, per_tile * cfg["tiles_per_item"]
 
 
+# One function on purpose (longer than most): a Mosaic GPU kernel body whose producer and
+# compute warpgroups are branches over the same refs, barriers and item recurrence; each
+# branch is a nested function, so the body reads as the protocol the module docstring states.
 def _kernel(items_ref, num_items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref, q_ref,
             k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, loaded, consumed,
             kv_loaded, kv_consumed, *, num_ctas, stages, kv_stages, compute_wgs,
