@@ -166,7 +166,7 @@ class RetrievalTask:
   at random places; the query tail is unchanged. Finding the pair is then a single attention
   lookup by content (the query's key against the pair tokens), with no previous-token circuit
   to compose first: the two-token format needs an induction circuit, which small models form
-  only after a long plateau (benchmarks/NOTES.md, fourth session: a minimal 2-layer
+  only after a long plateau (benchmarks/NOTES.md: a minimal 2-layer
   transformer stays at chance on content-based copying for 3,000 steps). The retrieval
   itself, one needle per queried key anywhere in the context, is the same.
   """

@@ -2,7 +2,7 @@
 
 ``grouped_matmul(x, w, group_sizes)`` = ``jax.lax.ragged_dot``: rows ``[start_e, end_e)`` of
 ``x [P, K]`` (``group_sizes [E]`` consecutive runs) times ``w[e] [K, N]``. XLA's GPU
-``ragged_dot`` is slow (measured on an H200: 5.7 TFLOP/s for M3's experts at 8K tokens, and at
+``ragged_dot`` is slow (a few TFLOP/s for M3's experts on an H200, benchmarks/NOTES.md; at
 decode it reads every expert's weights), so on GPUs:
 
 * few rows (decode: ``P <= SMALL_ROWS``): a Pallas (Triton) kernel over tiles of 16 rows,

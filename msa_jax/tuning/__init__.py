@@ -26,8 +26,8 @@ DEFAULTS = {
     # (a running top-k in the kernel; prefill only) or "mosaic" (as "fused", on Hopper:
     # index_topk_mgpu.py, wgmma + TMA; bf16/f16 only, other inputs take "fused"). The other
     # keys are the Triton kernels'; mosaic_stages / mosaic_fp8_stages are the Mosaic kernel's
-    # key-block ring in bf16 / FP8 (H200, last 1M chunk: FP8 with 4 slots 126 ms, with 3
-    # slots 133 ms).
+    # key-block ring in bf16 / FP8 (FP8 tiles are half the bytes, so a deeper ring fits and
+    # pays; measurements in benchmarks/NOTES.md).
     "index": {"block_rows": 64, "blocks_per_tile": 16, "num_warps": 4, "num_stages": 2,
               "selection": "scores", "mosaic_stages": 4, "mosaic_fp8_stages": 4},
     # The same kernels for decode (at most checks.MAX_DECODE_QUERIES queries per sequence):
@@ -47,8 +47,8 @@ DEFAULTS = {
     # (schedule -> kernel -> combine each; None: one piece).
     # union_max (with kernel "mosaic"): when the mean number of distinct blocks selected by
     # the queries of an 8-query tile is at most this, the call runs query-outer over those
-    # unions (sparse_attention_union_mgpu.py) instead of KV-outer; 0: never. H200, last 16K
-    # queries at 128K: 0.57 + 0.123 ms per unit of mean union, KV-outer 5.5 ms, so about 40.
+    # unions (sparse_attention_union_mgpu.py) instead of KV-outer; 0: never. Set where the
+    # union kernel's time (linear in the mean union) meets KV-outer's (benchmarks/NOTES.md).
     # union_mix: decide per tile instead (tiles with at most union_max blocks take the union
     # path, the others KV-outer, in one call; for selections that mix shared and scattered
     # blocks). On the H200 it matches the per-call choice on uniform selections and beats it
