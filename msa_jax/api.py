@@ -146,7 +146,7 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
 
 
 # Rows of one work item's tile (query positions x heads of the group): 8 x 16 at M3 shapes.
-# The TPU kernel's; the GPU kernel takes its tile from the per-card table (tuning.py).
+# The TPU kernel's; the GPU kernel takes its tile from the per-card table (msa_jax.tuning).
 TILE_ROWS = 128
 # Interpret mode runs the same kernels with smaller tiles: CPU cost grows with the unrolled
 # per-row gathers, and small tiles split lists into more items (more schedule edge cases).

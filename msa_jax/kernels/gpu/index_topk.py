@@ -338,7 +338,7 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
                  blocks_per_tile=None, num_warps=None, num_stages=None, interpret=False):
   """Block-max scores ``[B,T,G,nb]`` (fp32, -inf where no key is visible).
 
-  Launch parameters left as None come from the per-card table (``tuning.py``).
+  Launch parameters left as None come from the per-card table (``msa_jax.tuning``).
   """
   cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
                       blocks_per_tile=blocks_per_tile, num_warps=num_warps,

@@ -121,7 +121,7 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
 
   ``schedule`` must have been built with ``queries_per_tile * tiles_per_item`` entries per
   item (``work_item_size``). Launch parameters left as None come from the per-card table
-  (``tuning.py``).
+  (``msa_jax.tuning``).
   """
   cfg = tuning.config("sparse", items_per_program=items_per_program, num_warps=num_warps,
                       num_stages=num_stages)

@@ -2,7 +2,7 @@
 
 Same contract as the Triton kernel ``sparse_attention.py`` (inputs, the schedule's item
 layout, partial-buffer rows, the scratch row at the end), so ``api._pallas_forward`` can pick
-either (``"kernel"`` in the ``"sparse"`` section of ``tuning.py``). The Triton kernel is
+either (``"kernel"`` in the ``"sparse"`` section of ``msa_jax.tuning``). The Triton kernel is
 latency-bound: each tile gathers q, runs two GEMMs and scatters with nothing overlapped. Here
 a warp-specialised persistent kernel overlaps them:
 
