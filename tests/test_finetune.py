@@ -17,6 +17,7 @@ from models import data, losses, sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
+from models import evaluation  # noqa: E402
 from models.cli import evaluate  # noqa: E402
 from models.cli import finetune  # noqa: E402
 
@@ -224,6 +225,18 @@ def test_retrieval_run_end_to_end_and_evaluate(tmp_path, capsys):
     for key in ("block_recall_maxpool", "oracle_block_recall", "oracle_score_recall"):
       assert 0.0 < r[key] <= 1.0, (name, key)
     assert r["perplexity"] == pytest.approx(np.exp(r["loss"]))
+
+  # The library call behind the command: the same numbers for the same examples.
+  source_fn = lambda vocab: evaluation.data_source(vocab, seq_len=128, num_pairs=4,
+                                                   num_queries=4)
+  lib = evaluation.evaluate_checkpoint(run, source_fn, variants=["msa"], num_examples=8,
+                                       batch_size=8, progress=False)
+  assert lib["variants"]["msa"]["accuracy"] == result["msa"]["accuracy"]
+  np.testing.assert_allclose(lib["variants"]["msa"]["loss"], result["msa"]["loss"], rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown variants"):
+    evaluation.evaluate_checkpoint(run, source_fn, variants=["sparse"])
+  with pytest.raises(ValueError, match="text files"):
+    evaluation.data_source(64, task="text")
 
 
 class Killed(Exception):

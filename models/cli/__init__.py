@@ -72,6 +72,59 @@ def enable_compilation_cache(folder: str | None = None):
       os.environ[name.upper()] = str(value)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser):
+  """The data flags of ``evaluate`` and ``finetune`` (``make_source`` reads them)."""
+  g = parser.add_argument_group("data")
+  g.add_argument("--task", choices=["retrieval", "text"], default="retrieval",
+                 help="synthetic long-context key->value retrieval, or tokenised text "
+                      "(default: retrieval)")
+  g.add_argument("--seq-len", type=int, default=256,
+                 help="tokens per example fed to the model (default 256)")
+  g.add_argument("--num-pairs", type=int, default=8,
+                 help="retrieval: key->value pairs hidden per example (default 8)")
+  g.add_argument("--num-queries", type=int, default=1,
+                 help="retrieval: queried keys at the end of each example, each a scored "
+                      "target (default 1)")
+  g.add_argument("--repeats", type=int, default=1,
+                 help="retrieval: store each pair this many times; values of the later "
+                      "occurrences are scored targets too (a denser training signal; "
+                      "default 1)")
+  g.add_argument("--fused-pairs", action="store_true",
+                 help="retrieval: store each pair as one token naming its key and value "
+                      "(16 values): the lookup is one attention step, no induction circuit "
+                      "to form first (models/data.py)")
+  g.add_argument("--text-files", nargs="+", default=[],
+                 help="text: .txt (one document per file) and/or .jsonl files")
+  g.add_argument("--text-field", default="text", help="text: the .jsonl field (default text)")
+  g.add_argument("--tokenizer", default=None,
+                 help="tokenizer.json (or a folder with one); default: the checkpoint's, "
+                      "else UTF-8 bytes")
+  g.add_argument("--eos-id", type=int, default=None,
+                 help="text: a token id appended after every document")
+  g.add_argument("--eval-fraction", type=float, default=0.05,
+                 help="text: share of the packed windows held out as the eval split "
+                      "(default 0.05)")
+  g.add_argument("--data-seed", type=int, default=0,
+                 help="seed of the data (retrieval examples, text shuffling; default 0)")
+
+
+def make_source(args, vocab_size: int, tokenizer_dirs=()):
+  """The data source the ``add_data_arguments`` flags describe (``models.evaluation.
+  data_source``); SystemExit with the reason on bad settings or files."""
+  from models import evaluation  # pylint: disable=g-import-not-at-top
+  if args.task == "text" and not args.text_files:
+    raise SystemExit("--task text needs --text-files")
+  try:
+    return evaluation.data_source(
+        vocab_size, task=args.task, seq_len=args.seq_len, num_pairs=args.num_pairs,
+        num_queries=args.num_queries, repeats=args.repeats, fused_pairs=args.fused_pairs,
+        text_files=args.text_files, text_field=args.text_field, tokenizer=args.tokenizer,
+        eos_id=args.eos_id, eval_fraction=args.eval_fraction, data_seed=args.data_seed,
+        tokenizer_dirs=tokenizer_dirs)
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"{args.task} data: {e}")
+
+
 def results_dir(*parts: str) -> str:
   """``benchmarks/results/<card>/<parts>``: where a benchmark's results go by default
   (``<card>`` as in ``msa_jax.tuning.card_dir``: ``nvidia_h200``, ``cpu``)."""

@@ -39,76 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from models import cli
-from models import data as data_lib
-
-VARIANTS = ("dense", "msa", "msa-random-indexer")
-DTYPES = ("bfloat16", "float32")
-
-
-# ----------------------------------------------------------------------------- shared CLI bits
-
-
-def add_data_arguments(parser: argparse.ArgumentParser):
-  g = parser.add_argument_group("data")
-  g.add_argument("--task", choices=["retrieval", "text"], default="retrieval",
-                 help="synthetic long-context key->value retrieval, or tokenised text "
-                      "(default: retrieval)")
-  g.add_argument("--seq-len", type=int, default=256,
-                 help="tokens per example fed to the model (default 256)")
-  g.add_argument("--num-pairs", type=int, default=8,
-                 help="retrieval: key->value pairs hidden per example (default 8)")
-  g.add_argument("--num-queries", type=int, default=1,
-                 help="retrieval: queried keys at the end of each example, each a scored "
-                      "target (default 1)")
-  g.add_argument("--repeats", type=int, default=1,
-                 help="retrieval: store each pair this many times; values of the later "
-                      "occurrences are scored targets too (a denser training signal; "
-                      "default 1)")
-  g.add_argument("--fused-pairs", action="store_true",
-                 help="retrieval: store each pair as one token naming its key and value "
-                      "(16 values): the lookup is one attention step, no induction circuit "
-                      "to form first (models/data.py)")
-  g.add_argument("--text-files", nargs="+", default=[],
-                 help="text: .txt (one document per file) and/or .jsonl files")
-  g.add_argument("--text-field", default="text", help="text: the .jsonl field (default text)")
-  g.add_argument("--tokenizer", default=None,
-                 help="tokenizer.json (or a folder with one); default: the checkpoint's, "
-                      "else UTF-8 bytes")
-  g.add_argument("--eos-id", type=int, default=None,
-                 help="text: a token id appended after every document")
-  g.add_argument("--eval-fraction", type=float, default=0.05,
-                 help="text: share of the packed windows held out as the eval split "
-                      "(default 0.05)")
-  g.add_argument("--data-seed", type=int, default=0,
-                 help="seed of the data (retrieval examples, text shuffling; default 0)")
-
-
-def make_source(args, vocab_size: int, tokenizer_dirs=()):
-  """The data source the ``add_data_arguments`` flags describe."""
-  if args.task == "retrieval":
-    try:
-      return data_lib.RetrievalTask(vocab_size, args.seq_len, num_pairs=args.num_pairs,
-                                    num_queries=args.num_queries, seed=args.data_seed,
-                                    repeats=args.repeats, fused=args.fused_pairs)
-    except ValueError as e:
-      raise SystemExit(f"retrieval task: {e}")
-  if not args.text_files:
-    raise SystemExit("--task text needs --text-files")
-  path = args.tokenizer
-  for folder in tokenizer_dirs:
-    if path is None and folder and os.path.exists(os.path.join(folder, "tokenizer.json")):
-      path = os.path.join(folder, "tokenizer.json")
-  tokenizer = data_lib.load_tokenizer(path)
-  try:
-    return data_lib.TextDataset(args.text_files, tokenizer, args.seq_len,
-                                text_field=args.text_field, eos_id=args.eos_id,
-                                eval_fraction=args.eval_fraction, seed=args.data_seed,
-                                vocab_size=vocab_size)
-  except (ValueError, OSError) as e:
-    raise SystemExit(f"text data: {e}")
+from models.evaluation import DTYPES, VARIANTS
 
 
 # ----------------------------------------------------------------------------- main
@@ -151,43 +84,26 @@ def main(argv=None):
                       help="jax.nn.dot_product_attention implementation (default xla)")
   parser.add_argument("--output-json", default=None, help="write the results here")
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
-  add_data_arguments(parser)
+  cli.add_data_arguments(parser)
   args = parser.parse_args(argv)
   # JAX and the model load after parsing, so --help and argument errors answer at once.
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from models import metrics, sharding, training  # pylint: disable=g-import-not-at-top
-
-  variants = list(dict.fromkeys(args.attention))  # in order, once each
-  args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  dtype = jnp.dtype(args.dtype)
-  mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {"data": jax.device_count()}))
+  from models import evaluation, sharding  # pylint: disable=g-import-not-at-top
   try:
-    config, params = training.load_params(args.checkpoint)
-  except (ValueError, OSError) as e:
-    raise SystemExit(f"--checkpoint {args.checkpoint}: {e}")
-  config = training.override_config(config, index_block_size=args.block_size,
-                                    index_topk_blocks=args.topk,
-                                    index_score_dtype=args.index_score_dtype)
-  if any(v != "dense" for v in variants) and not any(config.sparse_layers):
-    raise SystemExit("the model has no MSA layers: only --attention dense applies")
-  model, _ = training.build_model(config, dtype=dtype, param_dtype=dtype,
-                                  implementation=args.implementation, init_params=params)
-  parts = training.ModelParts(model)
-  params = parts.params(model)
-  source = make_source(args, config.vocab_size, tokenizer_dirs=(args.checkpoint,))
-
-  results = {"checkpoint": os.path.abspath(args.checkpoint), "data": source.describe(),
-             "block_size": config.index_block_size, "topk": config.index_topk_blocks,
-             "index_score_dtype": config.index_score_dtype, "variants": {}}
-  for variant in variants:
-    p = (training.randomize_index_params(params, config, args.indexer_seed)
-         if variant == "msa-random-indexer" else params)
-    attention = "dense" if variant == "dense" else "msa"
-    results["variants"][variant] = metrics.evaluate(
-        parts, p, source, num_examples=args.num_examples, batch_size=args.batch_size,
-        attention=attention, indexer=not args.no_indexer_metrics, mesh=mesh,
+    mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, {"data": jax.device_count()}))
+  except ValueError as e:
+    raise SystemExit(f"--mesh: {e}")
+  source_fn = lambda vocab: cli.make_source(args, vocab, tokenizer_dirs=(args.checkpoint,))
+  try:
+    results = evaluation.evaluate_checkpoint(
+        args.checkpoint, source_fn, variants=args.attention, num_examples=args.num_examples,
+        batch_size=args.batch_size, block_size=args.block_size, topk=args.topk,
+        index_score_dtype=args.index_score_dtype,
+        indexer_metrics=not args.no_indexer_metrics, indexer_seed=args.indexer_seed,
+        dtype=args.dtype, mesh=mesh, implementation=args.implementation,
         dense_implementation=args.dense_implementation, progress=not args.quiet)
+  except ValueError as e:
+    raise SystemExit(f"evaluate: {e}")
   if args.output_json:
     with open(args.output_json, "w") as f:
       json.dump(results, f, indent=1)

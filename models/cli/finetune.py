@@ -90,14 +90,14 @@ import numpy as np
 
 from models import checkpoint as checkpoint_lib
 from models import cli
-from models.cli import evaluate as eval_cli  # data flags, mesh parsing
 from models import config as config_lib
+from models import evaluation
 from models import metrics
 from models import sharding
 from models import training
 from msa_jax import profiling
 
-DTYPES = eval_cli.DTYPES
+DTYPES = evaluation.DTYPES
 # Settings that must not change when resuming (the data and the model they define).
 DATA_KEYS = ("task", "seq_len", "num_pairs", "num_queries", "repeats", "fused_pairs",
              "text_files", "text_field", "eos_id", "eval_fraction", "data_seed", "batch_size")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="global gradient-norm clip (0 = off)")
   train.add_argument("--mesh", default=None,
                      help="e.g. data=2,fsdp=4 (default: all local devices on data)")
-  eval_cli.add_data_arguments(p)
+  cli.add_data_arguments(p)
   return p
 
 
@@ -356,7 +356,7 @@ def _train(args, ckpts, mesh, out_dir, on_step, t_begin):
                      "to continue, or choose a new --output-dir")
   config, model, tokenizer_dirs = _build_model(args, out_dir, resume=resume_step is not None)
   training.save_json(os.path.join(out_dir, "config.json"), config_lib.to_hf_config(config))
-  source = eval_cli.make_source(args, config.vocab_size, tokenizer_dirs)
+  source = cli.make_source(args, config.vocab_size, tokenizer_dirs)
   train_config, trainer = _build_trainer(args, model, mesh)
   data_settings = {k: getattr(args, k) for k in DATA_KEYS}
   state = _initial_state(args, ckpts, trainer, out_dir, log_path, data_settings,
