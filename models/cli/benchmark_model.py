@@ -499,7 +499,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                       help="parameter and activation dtype")
   parser.add_argument("--output-dir", default=None,
-                      help="where <tag>.json/.md/.png go (default: benchmarks/results/<card>/model)")
+                      help="where <tag>.json/.md/.png go (default: "
+                           "benchmarks/results/<card>/model)")
   parser.add_argument("--tag", default=None, help="file name stem (default: model_<commit>)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes on any backend (tests the script; numbers mean "
