@@ -45,7 +45,8 @@ def data_source(vocab_size: int, *, task: str = "retrieval", seq_len: int = 256,
 
 
 def evaluate_checkpoint(checkpoint: str, source_fn, *,
-                        variants: Sequence[str] = ("dense", "msa"), num_examples: int = 64, batch_size: int = 8,
+                        variants: Sequence[str] = ("dense", "msa"), num_examples: int = 64,
+                        batch_size: int = 8,
                         block_size: int | None = None, topk: int | None = None,
                         index_score_dtype: str | None = None, indexer_metrics: bool = True,
                         indexer_seed: int = 1234, dtype: str | None = None, mesh=None,
