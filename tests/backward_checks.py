@@ -99,3 +99,38 @@ def check_kl_grads(implementation, name, dtype, seed, ids=None):
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
     assert C.rel_err(got, ref) <= TOL[dtype], C.rel_err(got, ref)
   return dqi, dki
+
+
+def _forward(q, k, v, ids, q_positions, kv_lengths, block_size, scale):
+  return reference.sparse_attention(q, k, v, ids, q_positions, kv_lengths,
+                                    block_size=block_size, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "queries_per_item",
+                                              "tiles_per_item"))
+def gpu_kernel_grads(q, k, v, ids, q_positions, kv_lengths, d_out, d_lse, *, block_size,
+                     scale, queries_per_item=None, tiles_per_item=2):
+  """The GPU backward on the reference forward's out/lse (interpret mode; two tiles per item
+  by default, so lists split into items)."""
+  from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
+  out, lse = _forward(q, k, v, ids, q_positions, kv_lengths, block_size, scale)
+  return bwd.sparse_attention_bwd(q, k, v, ids, q_positions, kv_lengths, out, lse, d_out,
+                                  d_lse, block_size=block_size, scale=scale, interpret=True,
+                                  queries_per_item=queries_per_item,
+                                  tiles_per_item=tiles_per_item)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "queries_per_item",
+                                              "interpret"))
+def tpu_kernel_grads(q, k, v, ids, q_positions, kv_lengths, d_out, d_lse, *, block_size,
+                     scale, queries_per_item=None, interpret=True):
+  """The TPU backward on the reference forward's out/lse (interpret mode, or the Mosaic-TPU
+  simulator with ``interpret=pltpu.InterpretParams(...)``)."""
+  from msa_jax.kernels.tpu import sparse_attention_bwd as bwd
+  out, lse = _forward(q, k, v, ids, q_positions, kv_lengths, block_size, scale)
+  return bwd.sparse_attention_bwd(q, k, v, ids, q_positions, kv_lengths, out, lse, d_out,
+                                  d_lse, block_size=block_size, scale=scale,
+                                  interpret=interpret, queries_per_item=queries_per_item)
+
+
+KERNEL_GRADS = {"gpu": gpu_kernel_grads, "tpu": tpu_kernel_grads}
