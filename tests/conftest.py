@@ -16,8 +16,19 @@ def _slow_ids() -> set[str]:
     return {line.strip() for line in f if line.strip() and not line.startswith("#")}
 
 
+def _whole_suite(config) -> bool:
+  """Whether this run collects every test (no -k, no file or test named)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return not config.option.keyword and all(
+      os.path.abspath(str(a)) == here for a in config.args)
+
+
 def pytest_collection_modifyitems(config, items):
   slow = _slow_ids()
   for item in items:
     if item.nodeid in slow:
       item.add_marker(pytest.mark.slow)
+  stale = slow - {item.nodeid for item in items}
+  if stale and _whole_suite(config):  # a renamed or removed test left its line behind
+    raise pytest.UsageError("tests/slow_tests.txt names tests that do not exist (rename or "
+                            "remove the lines): " + ", ".join(sorted(stale)[:10]))
