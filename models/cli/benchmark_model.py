@@ -43,7 +43,7 @@ import datetime
 import functools
 import json
 import os
-import statistics
+import math
 import time
 import traceback
 
@@ -55,19 +55,16 @@ import models
 from models import checkpoint
 from models import cli
 from models import serving
+from msa_jax import profiling
 
 
 # ----------------------------------------------------------------------------- ceilings
 
 
 def _time(fn, iters=10):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  """Median seconds of ``fn()`` over ``iters`` calls after a warm-up."""
+  return profiling.timed(lambda: jax.block_until_ready(fn()), iters=iters,
+                         budget_s=math.inf)[0] / 1e3
 
 
 def _read_kernel(x_ref, o_ref, *, rows, tile):
