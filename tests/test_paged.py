@@ -123,6 +123,7 @@ def test_allocator_sync_resets_lengths_of_new_rows():
   cache = paged.init(num_pages=6, page_size=4, batch=2, max_pages=3, kv_heads=1, head_dim=2,
                      index_dim=2, dtype=jnp.float32)
   r0, r1 = alloc.admit(5), alloc.admit(4)
+  assert {r0, r1} == {0, 1}
   cache = alloc.sync(cache._replace(lengths=jnp.array([7, 7], jnp.int32)))
   np.testing.assert_array_equal(cache.lengths, [0, 0])
   np.testing.assert_array_equal(cache.page_table, alloc.page_table)
