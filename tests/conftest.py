@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must precede the first jax import), and
-the "slow" marker on the tests listed in ``slow_tests.txt``."""
+"""Test setup: 8 fake CPU devices for sharding tests (must precede the first jax import), exact
+float32 matmuls on GPUs, and the "slow" marker on the tests listed in ``slow_tests.txt``."""
 
 import os
 
@@ -7,6 +7,12 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if os.environ["JAX_PLATFORMS"] in ("cuda", "gpu"):
+  # float32 tests check the algorithm to ~1e-5; GPUs multiply float32 in TF32 (10 mantissa
+  # bits) unless asked for full precision, in XLA and in the Triton kernels alike.
+  import jax
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 _SLOW_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
 

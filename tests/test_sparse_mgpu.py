@@ -124,7 +124,8 @@ def test_every_partial_slot_written(name, tiles_per_item, num_ctas, stages, kv_s
 
 
 def test_api_dispatch_to_mosaic(monkeypatch):
-  """``"kernel": "mosaic"`` in the sparse tuning section routes ``sparse_attention`` here."""
+  """``"kernel": "mosaic"`` in the sparse tuning section routes ``sparse_attention`` here
+  (the union path off: a card's table may turn it on, and it would trace KV-outer twice)."""
   case = CASES["prefill_gqa16"]
   x = C.make_inputs(case, jnp.bfloat16, seed=22)
   ids = C.random_selection(case, x, seed=22)
@@ -132,7 +133,8 @@ def test_api_dispatch_to_mosaic(monkeypatch):
   run = mgpu.sparse_attention_partials
   monkeypatch.setattr(mgpu, "sparse_attention_partials",
                       lambda *a, **kw: calls.append(kw) or run(*a, **kw))
-  with tuning.override("sparse", kernel="mosaic"), interpreted() as params:
+  with tuning.override("sparse", kernel="mosaic", union_max=None), \
+       interpreted() as params:
     out, lse = msa_jax.sparse_attention(x["q"], x["k"], x["v"], ids, block_size=case.block_size,
                                         kv_lengths=x["kv_lengths"], return_lse=True,
                                         implementation="pallas_gpu", interpret=params)

@@ -153,7 +153,8 @@ def test_api_chooses_union_or_kv_outer_by_mean_union(monkeypatch, union_max):
                         poisoned(mgpu.sparse_attention_partials))
   else:
     monkeypatch.setattr(union_mgpu, "sparse_attention", poisoned(union_mgpu.sparse_attention))
-  with tuning.override("sparse", kernel="mosaic", union_max=union_max), \
+  with tuning.override("sparse", kernel="mosaic", union_max=union_max,
+                       union_mix=False), \
       interpreted() as params:
     out, lse = msa_jax.sparse_attention(inputs["q"], inputs["k"], inputs["v"], ids,
                                         block_size=case.block_size,
