@@ -41,7 +41,7 @@ def _mosaic_index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, top
   Decode (few rows) splits the keys into ranges over enough CTAs to reach the table's
   ``min_programs``. FP8: q's per-token scale never changes a row's order (dropped); each
   block's scale multiplies its block max."""
-  from msa_jax.kernels.gpu import index_topk_mgpu as kernel
+  from msa_jax.ops.index_topk import gpu_mosaic as kernel
   from msa_jax import tuning
   fp8 = score_dtype is not None
   if not (kernel.supports_fp8(q_idx, block_size, topk) if fp8 else
@@ -66,7 +66,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
                 score_dtype=None):
   selection = "scores"
   if impl == "pallas_gpu":
-    from msa_jax.kernels.gpu import index_topk as kernel
+    from msa_jax.ops.index_topk import gpu_triton as kernel
     from msa_jax import tuning
     key = kernel.config_key(q_idx.shape[1])
     selection = tuning.config(key)["selection"]
@@ -78,7 +78,7 @@ def _index_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, impl
         return ids
       selection = "fused" if key == "index" else "tile"
   elif impl == "pallas_tpu":
-    from msa_jax.kernels.tpu import index_topk as kernel
+    from msa_jax.ops.index_topk import tpu as kernel
   if score_dtype is not None:
     # The selection from the FP8-rounded values (exact in the inputs' dtype).
     q_idx = fp8_rounded(q_idx)
@@ -161,10 +161,10 @@ def _queries_per_item(heads_per_group: int, interpret) -> int:
 def gpu_sparse_kernel(q, k, v, block_size: int):
   """The GPU KV-outer kernel module for these inputs: the Mosaic GPU one where the card's
   tuning table picks it and it supports the shapes, else the Triton one."""
-  from msa_jax.kernels.gpu import sparse_attention
+  from msa_jax.ops.sparse_attention import gpu_triton as sparse_attention
   from msa_jax import tuning
   if tuning.config("sparse")["kernel"] == "mosaic":  # Hopper TMA + wgmma, where it applies
-    from msa_jax.kernels.gpu import sparse_attention_mgpu
+    from msa_jax.ops.sparse_attention import gpu_mosaic as sparse_attention_mgpu
     if sparse_attention_mgpu.supports(q, k, v, block_size):
       return sparse_attention_mgpu
   return sparse_attention
@@ -187,14 +187,14 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
   v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
   if impl == "pallas_gpu":
     if t <= checks.MAX_DECODE_QUERIES:  # decode: query-outer split-K, the paged kernel's
-      from msa_jax.kernels.gpu import paged_sparse_decode
+      from msa_jax.ops.sparse_attention import gpu_triton_paged as paged_sparse_decode
       # The contiguous cache seen as pages of one block each: block j of row i is page
       # i * nb + j (a reshape, no copy; no page table).
       as_pages = lambda x: x.reshape(b * nb, block_size, *x.shape[2:])
       return paged_sparse_decode.paged_sparse_decode(
           q, as_pages(k), as_pages(v), None, block_indices, q_positions, kv_lengths,
           block_size=block_size, scale=scale, interpret=interpret)
-    from msa_jax.kernels.gpu import sparse_attention_mgpu
+    from msa_jax.ops.sparse_attention import gpu_mosaic as sparse_attention_mgpu
     from msa_jax import tuning
     kernel = gpu_sparse_kernel(q, k, v, block_size)
     per_tile, per_item = kernel.work_item_size(
@@ -222,7 +222,7 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
               tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
 
     union_max = tuning.config("sparse").get("union_max") or 0
-    from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_kernel
+    from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_kernel
     if guarded and union_max and union_kernel.supports(q, k, v, block_size):
       # Query-outer over tiles of neighbouring queries when they share their blocks (small
       # tile unions, as with a trained indexer's selections): each tile's blocks loaded once,
@@ -243,7 +243,7 @@ def _pallas_forward(q, k, v, block_indices, q_positions, kv_lengths, *, block_si
                           block_size)
     return out, lse
   else:
-    from msa_jax.kernels.tpu import sparse_attention as kernel
+    from msa_jax.ops.sparse_attention import tpu as kernel
     qpi = _queries_per_item(hq // g, interpret)
     schedule = sched.build_schedule(block_indices, valid, q_positions, nb, qpi)
     partial_out, partial_lse = kernel.sparse_attention_partials(
@@ -257,7 +257,7 @@ def _union_per_tile(unions, union_max, union, kv_outer, valid, heads):
   the others KV-outer (``union(unions)`` and ``kv_outer(live)`` run the two paths; tiles
   emptied of blocks cost the union kernel nothing, queries without live slots cost KV-outer
   no work items). When every tile goes one way, only that path runs."""
-  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_kernel
+  from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_kernel
   ids, counts, members = unions
   small = counts <= union_max  # [B, tiles, G]; tiles without blocks count as small
   t = valid.shape[1]
@@ -303,9 +303,9 @@ def _pallas_bwd(block_size, scale, impl, interpret, residuals, cotangents):
   q, k, v, block_indices, q_positions, kv_lengths, out, lse = residuals
   d_out, d_lse = cotangents
   if impl == "pallas_gpu":
-    from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
+    from msa_jax.ops.sparse_attention import gpu_triton_bwd as bwd
   else:
-    from msa_jax.kernels.tpu import sparse_attention_bwd as bwd
+    from msa_jax.ops.sparse_attention import tpu_bwd as bwd
   dq, dk, dv = bwd.sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out,
                                         lse, d_out, d_lse, block_size=block_size, scale=scale,
                                         interpret=interpret)

@@ -11,7 +11,7 @@ is ever built. Implementations:
   online softmax over key chunks of ``k_chunk`` up to the last key any of its queries sees.
   Any backend, any dtype; memory ``O(B * Hq * q_chunk * k_chunk)``.
 * ``"pallas_gpu"``: decode (at most ``MAX_DECODE_QUERIES`` queries per sequence) runs MSA's
-  query-outer split-K decode kernel over *all* blocks (``kernels/gpu/paged_sparse_decode``):
+  query-outer split-K decode kernel over *all* blocks (``ops/sparse_attention/gpu_triton_paged``):
   each group's keys are read once for its query heads. Longer query ranges run cuDNN flash
   attention (bfloat16/float16, head dim <= 128) in two calls merged by their LSEs: the queries
   against the cached prefix (no causal mask, ``key_value_seq_lengths`` = prefix length) and
@@ -19,7 +19,7 @@ is ever built. Implementations:
   layout a model produces: sequence b's queries at consecutive positions ending at
   ``kv_lengths[b] - 1``, padding (``p < 0``) after them. Other layouts, and inputs cuDNN does
   not take, run the ``"xla"`` path (checked under ``jit`` too, with ``lax.cond``).
-* ``"pallas_tpu"``: a Pallas flash-attention kernel (``kernels/tpu/flash_attention.py``)
+* ``"pallas_tpu"``: a Pallas flash-attention kernel (``ops/full_attention/tpu.py``)
   whose mask comes from the positions and lengths (splash attention's masks are static), for
   every layout, prefill and decode alike.
 
@@ -69,7 +69,7 @@ def full_attention(q, k, v, *, scale=None, q_positions=None, kv_lengths=None,
         lambda: _cudnn(q, k, v, q_positions, kv_lengths, scale),
         lambda: _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk))
   if impl == "pallas_tpu":
-    from msa_jax.kernels.tpu import flash_attention
+    from msa_jax.ops.full_attention import tpu as flash_attention
     return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, scale=scale,
                                            interpret=interpret)
   return _flash_xla(q, k, v, q_positions, kv_lengths, scale, q_chunk, k_chunk)
@@ -162,7 +162,7 @@ def _decode_gpu(q, k, v, q_positions, kv_lengths, *, scale, interpret):
 
 def _decode_pages(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, scale,
                   interpret):
-  from msa_jax.kernels.gpu import paged_sparse_decode
+  from msa_jax.ops.sparse_attention import gpu_triton_paged as paged_sparse_decode
   b, t, hq, _ = q.shape
   g, bk = k_pages.shape[2], k_pages.shape[1]
   nb = page_table.shape[1]
@@ -198,7 +198,7 @@ def paged_full_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None
   from msa_jax import paged
   k, v = (paged.gather_pages(pages, page_table, lengths) for pages in (k_pages, v_pages))
   if impl == "pallas_tpu":
-    from msa_jax.kernels.tpu import flash_attention
+    from msa_jax.ops.full_attention import tpu as flash_attention
     return flash_attention.flash_attention(q, k, v, q_positions, lengths, scale=scale,
                                            interpret=interpret)
   return _flash_xla(q, k, v, q_positions, lengths, scale, Q_CHUNK, K_CHUNK)

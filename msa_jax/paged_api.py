@@ -35,10 +35,10 @@ def _paged_index_topk(q_idx, index_pages, page_table, lengths, q_positions, *, b
     return reference.index_topk(q_idx, k_idx, q_positions, lengths, block_size=block_size,
                                 topk=topk)
   if impl == "pallas_gpu":
-    from msa_jax.kernels.gpu import paged_index_topk as kernel
+    from msa_jax.ops.index_topk import gpu_triton_paged as kernel
     return kernel.paged_index_topk(q_idx, index_pages, page_table, q_positions, lengths,
                                    block_size=block_size, topk=topk, interpret=interpret)
-  from msa_jax.kernels.tpu import paged_index_topk as kernel
+  from msa_jax.ops.index_topk import tpu_paged as kernel
   scores = kernel.paged_block_scores(q_idx, index_pages, page_table, q_positions, lengths,
                                      block_size=block_size, interpret=interpret)
   return reference.select_blocks(scores, reference.own_block(q_positions, lengths, block_size),
@@ -98,12 +98,12 @@ def _paged_sparse_decode(q, k_pages, v_pages, page_table, lengths, block_indices
     return reference.sparse_attention(q, k, v, block_indices, q_positions, lengths,
                                       block_size=block_size, scale=scale)
   if impl == "pallas_gpu":  # two kernels: partials (each compacting its row), their merge
-    from msa_jax.kernels.gpu import paged_sparse_decode as kernel
+    from msa_jax.ops.sparse_attention import gpu_triton_paged as kernel
     return kernel.paged_sparse_decode(q, k_pages, v_pages, page_table, block_indices,
                                       q_positions, lengths, block_size=block_size, scale=scale,
                                       interpret=interpret)
   ids, counts = sched.compact_selection(block_indices, page_table.shape[1])
-  from msa_jax.kernels.tpu import paged_sparse_decode as kernel
+  from msa_jax.ops.sparse_attention import tpu_paged as kernel
   partial_out, partial_lse = kernel.paged_sparse_decode_partials(
       q, k_pages, v_pages, page_table, ids, counts, q_positions, lengths,
       block_size=block_size, scale=scale, interpret=interpret)

@@ -112,7 +112,7 @@ def gpu_kernel_grads(q, k, v, ids, q_positions, kv_lengths, d_out, d_lse, *, blo
                      scale, queries_per_item=None, tiles_per_item=2):
   """The GPU backward on the reference forward's out/lse (interpret mode; two tiles per item
   by default, so lists split into items)."""
-  from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
+  from msa_jax.ops.sparse_attention import gpu_triton_bwd as bwd
   out, lse = _forward(q, k, v, ids, q_positions, kv_lengths, block_size, scale)
   return bwd.sparse_attention_bwd(q, k, v, ids, q_positions, kv_lengths, out, lse, d_out,
                                   d_lse, block_size=block_size, scale=scale, interpret=True,
@@ -126,7 +126,7 @@ def tpu_kernel_grads(q, k, v, ids, q_positions, kv_lengths, d_out, d_lse, *, blo
                      scale, queries_per_item=None, interpret=True):
   """The TPU backward on the reference forward's out/lse (interpret mode, or the Mosaic-TPU
   simulator with ``interpret=pltpu.InterpretParams(...)``)."""
-  from msa_jax.kernels.tpu import sparse_attention_bwd as bwd
+  from msa_jax.ops.sparse_attention import tpu_bwd as bwd
   out, lse = _forward(q, k, v, ids, q_positions, kv_lengths, block_size, scale)
   return bwd.sparse_attention_bwd(q, k, v, ids, q_positions, kv_lengths, out, lse, d_out,
                                   d_lse, block_size=block_size, scale=scale,

@@ -107,9 +107,9 @@ def test_indexer_kl_loss_validation():
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_validation_happens_before_kernels(impl, monkeypatch):
   """Bad input fails with ValueError even if the kernels would blow up when traced."""
-  from msa_jax.kernels.gpu import paged_sparse_decode as gpu_decode
-  from msa_jax.kernels.gpu import sparse_attention as gpu_sa
-  from msa_jax.kernels.tpu import sparse_attention as tpu_sa
+  from msa_jax.ops.sparse_attention import gpu_triton_paged as gpu_decode
+  from msa_jax.ops.sparse_attention import gpu_triton as gpu_sa
+  from msa_jax.ops.sparse_attention import tpu as tpu_sa
 
   def boom(*a, **k):
     raise AssertionError("kernel traced before validation")

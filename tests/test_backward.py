@@ -19,8 +19,8 @@ import pytest
 import msa_jax
 from msa_jax import reference
 from msa_jax import tuning
-from msa_jax.kernels.gpu import sparse_attention_bwd as gpu_bwd
-from msa_jax.kernels.tpu import sparse_attention_bwd as tpu_bwd
+from msa_jax.ops.sparse_attention import gpu_triton_bwd as gpu_bwd
+from msa_jax.ops.sparse_attention import tpu_bwd as tpu_bwd
 from tests import backward_checks as B
 from tests import cases as C
 

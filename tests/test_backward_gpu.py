@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from msa_jax import reference
-from msa_jax.kernels.gpu import smem
-from msa_jax.kernels.gpu import sparse_attention_bwd as bwd
+from msa_jax.ops.common import smem
+from msa_jax.ops.sparse_attention import gpu_triton_bwd as bwd
 from msa_jax import tuning
 from tests import backward_checks as B
 from tests import cases as C

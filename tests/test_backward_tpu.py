@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from msa_jax.kernels.tpu import sparse_attention_bwd as bwd
+from msa_jax.ops.sparse_attention import tpu_bwd as bwd
 from tests import backward_checks as B
 from tests import cases as C
 

@@ -76,7 +76,7 @@ def test_xla_matches_oracle(name, b, t, s, hq, g, first, n, dtype):
 def test_tpu_flash_kernel_matches_oracle(name, b, t, s, hq, g, first, n, dtype):
   """The Pallas TPU flash kernel (interpret mode) with small tiles: several query and key
   tiles, skipped key tiles, padding rows; NaN past the lengths must not leak."""
-  from msa_jax.kernels.tpu import flash_attention
+  from msa_jax.ops.full_attention import tpu as flash_attention
   q, k, v = _inputs(hash(name) % 991, b, t, s, hq, g, dtype=dtype)
   pos, kv_len = _layout(first, n, t)
   k, v = _nan_past_lengths(k, v, kv_len)
@@ -95,7 +95,7 @@ def test_tpu_flash_kernel_lowers_for_tpu():
   a 8K prefill chunk, a 128K-cache decode step, float32 with odd sizes."""
   from jax import export
   from jax._src import mesh as mesh_lib
-  from msa_jax.kernels.tpu import flash_attention
+  from msa_jax.ops.full_attention import tpu as flash_attention
   try:
     device = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
   except TypeError:

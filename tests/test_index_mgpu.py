@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import msa_jax
-from msa_jax.kernels.gpu import index_topk_mgpu as kernel
+from msa_jax.ops.index_topk import gpu_mosaic as kernel
 from msa_jax import tuning
 from tests import cases as C
 from tests import oracle

@@ -1,6 +1,7 @@
 """Pallas kernels (interpret mode) against reference.py, on the edge cases of docs/msa.md §8."""
 
 import contextlib
+import importlib
 import os
 
 import jax
@@ -13,7 +14,7 @@ import msa_jax
 from msa_jax import api
 from msa_jax import reference
 from msa_jax import schedule as sched
-from msa_jax.kernels.gpu import index_topk as gpu_index
+from msa_jax.ops.index_topk import gpu_triton as gpu_index
 from msa_jax import tuning
 from tests import cases as C
 from tests import oracle
@@ -63,8 +64,8 @@ def test_index_topk_kernel(variant, name, dtype):
 @pytest.mark.parametrize("impl", KERNELS)
 def test_block_scores_kernel(impl):
   """The fused score GEMM + max-pool itself, -inf where nothing is visible."""
-  from msa_jax.kernels.gpu import index_topk as gpu
-  from msa_jax.kernels.tpu import index_topk as tpu
+  from msa_jax.ops.index_topk import gpu_triton as gpu
+  from msa_jax.ops.index_topk import tpu as tpu
   kernel = gpu if impl == "pallas_gpu" else tpu
   case = C.CASES["prefill_padding"]
   x = C.make_inputs(case, jnp.float32, seed=12)
@@ -111,8 +112,8 @@ def test_every_partial_slot_written(impl):
   nb = reference.cdiv(case.kv_len, case.block_size)
   valid = reference.valid_block_mask(ids, nb)
   qpi = api._queries_per_item(case.q_heads // case.groups, interpret=True)
-  module = __import__(f"msa_jax.kernels.{impl.split('_')[1]}.sparse_attention",
-                      fromlist=["x"])
+  module = importlib.import_module(
+      "msa_jax.ops.sparse_attention." + {"pallas_gpu": "gpu_triton", "pallas_tpu": "tpu"}[impl])
   scale = 1 / np.sqrt(case.head_dim)
   pad = nb * case.block_size - case.kv_len
   kp = jnp.pad(x["k"], ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -258,7 +259,7 @@ def test_decode_kernel_split_k(name, num_splits):
   merge (a kernel for power-of-two split counts, XLA otherwise). The selection goes in raw
   (holes, repeats, out-of-range ids: the kernel compacts it); queries with nothing selected
   get out 0 and LSE -inf."""
-  from msa_jax.kernels.gpu import paged_sparse_decode
+  from msa_jax.ops.sparse_attention import gpu_triton_paged as paged_sparse_decode
   case = C.CASES[name]
   x = C.make_inputs(case, jnp.float32, seed=22)
   ids = C.random_selection(case, x, seed=22, holes=True).at[0, 0, 0].set(-1)  # no blocks
@@ -304,7 +305,7 @@ def test_decode_kernel_split_k(name, num_splits):
 
 
 def test_gpu_decode_uses_query_outer_kernel(monkeypatch):
-  from msa_jax.kernels.gpu import sparse_attention as kv_outer
+  from msa_jax.ops.sparse_attention import gpu_triton as kv_outer
 
   def boom(*a, **k):
     raise AssertionError("KV-outer kernel used for decode")

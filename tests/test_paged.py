@@ -6,6 +6,7 @@ kernel that reads past a sequence's length or through a stale page-table entry f
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import msa_jax
 from msa_jax import paged
 from msa_jax import reference
 from msa_jax import schedule as sched
-from msa_jax.kernels.gpu import paged_index_topk as gpu_paged_index
+from msa_jax.ops.index_topk import gpu_triton_paged as gpu_paged_index
 from msa_jax import tuning
 from tests import cases as C
 from tests import oracle
@@ -354,8 +355,9 @@ def test_gpu_paged_selection_in_kernel(selection):
 def test_paged_decode_split_k(impl, num_splits):
   """Any split of the selected pages merges (LSE combine) to the reference; the TPU kernel
   under the Mosaic-TPU interpreter (DMA/semaphore checks, races, NaN-filled scratch)."""
-  module = __import__(f"msa_jax.kernels.{impl.split('_')[1]}.paged_sparse_decode",
-                      fromlist=["x"])
+  module = importlib.import_module(
+      "msa_jax.ops.sparse_attention." + {"pallas_gpu": "gpu_triton_paged",
+                                        "pallas_tpu": "tpu_paged"}[impl])
   x = make_paged(**PAGED_CASES["q8"], dtype=jnp.float32, seed=5)
   sel = _random_selection(x, seed=5)
   cache = x["cache"]

@@ -19,8 +19,8 @@ import pytest
 import msa_jax
 from msa_jax import reference
 from msa_jax import schedule as sched
-from msa_jax.kernels.gpu import mosaic_common as common
-from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
+from msa_jax.ops.common import mosaic_gpu as common
+from msa_jax.ops.sparse_attention import gpu_mosaic as mgpu
 from msa_jax import tuning
 from tests import cases as C
 

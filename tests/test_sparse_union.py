@@ -1,4 +1,4 @@
-"""The union-tile forward (kernels/gpu/sparse_attention_union.py) in interpret mode against
+"""The union-tile forward (ops/sparse_attention/gpu_triton_union.py) in interpret mode against
 the float64 oracle, and its per-tile unions against sets."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from msa_jax import reference
-from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
+from msa_jax.ops.sparse_attention import gpu_triton_union as union_kernel
 from tests import cases as C
 
 
@@ -95,7 +95,7 @@ def test_mosaic_union_forward_matches_oracle(name, stages):
   """The Mosaic GPU union kernel (bf16) under the Mosaic GPU interpreter (barrier phases and
   races checked, NaN-filled memory) or compiled on a GPU: selections with -1 slots and
   repeats, ragged lengths, a partial last tile."""
-  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES[name]
   inputs = C.make_inputs(case, jnp.bfloat16, seed=5)
@@ -122,7 +122,7 @@ def test_mosaic_union_forward_matches_oracle(name, stages):
 def test_mosaic_union_lowers_for_hopper_at_m3_shapes():
   """Pallas -> Mosaic GPU lowering at M3 shapes (16 heads per group: 8-query tiles, D 128,
   Bk 128), on CPU through ``jax.export`` for CUDA."""
-  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   b, t, s_len, hq, g, d, bk, topk = 1, 64, 1024, 64, 4, 128, 128, 16
   nb = s_len // bk
 
@@ -139,8 +139,8 @@ def test_api_chooses_union_or_kv_outer_by_mean_union(monkeypatch, union_max):
   union is at most ``union_max`` and KV-outer otherwise. The branch not meant to run is
   poisoned (NaN), so a wrong choice fails."""
   import msa_jax
-  from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
-  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  from msa_jax.ops.sparse_attention import gpu_mosaic as mgpu
+  from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   from msa_jax import tuning
   from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES["prefill_gqa16"]
@@ -168,7 +168,7 @@ def test_api_chooses_union_or_kv_outer_by_mean_union(monkeypatch, union_max):
 
 
 def test_mean_union_counts_only_tiles_with_blocks():
-  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   ids = jnp.array([[[[0, 1]], [[1, 2]], [[-1, -1]], [[-1, -1]]]], jnp.int32)  # [1, 4, 1, 2]
   valid = ids >= 0
   unions = union_kernel.tile_unions(ids, valid, 2)  # tiles {0, 1, 2} and {}
@@ -181,7 +181,7 @@ def test_per_tile_choice(union_max, want):
   the others KV-outer (fake paths that mark which one produced each query); when all tiles go
   one way only that path's output is used."""
   from msa_jax import api
-  from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+  from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   heads, per_tile = 16, union_mgpu.queries_per_tile(16)  # 8 queries per tile
   b, t, g, k = 1, 3 * per_tile - 3, 1, 2
   ids = np.zeros((b, t, g, k), np.int32)

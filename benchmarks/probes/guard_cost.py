@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import msa_jax
 from models.cli import benchmark as bench
-from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
+from msa_jax.ops.sparse_attention import gpu_mosaic as mgpu
 
 HQ, G, D, BK, TOPK = 64, 4, 128, 128, 16
 

@@ -22,8 +22,8 @@ import numpy as np
 import msa_jax
 from models.cli import benchmark as bench
 from msa_jax import reference, workloads
-from msa_jax.kernels.gpu import index_topk as triton_kernel
-from msa_jax.kernels.gpu import index_topk_mgpu as mosaic_kernel
+from msa_jax.ops.index_topk import gpu_triton as triton_kernel
+from msa_jax.ops.index_topk import gpu_mosaic as mosaic_kernel
 from msa_jax import tuning
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
     __file__)))))
 
 import msa_jax  # noqa: E402
-from msa_jax.kernels.gpu import sparse_attention_bwd as bwd  # noqa: E402
+from msa_jax.ops.sparse_attention import gpu_triton_bwd as bwd  # noqa: E402
 from msa_jax import tuning  # noqa: E402
 from models import grouped_matmul as gm  # noqa: E402
 

@@ -3,7 +3,7 @@
 Times, on the last ``--chunk`` queries of a ``--context``-token prefill (M3 shapes, bf16),
 ``msa_jax.sparse_attention`` as the API runs it three ways (KV-outer alone: schedule, kernel,
 combine; the table's per-call choice by the mean union; the per-tile mix, ``union_mix``),
-the Mosaic union kernel alone, and ``kernels/gpu/sparse_attention_union.sparse_attention``
+the Mosaic union kernel alone, and ``ops/sparse_attention/gpu_triton_union.sparse_attention``
 (tile unions in XLA, then one query-outer Triton kernel) for several tile sizes and warp
 counts, after checking each against the KV-outer output. Selections come from the index
 kernel on random, structured or mixed index inputs (``models.cli.benchmark.index_inputs``).
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import msa_jax
 from models.cli import benchmark as bench
 from msa_jax import reference, workloads
-from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
-from msa_jax.kernels.gpu import sparse_attention_union as union_kernel
-from msa_jax.kernels.gpu import sparse_attention_union_mgpu as union_mgpu
+from msa_jax.ops.sparse_attention import gpu_mosaic as mgpu
+from msa_jax.ops.sparse_attention import gpu_triton_union as union_kernel
+from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
 from msa_jax import tuning
 
 

@@ -197,7 +197,7 @@ def prefill_row(n, w: Workload, args, impl, interpret, selection="random", dense
       lambda: block([layer(q, k, v, q_idx, k_idx, s) for s in starts]),
       iters=args.iters, budget_s=budget)
   if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
-    from msa_jax.kernels.gpu import index_topk as index_kernel
+    from msa_jax.ops.index_topk import gpu_triton as index_kernel
     scores = jax.jit(lambda q_idx, k_idx, s: index_kernel.block_scores(
         sl(q_idx, s), k_idx, *positions(s), block_size=w.block_size, interpret=interpret))
     row["last_chunk_index_scores_ms"], _ = timed(
@@ -331,7 +331,7 @@ def decode_row(batch, ctx, q_len, w: Workload, args, impl, interpret, selection=
   row["index_ms"], _ = timed(lambda: block(index(q_idx, k_idx)), iters=args.iters,
                              budget_s=args.budget_s / 3)
   if impl in (None, "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
-    from msa_jax.kernels.gpu import index_topk as index_kernel
+    from msa_jax.ops.index_topk import gpu_triton as index_kernel
     pos = jnp.broadcast_to(ctx - q_len + jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
     scores = jax.jit(lambda qi, ki: index_kernel.block_scores(
         qi, ki, pos, jnp.full((batch,), ctx, jnp.int32), block_size=w.block_size,

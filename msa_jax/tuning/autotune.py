@@ -217,13 +217,13 @@ class _Bench:
 
   def _partials(self, cfg):
     """(jitted partials function, schedule) of the sparse kernel ``cfg`` names."""
-    from msa_jax.kernels.gpu import sparse_attention, sparse_attention_mgpu
+    from msa_jax.ops.sparse_attention import gpu_mosaic, gpu_triton
     w, cfg = self.w, dict(cfg)
-    module = sparse_attention
+    module = gpu_triton
     if cfg.pop("kernel", "triton") == "mosaic":
       if self.interpret:
         raise NotImplementedError("the Mosaic GPU kernel is not swept in interpret mode")
-      module = sparse_attention_mgpu
+      module = gpu_mosaic
       for name in TRITON_ONLY:
         cfg.pop(name, None)
       if "q_stages" in cfg:  # the Mosaic kernel's q/O slots (its num_stages)

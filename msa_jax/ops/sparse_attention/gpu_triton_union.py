@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import reference
-from msa_jax.kernels import masking
-from msa_jax.kernels.gpu.sparse_attention import _dot  # pylint: disable=protected-access
+from msa_jax.ops.common import masking
+from msa_jax.ops.sparse_attention.gpu_triton import _dot  # pylint: disable=protected-access
 
 MAX_QUERIES_PER_TILE = 31  # the selection bit mask is an int32
 

@@ -13,7 +13,7 @@ scratch) of one tile of ``tq`` positions x ``Hq/G`` heads. The largest position 
 tile and ``kv_lengths`` arrive by scalar prefetch: key tiles past the last key any row of the
 tile sees skip the math, and their index map repeats the last needed tile, so the pipeline
 fetches nothing new for them. Values a row cannot see never reach it, even as NaN or Inf
-(``kernels/masking.py``).
+(``ops/common/masking.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from msa_jax import reference
-from msa_jax.kernels import masking
+from msa_jax.ops.common import masking
 
 ROWS = 256  # query rows (positions x heads of a group) per tile
 KEYS = 512  # keys per tile

@@ -1,8 +1,8 @@
 """What the GPU and TPU backward passes of sparse attention share: their contract and the
 preprocessing of their inputs.
 
-Both ``kernels/gpu/sparse_attention_bwd.sparse_attention_bwd`` and
-``kernels/tpu/sparse_attention_bwd.sparse_attention_bwd`` compute the gradients of
+Both ``ops/sparse_attention/gpu_triton_bwd.sparse_attention_bwd`` and
+``ops/sparse_attention/tpu_bwd.sparse_attention_bwd`` compute the gradients of
 ``reference.sparse_attention``'s output with respect to q, k, v:
 
 Args:

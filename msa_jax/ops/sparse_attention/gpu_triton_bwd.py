@@ -49,9 +49,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import reference
-from msa_jax.kernels import backward
+from msa_jax.ops.sparse_attention import backward
 from msa_jax import schedule as sched
-from msa_jax.kernels.gpu import smem
+from msa_jax.ops.common import smem
 from msa_jax import tuning
 
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
@@ -311,7 +311,7 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
                          tiles_per_item=None, num_warps=None, num_stages=None,
                          dq_num_warps=None, dq_num_stages=None, reduce_num_warps=None):
   """Gradients of ``reference.sparse_attention``'s output with respect to q, k, v (arguments
-  and returns: ``kernels/backward.py``).
+  and returns: ``ops/sparse_attention/backward.py``).
 
   GPU-only arguments:
     interpret: run the kernels in Pallas interpret mode.

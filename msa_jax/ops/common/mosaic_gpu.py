@@ -12,7 +12,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from msa_jax.kernels.gpu import interpreter_shims
+from msa_jax.ops.common import interpreter_shims
 
 WGMMA_ROWS = 64  # rows of one warpgroup's wgmma tile (M)
 SMEM_BYTES = 227 * 1024  # Hopper: shared memory one CTA may use

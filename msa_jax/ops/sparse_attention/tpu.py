@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from msa_jax import schedule as sched
-from msa_jax.kernels import masking
+from msa_jax.ops.common import masking
 
 
 def _kernel(items_ref, q_rows_ref, out_rows_ref, pos_ref, kv_len_ref,  # scalar prefetch

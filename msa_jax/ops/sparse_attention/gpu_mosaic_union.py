@@ -42,9 +42,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax import reference
-from msa_jax.kernels.gpu import mosaic_common as common
-from msa_jax.kernels.gpu import sparse_attention_mgpu as mgpu
-from msa_jax.kernels.gpu import sparse_attention_union as union_common
+from msa_jax.ops.common import mosaic_gpu as common
+from msa_jax.ops.sparse_attention import gpu_mosaic as mgpu
+from msa_jax.ops.sparse_attention import gpu_triton_union as union_common
 
 COMPUTE_WGS = 2
 ROWS = common.WGMMA_ROWS  # rows of one compute warpgroup

@@ -90,7 +90,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from msa_jax import schedule as sched
-from msa_jax.kernels.gpu import mosaic_common as common
+from msa_jax.ops.common import mosaic_gpu as common
 from msa_jax import tuning
 
 WGMMA_ROWS = common.WGMMA_ROWS
@@ -331,7 +331,7 @@ def guard_values(v, kv_lengths):
 
   The kernel's ``P @ V`` reads V straight from the TMA loads, so ``0 * NaN`` would reach rows
   whose P is 0 there. Here (in XLA, one pass over V) value rows past ``kv_lengths`` and
-  non-finite rows are zeroed, as the Triton kernel does per block (``kernels/masking.py``).
+  non-finite rows are zeroed, as the Triton kernel does per block (``ops/common/masking.py``).
   Returns (V ``[B,S,G,Dv]``, int32 ``[B,G,S+1]`` prefix counts of non-finite rows before
   ``kv_lengths``).
   """

@@ -10,7 +10,7 @@ stays in registers/shared memory across several tiles; ``items_per_program`` ite
 one program (a loop Triton can pipeline). Row gathers and scatters use vector indexing of
 whole-array refs (as ``ops/gpu/paged_attention.py`` gathers pages); lanes past the item's
 count read query row 0 and write the scratch row. Values a row cannot see never reach it,
-even as NaN or Inf (``kernels/masking.py``).
+even as NaN or Inf (``ops/common/masking.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from msa_jax import schedule as sched
-from msa_jax.kernels import masking
+from msa_jax.ops.common import masking
 from msa_jax import tuning
 
 

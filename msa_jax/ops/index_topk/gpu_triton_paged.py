@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from msa_jax.kernels.gpu import index_topk as contiguous
+from msa_jax.ops.index_topk import gpu_triton as contiguous
 from msa_jax import tuning
 
 CONFIG = "index_decode"

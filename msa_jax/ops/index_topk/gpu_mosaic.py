@@ -56,8 +56,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from msa_jax.kernels.gpu import index_topk
-from msa_jax.kernels.gpu import mosaic_common as common
+from msa_jax.ops.index_topk import gpu_triton as index_topk
+from msa_jax.ops.common import mosaic_gpu as common
 from msa_jax import tuning
 
 WGMMA_ROWS = common.WGMMA_ROWS  # rows of one compute warpgroup (one wgmma M)

@@ -64,7 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from msa_jax import reference
-from msa_jax.kernels import backward
+from msa_jax.ops.sparse_attention import backward
 from msa_jax import schedule as sched
 
 # Rows of one dK/dV tile (query positions x heads of the group): 8 x 16 at M3 shapes, the
@@ -345,7 +345,7 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
                          d_lse=None, *, block_size, scale, interpret=False,
                          queries_per_item=None):
   """Gradients of ``reference.sparse_attention``'s output with respect to q, k, v (arguments
-  and returns: ``kernels/backward.py``).
+  and returns: ``ops/sparse_attention/backward.py``).
 
   TPU-only arguments:
     interpret: False, True, or ``pltpu.InterpretParams`` (the Mosaic-TPU simulator).
