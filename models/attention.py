@@ -93,28 +93,30 @@ class Attention(nnx.Module):
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, k_cache, v_cache, index_cache
 
-  def _attend(self, q, k_all, v_all, iq, index_all, positions, kv_lengths, *, implementation,
-              interpret):
-    """Attention of q [B,T,Hq,D] over contiguous caches holding kv_lengths tokens."""
+  def _attend(self, q, k, v, iq, index_keys, positions, kv_lengths, *, implementation,
+              interpret, page_table=None):
+    """Attention of q [B,T,Hq,D] over caches holding kv_lengths tokens: contiguous, or pages
+    listed by ``page_table`` (msa_jax reads pages in place for decode and gathers them for
+    longer chunks)."""
     c = self.config
-    k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
     if self.sparse:
       return msa_jax.msa_attention(
-          q, k_all, v_all, iq, index_all.astype(q.dtype), block_size=c.index_block_size,
+          q, k, v, iq, index_keys.astype(q.dtype), block_size=c.index_block_size,
           topk=c.index_topk_blocks, q_positions=positions, kv_lengths=kv_lengths,
-          implementation=implementation, interpret=interpret, score_dtype=c.index_score_dtype)
-    return msa_jax.full_attention(q, k_all, v_all, q_positions=positions,
-                                  kv_lengths=kv_lengths, implementation=implementation,
+          page_table=page_table, implementation=implementation, interpret=interpret,
+          score_dtype=c.index_score_dtype)
+    return msa_jax.full_attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths,
+                                  page_table=page_table, implementation=implementation,
                                   interpret=interpret)
 
   def paged(self, h, positions, kv_lengths, k_pages, v_pages, index_pages, page_table, *,
             implementation="xla", interpret=False):
     """As ``__call__`` on paged caches (``cache_lib.PagedModelCache``'s per-layer pages and shared
     page table). Decode steps (at most ``msa_jax.MAX_DECODE_QUERIES`` new tokens per
-    sequence) read the pages in place: MSA layers only the selected ones
-    (``msa_jax.paged_msa_decode``), full-attention layers all of the sequence's
-    (``msa_jax.paged_full_attention``); longer chunks (prefill) gather the sequence's pages
-    into contiguous keys first. Returns (out [B,T,H], k_pages, v_pages, index_pages)."""
+    sequence) read the pages in place: MSA layers only the selected ones, full-attention
+    layers all of the sequence's; longer chunks (prefill) gather the sequence's pages into
+    contiguous keys first. Returns (out [B,T,H], k_pages, v_pages, index_pages)."""
     c = self.config
     b, t, _ = h.shape
     q, k, v = self.project(h, positions)
@@ -124,21 +126,9 @@ class Attention(nnx.Module):
     layer = msa_jax.paged.PagedCache(k_pages, v_pages, index_pages, page_table, kv_lengths)
     layer = msa_jax.paged.write(layer, k, v, ik, positions)
     k_pages, v_pages, index_pages = layer.k_pages, layer.v_pages, layer.index_pages
-    if self.sparse and t <= msa_jax.MAX_DECODE_QUERIES:
-      out = msa_jax.paged_msa_decode(
-          q, iq, k_pages.astype(q.dtype), v_pages.astype(q.dtype),
-          index_pages.astype(q.dtype), page_table, kv_lengths, block_size=c.index_block_size,
-          topk=c.index_topk_blocks, q_positions=positions, implementation=implementation,
-          interpret=interpret, score_dtype=c.index_score_dtype)
-    elif t <= msa_jax.MAX_DECODE_QUERIES:
-      out = msa_jax.paged_full_attention(
-          q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), page_table, kv_lengths,
-          q_positions=positions, implementation=implementation, interpret=interpret)
-    else:
-      gather = lambda pages: msa_jax.paged.gather_pages(pages, page_table, kv_lengths)
-      out = self._attend(q, gather(k_pages), gather(v_pages), iq,
-                         None if index_pages is None else gather(index_pages), positions,
-                         kv_lengths, implementation=implementation, interpret=interpret)
+    out = self._attend(q, k_pages, v_pages, iq, index_pages, positions, kv_lengths,
+                       implementation=implementation, interpret=interpret,
+                       page_table=page_table)
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, k_pages, v_pages, index_pages
 

@@ -23,6 +23,11 @@ IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
 MAX_DECODE_QUERIES = 16
 
 
+def is_decode(q_len: int) -> bool:
+  """Whether ``q_len`` new tokens per sequence take the decode kernels (the one threshold)."""
+  return q_len <= MAX_DECODE_QUERIES
+
+
 def shape_of(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
@@ -250,18 +255,13 @@ def check_page_table(page_table, lengths, batch, block_size, num_pages):
   return jnp.asarray(page_table, jnp.int32), lengths
 
 
-def check_decode_queries(name, x, layout):
+def check_queries(name, x, layout):
   check_rank(name, x, 4, layout)
   check_float(name, x)
-  t = x.shape[1]
-  if not 1 <= t <= MAX_DECODE_QUERIES:
-    raise ValueError(f"{name} must hold 1 to {MAX_DECODE_QUERIES} query tokens per sequence "
-                     f"(axis 1 of {layout}) for paged decode; got shape {shape_of(x)} "
-                     f"(use the contiguous msa_jax API for prefill)")
 
 
 def check_paged_index(q_idx, index_pages, block_size, groups=None, num_pages=None):
-  check_decode_queries("q_idx", q_idx, "[batch, q_len, groups, index_dim]")
+  check_queries("q_idx", q_idx, "[batch, q_len, groups, index_dim]")
   check_pages("index_pages", index_pages, 3, "[num_pages, page_size, index_dim]", block_size,
                num_pages)
   if index_pages.shape[2] != q_idx.shape[3]:
@@ -276,7 +276,7 @@ def check_paged_index(q_idx, index_pages, block_size, groups=None, num_pages=Non
 
 
 def check_paged_kv(q, k_pages, v_pages, block_size):
-  check_decode_queries("q", q, "[batch, q_len, q_heads, head_dim]")
+  check_queries("q", q, "[batch, q_len, q_heads, head_dim]")
   check_pages("k_pages", k_pages, 4, "[num_pages, page_size, kv_heads, head_dim]", block_size)
   check_pages("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]",
                block_size, k_pages.shape[0])

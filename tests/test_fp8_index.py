@@ -10,7 +10,7 @@ from flax import nnx
 
 import msa_jax
 import models
-from msa_jax import api
+from msa_jax.ops.index_topk import paths as index_paths
 from msa_jax import reference
 from tests import cases as C
 from tests.test_paged import make_paged
@@ -26,7 +26,7 @@ def test_msa_attention_selects_from_rounded_inputs():
   out, ids = msa_jax.msa_attention(x["q"], x["k"], x["v"], x["q_idx"], x["k_idx"],
                                    score_dtype=FP8, **kw)
   k_round = reference.fp8_round_blocks(x["k_idx"], case.block_size)
-  want_out, want_ids = msa_jax.msa_attention(x["q"], x["k"], x["v"], api.fp8_rounded(x["q_idx"]),
+  want_out, want_ids = msa_jax.msa_attention(x["q"], x["k"], x["v"], index_paths.fp8_rounded(x["q_idx"]),
                                              k_round, **kw)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))

@@ -12,6 +12,7 @@ import pytest
 
 import msa_jax
 from msa_jax import full as fa
+from msa_jax.ops.full_attention import gpu_cudnn
 from tests import oracle
 
 
@@ -171,13 +172,13 @@ def test_a_nan_value_reaches_only_the_queries_that_see_it(implementation):
 
 def test_bottom_right_layout_predicate():
   pos, kv_len = _layout((5, 0), (4, 2), 6)
-  assert bool(fa._bottom_right(jnp.asarray(pos), jnp.asarray(kv_len)))
+  assert bool(gpu_cudnn.bottom_right(jnp.asarray(pos), jnp.asarray(kv_len)))
   bad = pos.copy()
   bad[0, 1] = 9  # a gap
-  assert not bool(fa._bottom_right(jnp.asarray(bad), jnp.asarray(kv_len)))
+  assert not bool(gpu_cudnn.bottom_right(jnp.asarray(bad), jnp.asarray(kv_len)))
   early = pos.copy()
   early[1] = [-1, 0, 1, -1, -1, -1]  # padding before the queries
-  assert not bool(fa._bottom_right(jnp.asarray(early), jnp.asarray(kv_len)))
+  assert not bool(gpu_cudnn.bottom_right(jnp.asarray(early), jnp.asarray(kv_len)))
 
 
 def test_xla_path_never_builds_t_by_s_scores():
@@ -197,10 +198,10 @@ def test_validation():
     msa_jax.full_attention(q, k, v, q_chunk=0)
   with pytest.raises(ValueError, match="kv_lengths"):
     msa_jax.full_attention(q, k, v, kv_lengths=np.array([9], np.int32))
-  with pytest.raises(ValueError, match="query tokens"):
+  with pytest.raises(ValueError, match="kv_lengths .* is required with page_table"):
     pages = jnp.zeros((4, 16, 1, 32))
-    fa.paged_full_attention(jnp.zeros((1, 17, 2, 32)), pages, pages,
-                            jnp.zeros((1, 4), jnp.int32), jnp.array([5], jnp.int32))
+    msa_jax.full_attention(jnp.zeros((1, 17, 2, 32)), pages, pages,
+                           page_table=jnp.zeros((1, 4), jnp.int32))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")

@@ -11,9 +11,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import msa_jax
-from msa_jax import api
 from msa_jax import reference
 from msa_jax import schedule as sched
+from msa_jax.ops.sparse_attention import paths as sparse_paths
 from msa_jax.ops.index_topk import gpu_triton as gpu_index
 from msa_jax import tuning
 from tests import cases as C
@@ -111,7 +111,7 @@ def test_every_partial_slot_written(impl):
   ids = C.random_selection(case, x, seed=14)
   nb = reference.cdiv(case.kv_len, case.block_size)
   valid = reference.valid_block_mask(ids, nb)
-  qpi = api._queries_per_item(case.q_heads // case.groups, interpret=True)
+  qpi = sparse_paths._queries_per_item(case.q_heads // case.groups, interpret=True)
   module = importlib.import_module(
       "msa_jax.ops.sparse_attention." + {"pallas_gpu": "gpu_triton", "pallas_tpu": "tpu"}[impl])
   scale = 1 / np.sqrt(case.head_dim)
@@ -174,19 +174,20 @@ def test_msa_attention_kernel_dense_equivalence(impl):
   assert ids.shape == (1, case.q_len, 1, case.topk)
 
 
-def test_full_size_tiles_gpu_kernel():
-  """The GPU kernel with the production tile (128 rows) on a hot-block selection."""
-  case = C.CASES["decode8"]
+def test_full_size_tiles_gpu_kernel(monkeypatch):
+  """The GPU KV-outer kernel with the production tile (128 rows: 16 queries of 8 heads)."""
+  from msa_jax.ops.sparse_attention import gpu_triton
+  case = C.CASES["chunked_prefill_gqa8"]
   x = C.make_inputs(case, jnp.float32, seed=17)
   ids = C.random_selection(case, x, seed=17)
-  old = api.INTERPRET_TILE_ROWS
-  api.INTERPRET_TILE_ROWS = api.TILE_ROWS
-  try:
-    out = msa_jax.sparse_attention(x["q"], x["k"], x["v"], ids, block_size=case.block_size,
-                                   kv_lengths=x["kv_lengths"], implementation="pallas_gpu",
-                                   interpret=True)
-  finally:
-    api.INTERPRET_TILE_ROWS = old
+  monkeypatch.setattr(sparse_paths, "INTERPRET_TILE_ROWS", sparse_paths.TILE_ROWS)
+  tiles, run = [], gpu_triton.sparse_attention_partials
+  monkeypatch.setattr(gpu_triton, "sparse_attention_partials",
+                      lambda *a, **kw: tiles.append(kw["queries_per_tile"]) or run(*a, **kw))
+  out = msa_jax.sparse_attention(x["q"], x["k"], x["v"], ids, block_size=case.block_size,
+                                 q_positions=x["q_positions"], kv_lengths=x["kv_lengths"],
+                                 implementation="pallas_gpu", interpret=True)
+  assert tiles == [sparse_paths.TILE_ROWS // (case.q_heads // case.groups)]
   ref_out, _ = C.oracle_attention(case, x, ids)
   assert C.rel_err(out, ref_out) <= 1e-5
 

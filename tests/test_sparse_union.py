@@ -180,7 +180,7 @@ def test_per_tile_choice(union_max, want):
   """``union_mix``: tiles whose union has at most ``union_max`` blocks take the union path,
   the others KV-outer (fake paths that mark which one produced each query); when all tiles go
   one way only that path's output is used."""
-  from msa_jax import api
+  from msa_jax.ops.sparse_attention import paths as sparse_paths
   from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   heads, per_tile = 16, union_mgpu.queries_per_tile(16)  # 8 queries per tile
   b, t, g, k = 1, 3 * per_tile - 3, 1, 2
@@ -202,7 +202,7 @@ def test_per_tile_choice(union_max, want):
     has = jnp.repeat(jnp.any(live, axis=-1), heads, axis=2)
     return jnp.broadcast_to(2.0 * has[..., None], (b, t, hq, 4)), jnp.ones((b, t, hq))
 
-  out, lse = jax.jit(lambda: api._union_per_tile(unions, union_max, union, kv_outer, valid,
+  out, lse = jax.jit(lambda: sparse_paths._union_per_tile(unions, union_max, union, kv_outer, valid,
                                                  heads))()
   got = np.asarray(out)[0, ::per_tile, 0, 0]  # one query per tile
   expect = {"mixed": [1, 2, 0], "union": [1, 1, 0], "kv_outer": [2, 2, 0]}[want]

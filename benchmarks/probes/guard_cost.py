@@ -1,6 +1,6 @@
 """What the Mosaic GPU prefill's value guard costs: ``sparse_attention`` with and without it.
 
-``api._pallas_forward`` cleans V in one XLA pass before the Mosaic GPU kernel
+``ops/sparse_attention/paths.py`` cleans V in one XLA pass before the Mosaic GPU kernel
 (``sparse_attention_mgpu.guard_values``) and sets to NaN the queries that see a non-finite
 value after it (``poison``). This times ``msa_jax.sparse_attention`` on one prefill chunk
 (the last ``--chunk`` queries of a ``--context``-token prompt, M3 shapes, bf16) as the API

@@ -244,7 +244,7 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
   """Times the KV-outer path's three stages on the last queries of one chunk (the last: the
   longest prefix): the chunk's last piece where the path runs in pieces of ``query_chunk``
   queries (the tuning table), else the whole chunk; with the kernel the API picks."""
-  from msa_jax import api
+  from msa_jax.ops.sparse_attention import paths as sparse_paths
   from msa_jax import reference
   from msa_jax import schedule as sched
   from msa_jax import tuning
@@ -252,10 +252,10 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
   piece = tuning.config("sparse").get("query_chunk") or q_c.shape[1]
   start = (q_c.shape[1] - 1) // piece * piece
   q_c, ids, pos = q_c[:, start:], ids[:, start:], pos[:, start:]
-  kernel = api.gpu_sparse_kernel(q_c, k, v, w.block_size)
+  kernel = sparse_paths.gpu_sparse_kernel(q_c, k, v, w.block_size)
   nb = reference.cdiv(k.shape[1], w.block_size)
   per_tile, per_item = kernel.work_item_size(
-      w.q_heads // w.groups, tile_rows=api.INTERPRET_TILE_ROWS if interpret else None)
+      w.q_heads // w.groups, tile_rows=sparse_paths.INTERPRET_TILE_ROWS if interpret else None)
   scale = 1 / math.sqrt(w.head_dim)
 
   @jax.jit

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import msa_jax
-from msa_jax import api
+from msa_jax.ops.sparse_attention import paths as sparse_paths
 from msa_jax import reference
 from msa_jax import schedule as sched
 from msa_jax import tuning
@@ -233,7 +233,7 @@ class _Bench:
         cfg.pop(name, None)
     tile_rows = cfg.pop("tile_rows", None)
     if self.interpret:
-      tile_rows = api.INTERPRET_TILE_ROWS
+      tile_rows = sparse_paths.INTERPRET_TILE_ROWS
     per_tile, per_item = module.work_item_size(
         w.q_heads // w.groups, tile_rows=tile_rows, tiles_per_item=cfg.pop("tiles_per_item"))
     schedule = self._build(self.ids, self.valid, self.pos, self.num_blocks, per_item)

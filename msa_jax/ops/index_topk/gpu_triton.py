@@ -36,7 +36,7 @@ from msa_jax import tuning
 
 def config_key(q_len: int) -> str:
   """The tuning table's section for ``q_len`` queries per sequence (decode or prefill)."""
-  return "index_decode" if q_len <= checks.MAX_DECODE_QUERIES else "index"
+  return "index_decode" if checks.is_decode(q_len) else "index"
 
 
 def _tile_block_maxima(q_ref, k_ref, pos, kv_len, first_key, block_size, blocks_per_tile,

@@ -1,7 +1,7 @@
 """KV-outer block-sparse attention forward for Hopper (Pallas Mosaic GPU: TMA + wgmma).
 
-Same contract as the Triton kernel ``sparse_attention.py`` (inputs, the schedule's item
-layout, partial-buffer rows, the scratch row at the end), so ``api._pallas_forward`` can pick
+Same contract as the Triton kernel ``gpu_triton.py`` (inputs, the schedule's item
+layout, partial-buffer rows, the scratch row at the end), so ``paths._gpu_kv_outer`` can pick
 either (``"kernel"`` in the ``"sparse"`` section of ``msa_jax.tuning``). The Triton kernel is
 latency-bound: each tile gathers q, runs two GEMMs and scatters with nothing overlapped. Here
 a warp-specialised persistent kernel overlaps them:

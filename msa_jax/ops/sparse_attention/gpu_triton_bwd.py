@@ -55,7 +55,7 @@ from msa_jax.ops.common import smem
 from msa_jax import tuning
 
 MIN_ROWS = 16  # the smallest GEMM M dimension Triton lowers
-# Tile rows in interpret mode, as api.INTERPRET_TILE_ROWS (CPU cost grows with the row gathers).
+# Tile rows in interpret mode, as paths.INTERPRET_TILE_ROWS (CPU cost grows with the row gathers).
 INTERPRET_TILE_ROWS = 32
 
 

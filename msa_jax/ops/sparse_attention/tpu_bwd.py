@@ -68,7 +68,7 @@ from msa_jax.ops.sparse_attention import backward
 from msa_jax import schedule as sched
 
 # Rows of one dK/dV tile (query positions x heads of the group): 8 x 16 at M3 shapes, the
-# forward's tile (api.TILE_ROWS); interpret mode uses smaller tiles (api.INTERPRET_TILE_ROWS).
+# forward's tile (paths.TILE_ROWS); interpret mode uses smaller tiles (paths.INTERPRET_TILE_ROWS).
 TILE_ROWS = 128
 INTERPRET_TILE_ROWS = 32
 
