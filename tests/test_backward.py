@@ -35,7 +35,7 @@ class Backend(NamedTuple):
 
 BACKENDS = {
     "gpu": Backend("pallas_gpu", gpu_bwd, dict(queries_per_item=1, tiles_per_item=1),
-                   lambda case: dict(queries_per_item=tuning.config("sparse_bwd")["tile_rows"]
+                   lambda case: dict(queries_per_item=tuning.config("sparse_bwd").tile_rows
                                      // (case.q_heads // case.groups), tiles_per_item=4),
                    B.KL_CASES),
     "tpu": Backend("pallas_tpu", tpu_bwd, dict(queries_per_item=1),

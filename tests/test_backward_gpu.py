@@ -60,7 +60,7 @@ def test_dq_launch_compiled_on_the_h200():
   compiled on an H200 for every dtype, head dim and row count recorded there, and the
   setting that failed there is not the one picked."""
   cfg = tuning.DEFAULTS["sparse_bwd"]
-  picked = lambda r: (r["warps"], r["stages"]) == (cfg["dq_num_warps"], cfg["dq_num_stages"])
+  picked = lambda r: (r["warps"], r["stages"]) == (cfg.dq_num_warps, cfg.dq_num_stages)
   records = [r for r in _smem_records() if r["case"] == "dq"]
   seen = {(r["dtype"], r["d"], r["heads"]) for r in records if picked(r) and r["ok"]}
   assert {(dt, d, 16) for dt in ("bfloat16", "float16") for d in (64, 128, 256)} <= seen
@@ -73,7 +73,7 @@ def test_dq_launch_compiled_on_the_h200():
 def test_backward_tiles_fit_shared_memory(dtype, d):
   """Static check (no GPU): the dK/dV tile picked for every dtype and head dim fits Hopper's
   shared memory; where none can (float32 at 256) the error says what to do."""
-  table_rows = tuning.DEFAULTS["sparse_bwd"]["tile_rows"]
+  table_rows = tuning.DEFAULTS["sparse_bwd"].tile_rows
   a100 = d <= 128 and dtype != "float32"  # A100's 163 KiB hold half-precision tiles only
   limits = (smem.HOPPER, smem.LIMITS["8.0"]) if a100 else (smem.HOPPER,)
   for limit in limits:

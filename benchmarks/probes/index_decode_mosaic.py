@@ -50,7 +50,7 @@ def main(argv=None):
                    for p in args.programs for s in args.stages]
       for name, cfg in variants:
         with tuning.override("index_decode", **cfg), tuning.override("index", **(
-            {"mosaic_stages": cfg["mosaic_stages"]} if cfg else {})):
+            {"mosaic_stages": cfg.mosaic_stages} if cfg else {})):
           call = jax.jit(lambda *a: select(*a))  # a fresh trace under the override
           loop = bench.in_loop(select, args.loop_steps)
           try:

@@ -13,6 +13,7 @@ same process. Needs a GPU::
 """
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -102,7 +103,7 @@ def main(argv=None):
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                 "ceilings": ceil, "table": tuning.config("index"), "rows": rows}, f, indent=1)
+                 "ceilings": ceil, "table": dataclasses.asdict(tuning.config("index")), "rows": rows}, f, indent=1)
   print("\n| N | selection | variant | ms | TFLOP/s | of matmul | agreement |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:

@@ -249,13 +249,15 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
   from msa_jax import schedule as sched
   from msa_jax import tuning
   pos, kvl = pos_len
-  piece = tuning.config("sparse").get("query_chunk") or q_c.shape[1]
+  shape = tuning.shape(k.shape[1], q_c.shape[1])  # the lookups the path makes for this chunk
+  piece = tuning.config("sparse", shape=shape).query_chunk or q_c.shape[1]
   start = (q_c.shape[1] - 1) // piece * piece
   q_c, ids, pos = q_c[:, start:], ids[:, start:], pos[:, start:]
-  kernel = sparse_paths.gpu_sparse_kernel(q_c, k, v, w.block_size)
+  kernel = sparse_paths.gpu_sparse_kernel(q_c, k, v, w.block_size, shape)
   nb = reference.cdiv(k.shape[1], w.block_size)
   per_tile, per_item = kernel.work_item_size(
-      w.q_heads // w.groups, tile_rows=sparse_paths.INTERPRET_TILE_ROWS if interpret else None)
+      w.q_heads // w.groups, tile_rows=sparse_paths.INTERPRET_TILE_ROWS if interpret else None,
+      shape=shape)
   scale = 1 / math.sqrt(w.head_dim)
 
   @jax.jit
@@ -265,7 +267,8 @@ def sparse_breakdown(q_c, k, v, ids, pos_len, w: Workload, args, interpret):
 
   partials = jax.jit(lambda q, k, v, s, kvl: kernel.sparse_attention_partials(
       q, k, v, s, kvl, block_size=w.block_size, scale=scale, topk=w.topk,
-      queries_per_tile=per_tile, tiles_per_item=per_item // per_tile, interpret=interpret))
+      queries_per_tile=per_tile, tiles_per_item=per_item // per_tile, shape=shape,
+      interpret=interpret))
   combine = jax.jit(lambda o, l, valid: sched.combine(o, l, valid, q_c.dtype))
   valid, schedule = build(ids, pos)
   p_out, p_lse = partials(q_c, k, v, schedule, kvl)
@@ -514,9 +517,11 @@ def _store_tuned(best, args, shape):
   """Write ``best`` as this card's tuning data (``msa_jax/tuning/data/<card>/``; under
   ``--output-dir``/tuning with ``--smoke``), and a copy under ``--output-dir``/tuning."""
   from msa_jax import tuning
+  from msa_jax.tuning import autotune
   copy = os.path.join(args.output_dir, "tuning")
   for data_dir in ([copy] if args.smoke else [tuning.DATA_DIR, copy]):
-    tuning.save(tuning.device_kind(), best, data_dir=data_dir, tuned_at=shape)
+    tuning.save(tuning.device_kind(), best, data_dir=data_dir,
+                shapes=autotune.section_shapes(**shape))
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -13,6 +13,7 @@ skipped. ``scripts/benchmark.py --tune`` runs it and stores the winners as the c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -58,6 +59,13 @@ MOSAIC_ONLY = ("kv_stages", "q_stages")
 TRITON_ONLY = ("items_per_program", "num_warps", "num_stages")
 
 
+def section_shapes(context: int, chunk: int, decode_context: int) -> dict:
+  """{section: the shape its winner was timed at} for ``tuning.save``."""
+  prefill = tuning.shape(context, chunk)
+  return {"index": prefill, "sparse": prefill, "sparse_mosaic": prefill,
+          "index_decode": tuning.shape(decode_context, 1)}
+
+
 def check_grids(grids: dict) -> dict:
   """``grids`` ({section: {key: values}}) with lists for values; ``ValueError`` for unknown
   sections."""
@@ -86,9 +94,10 @@ def tune(w: Workload, *, context: int, chunk: int, decode_context: int, path_chu
     if ok:
       fastest = min(ok, key=lambda t: t["ms"])["config"]
       if section == "sparse_path":  # keys of the "sparse" entry
-        best["sparse"] = dict(best.get("sparse") or tuning.config("sparse"), **fastest)
+        best["sparse"] = dict(best.get("sparse") or dataclasses.asdict(tuning.config("sparse")),
+                              **fastest)
       else:
-        best[section] = dict(tuning.DEFAULTS[section], **fastest)
+        best[section] = dict(tuning.fields(section), **fastest)
         if section == "sparse":
           best.update(sparse_best(ok))
       if on_best is not None:
@@ -137,12 +146,12 @@ def sparse_best(ok: list[dict]) -> dict:
   mosaic = [t for t in ok if t["config"].get("kernel") == "mosaic"]
   # Without Triton trials (a grid of the Mosaic kernel alone) its table entry stays.
   launch = ({k: v for k, v in fastest(triton).items() if k not in MOSAIC_ONLY} if triton
-            else tuning.config("sparse"))
-  best = {"sparse": dict(tuning.DEFAULTS["sparse"], **launch)}
+            else dataclasses.asdict(tuning.config("sparse")))
+  best = {"sparse": dict(tuning.fields("sparse"), **launch)}
   best["sparse"]["kernel"] = winner
   if mosaic:
     cfg = fastest(mosaic)
-    best["sparse_mosaic"] = dict(tuning.DEFAULTS["sparse_mosaic"], tile_rows=cfg["tile_rows"],
+    best["sparse_mosaic"] = dict(tuning.fields("sparse_mosaic"), tile_rows=cfg["tile_rows"],
                                  tiles_per_item=cfg["tiles_per_item"],
                                  **{k: cfg[k] for k in MOSAIC_ONLY if k in cfg})
     if "q_stages" in best["sparse_mosaic"]:

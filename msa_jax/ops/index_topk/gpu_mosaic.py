@@ -253,7 +253,8 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
                      f"k_idx {k_idx.shape} {k_idx.dtype}, block_size {block_size}, "
                      f"topk {topk}")
   key = "mosaic_fp8_stages" if block_scaled else "mosaic_stages"
-  stages = tuning.config("index", **{key: num_stages})[key]
+  stages = getattr(tuning.config("index", shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]),
+                                 **{key: num_stages}), key)
   if stages < 2:
     raise ValueError(f"num_stages must be >= 2; got {stages}")
   b, t, g, di = q_idx.shape

@@ -233,7 +233,8 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, block
                blocks_per_tile=None, num_warps=None, num_stages=None, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded), from one kernel: scoring, block
   max-pool and a running top-k per row tile (no block scores or candidates in HBM)."""
-  cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
+  cfg = tuning.config(config_key(q_idx.shape[1]),
+                      shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]), block_rows=block_rows,
                       blocks_per_tile=blocks_per_tile, num_warps=num_warps,
                       num_stages=num_stages)
   geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
@@ -254,8 +255,8 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, block
       ],
       out_specs=pl.BlockSpec((None, block_rows, kk), lambda bi, ri: (*row_tile(bi, ri), 0)),
       out_shape=jax.ShapeDtypeStruct((b, q_rows.shape[1], kk), jnp.int32),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name="msa_index_fused_topk",
   )(row_pos, kv_lengths, q_rows, k_idx)
@@ -272,7 +273,8 @@ def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
   selection is the top ``topk`` of these (``reference.exact_top_k`` keeps the tie order), so
   the full block-score matrix is never written.
   """
-  cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
+  cfg = tuning.config(config_key(q_idx.shape[1]),
+                      shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]), block_rows=block_rows,
                       blocks_per_tile=blocks_per_tile, num_warps=num_warps,
                       num_stages=num_stages)
   geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret)
@@ -287,8 +289,8 @@ def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
       in_specs=_in_specs(block_rows, bpt * block_size, q_rows.shape[2]),
       out_specs=[out_spec, out_spec],
       out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32)],
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name="msa_index_tile_topk",
   )(row_pos, kv_lengths, q_rows, k_idx)
@@ -311,12 +313,12 @@ def _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret=False):
   s_len = k_idx.shape[1]
   nb = -(-s_len // block_size)
   rows = t * g
-  block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
+  block_rows = min(cfg.block_rows, max(16, pl.next_power_of_2(rows)))
   rows_pad = -(-rows // block_rows) * block_rows
-  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(nb))
+  bpt = min(cfg.blocks_per_tile, pl.next_power_of_2(nb))
   if not interpret:
     bpt = spread_blocks_per_tile(bpt, nb, b * rows_pad // block_rows,
-                                 cfg.get("min_programs", 0))
+                                 cfg.min_programs)
   n_tiles = -(-nb // bpt)
   k_idx = jnp.pad(k_idx, ((0, 0), (0, n_tiles * bpt * block_size - s_len), (0, 0)))
   q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
@@ -340,7 +342,8 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
 
   Launch parameters left as None come from the per-card table (``msa_jax.tuning``).
   """
-  cfg = tuning.config(config_key(q_idx.shape[1]), block_rows=block_rows,
+  cfg = tuning.config(config_key(q_idx.shape[1]),
+                      shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]), block_rows=block_rows,
                       blocks_per_tile=blocks_per_tile, num_warps=num_warps,
                       num_stages=num_stages)
   geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret)
@@ -352,8 +355,8 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
       in_specs=_in_specs(block_rows, bpt * block_size, q_rows.shape[2]),
       out_specs=pl.BlockSpec((None, block_rows, bpt), lambda bi, ri, ki: (bi, ri, ki)),
       out_shape=jax.ShapeDtypeStruct((b, q_rows.shape[1], n_tiles * bpt), jnp.float32),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name="msa_index_block_scores",
   )(row_pos, kv_lengths, q_rows, k_idx)

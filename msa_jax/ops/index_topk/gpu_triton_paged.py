@@ -31,6 +31,10 @@ from msa_jax import tuning
 CONFIG = "index_decode"
 
 
+def _shape(q_idx, page_table, block_size):
+  return tuning.shape(page_table.shape[1] * block_size, q_idx.shape[1])
+
+
 def _page_loader(pages_ref, table_ref, b, first_block, block_size):
   """load_keys(j) for ``_tile_block_maxima``: the page holding block first_block + j."""
 
@@ -123,12 +127,12 @@ def _geometry(q_idx, page_table, q_positions, num_pages, cfg, spread=False):
   b, t, g, di = q_idx.shape
   max_pages = page_table.shape[1]
   rows = t * g
-  block_rows = min(cfg["block_rows"], max(16, pl.next_power_of_2(rows)))
+  block_rows = min(cfg.block_rows, max(16, pl.next_power_of_2(rows)))
   rows_pad = -(-rows // block_rows) * block_rows
-  bpt = min(cfg["blocks_per_tile"], pl.next_power_of_2(max_pages))
+  bpt = min(cfg.blocks_per_tile, pl.next_power_of_2(max_pages))
   if spread:
     bpt = contiguous.spread_blocks_per_tile(bpt, max_pages, b * rows_pad // block_rows,
-                                            cfg.get("min_programs", 0))
+                                            cfg.min_programs)
   n_tiles = -(-max_pages // bpt)
   # Every entry a page id: unassigned (-1) and padding entries read page 0, masked by length.
   table = jnp.pad(jnp.clip(page_table, 0, num_pages - 1),
@@ -155,8 +159,8 @@ def _call(kernel, geo, cfg, grid, row_tile, out_specs, out_shape, name, interpre
       ],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name=name,
   )(geo["row_pos"], kv_lengths, geo["table"], geo["q_rows"], index_pages)
@@ -165,7 +169,7 @@ def _call(kernel, geo, cfg, grid, row_tile, out_specs, out_shape, name, interpre
 def paged_block_scores(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
                        interpret=False, **params):
   """Block-max scores ``[B,T,G,max_pages]`` (fp32; -inf where a block has no visible key)."""
-  cfg = tuning.config(CONFIG, **params)
+  cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
   geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
                   spread=not interpret)
   kernel = functools.partial(_scores_kernel, block_size=block_size,
@@ -186,7 +190,7 @@ def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_length
   """Each page tile's top ``topk`` blocks (own block forced): (values f32, ids int32), both
   ``[B,T,G,n_tiles*kk]``, tile by tile; the selection is their top ``topk``
   (``index_topk.merge_candidates``)."""
-  cfg = tuning.config(CONFIG, **params)
+  cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
   geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
                   spread=not interpret)
   br, bpt = geo["block_rows"], geo["bpt"]
@@ -206,7 +210,7 @@ def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_length
 def paged_fused_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
                      topk, interpret=False, **params):
   """The selection ``[B,T,G,topk]`` (-1 padded) from one kernel with a running top-k."""
-  cfg = tuning.config(CONFIG, **params)
+  cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
   geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
   br = geo["block_rows"]
   kk = max(2, pl.next_power_of_2(topk))
@@ -222,8 +226,8 @@ def paged_index_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *,
                      topk, interpret=False, selection=None, **params):
   """Selection ``int32 [B,T,G,topk]`` of logical block ids, by the table's ``selection``."""
   from msa_jax import reference
-  cfg = tuning.config(CONFIG, **params)
-  selection = selection or cfg["selection"]
+  cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
+  selection = selection or cfg.selection
   args = (q_idx, index_pages, page_table, q_positions, kv_lengths)
   if selection == "fused":
     return paged_fused_topk(*args, block_size=block_size, topk=topk, interpret=interpret,

@@ -54,7 +54,8 @@ def _mosaic(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, interpre
   if decode:
     b, t, g, _ = q_idx.shape
     ctas = b * reference.cdiv(t * g, kernel.CTA_ROWS)
-    splits = reference.cdiv(tuning.config("index_decode").get("min_programs") or 1, ctas)
+    shape = tuning.shape(k_idx.shape[1], t)
+    splits = reference.cdiv(tuning.config("index_decode", shape=shape).min_programs or 1, ctas)
     if interpret:  # enough ranges to exercise the merge, few enough to simulate
       splits = min(splits, 4)
   scale = None
@@ -72,8 +73,8 @@ def _gpu(q_idx, source, q_positions, *, block_size, topk, score_dtype, interpret
   then ``reference.select_blocks``)."""
   from msa_jax.ops.index_topk import gpu_triton as kernel
   section = "index_decode" if decode else "index"
-  selection = tuning.config(section)["selection"]
   k_idx, kv_lengths = source.k_idx, source.lengths
+  selection = tuning.config(section, shape=tuning.shape(k_idx.shape[1], q_idx.shape[1])).selection
   if selection == "mosaic":
     ids = _mosaic(q_idx, k_idx, q_positions, kv_lengths, block_size=block_size, topk=topk,
                   interpret=interpret, score_dtype=score_dtype, decode=decode)

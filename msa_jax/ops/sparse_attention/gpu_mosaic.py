@@ -113,16 +113,17 @@ def _rows_per_tile(heads: int, tile_rows: int) -> int:
   return per_tile
 
 
-def work_item_size(heads: int, tile_rows: int | None = None,
-                   tiles_per_item: int | None = None) -> tuple[int, int]:
+def work_item_size(heads: int, tile_rows: int | None = None, tiles_per_item: int | None = None,
+                   shape: dict | None = None) -> tuple[int, int]:
   """(queries per tile, entries per work item); as ``sparse_attention.work_item_size``.
 
   ``tiles_per_item`` is the number of compute warpgroups (1 or 2): each takes one tile of
   every item. Tiles are rounded up to a multiple of 64 rows (one wgmma M).
   """
-  cfg = tuning.config("sparse_mosaic", tile_rows=tile_rows, tiles_per_item=tiles_per_item)
-  per_tile = _rows_per_tile(heads, cfg["tile_rows"])
-  return per_tile, per_tile * cfg["tiles_per_item"]
+  cfg = tuning.config("sparse_mosaic", shape=shape, tile_rows=tile_rows,
+                      tiles_per_item=tiles_per_item)
+  per_tile = _rows_per_tile(heads, cfg.tile_rows)
+  return per_tile, per_tile * cfg.tiles_per_item
 
 
 # One function on purpose (longer than most): a Mosaic GPU kernel body whose producer and
@@ -370,7 +371,7 @@ def smem_bytes(*, stages, compute_wgs, rows, head_dim, block_size, itemsize=2,
 
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1, num_stages=None,
-                              kv_stages=None, num_ctas=None, interpret=False):
+                              kv_stages=None, num_ctas=None, shape=None, interpret=False):
   """Run the Mosaic GPU KV-outer kernel: partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   As ``sparse_attention.sparse_attention_partials``: ``schedule`` built with
@@ -381,14 +382,14 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   True or a Mosaic GPU interpret-params object (CPU simulation). Unwritten partial slots hold
   garbage, as with the Triton kernel (``combine`` selects by ``valid``).
   """
-  cfg = tuning.config("sparse_mosaic", num_stages=num_stages, kv_stages=kv_stages,
-                      num_ctas=num_ctas)
+  cfg = tuning.config("sparse_mosaic", shape=shape or tuning.shape(k.shape[1], q.shape[1]),
+                      num_stages=num_stages, kv_stages=kv_stages, num_ctas=num_ctas)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
   heads = hq // g
   rows = queries_per_tile * heads
-  stages, kv_stages = cfg["num_stages"], cfg["kv_stages"]
+  stages, kv_stages = cfg.num_stages, cfg.kv_stages
   if not supports(q, k, v, block_size):
     raise ValueError(f"sparse_attention_mgpu does not support q {q.shape} {q.dtype}, "
                      f"k {k.shape}, v {v.shape}, block_size {block_size}")
@@ -401,7 +402,7 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   if need > common.SMEM_BYTES:
     raise ValueError(f"{need} bytes of shared memory > {common.SMEM_BYTES}: fewer rows or stages")
   params = common.interpret_params(interpret)
-  num_ctas = cfg["num_ctas"] or common.num_sms()
+  num_ctas = cfg.num_ctas or common.num_sms()
   num_ctas = max(1, min(num_ctas, schedule.max_items))
   rows_out = topk * b * t * g
 

@@ -28,16 +28,16 @@ from msa_jax.ops.common import masking
 from msa_jax import tuning
 
 
-def work_item_size(heads: int, tile_rows: int | None = None,
-                   tiles_per_item: int | None = None) -> tuple[int, int]:
+def work_item_size(heads: int, tile_rows: int | None = None, tiles_per_item: int | None = None,
+                   shape: dict | None = None) -> tuple[int, int]:
   """(queries per tile, entries per work item) for a group of ``heads`` query heads.
 
   Unset arguments come from the per-card table. Build the schedule with the second number
   and pass both to ``sparse_attention_partials``.
   """
-  cfg = tuning.config("sparse", tile_rows=tile_rows, tiles_per_item=tiles_per_item)
-  per_tile = max(1, cfg["tile_rows"] // heads)
-  return per_tile, per_tile * cfg["tiles_per_item"]
+  cfg = tuning.config("sparse", shape=shape, tile_rows=tile_rows, tiles_per_item=tiles_per_item)
+  per_tile = max(1, cfg.tile_rows // heads)
+  return per_tile, per_tile * cfg.tiles_per_item
 
 
 def _dot(a, b, contract_b):
@@ -116,21 +116,22 @@ def _attend_tile(start, count, *, q_rows_ref, out_rows_ref, pos_ref, q_ref, o_re
 def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, block_size,
                               scale, topk, queries_per_tile, tiles_per_item=1,
                               items_per_program=None, num_warps=None, num_stages=None,
-                              interpret=False):
+                              shape=None, interpret=False):
   """Run the KV-outer kernel. Returns partial_out [k,B,T,Hq,Dv], partial_lse [k,B,T,Hq].
 
   ``schedule`` must have been built with ``queries_per_tile * tiles_per_item`` entries per
   item (``work_item_size``). Launch parameters left as None come from the per-card table
   (``msa_jax.tuning``).
   """
-  cfg = tuning.config("sparse", items_per_program=items_per_program, num_warps=num_warps,
+  cfg = tuning.config("sparse", shape=shape or tuning.shape(k.shape[1], q.shape[1]),
+                      items_per_program=items_per_program, num_warps=num_warps,
                       num_stages=num_stages)
   b, t, hq, d = q.shape
   g = k.shape[2]
   dv = v.shape[-1]
   heads = hq // g
   rows_out = topk * b * t * g
-  ipp = cfg["items_per_program"]
+  ipp = cfg.items_per_program
   num_programs = -(-schedule.max_items // ipp)
   items = jnp.pad(schedule.items, ((0, num_programs * ipp - schedule.max_items), (0, 0)))
   kernel = functools.partial(_kernel, items_per_program=ipp, queries_per_tile=queries_per_tile,
@@ -141,8 +142,8 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
       grid=(num_programs,),
       out_shape=(jax.ShapeDtypeStruct((rows_out + 1, heads, dv), q.dtype),
                  jax.ShapeDtypeStruct((rows_out + 1, heads), jnp.float32)),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name="msa_sparse_attention_kv_outer",
   )(items.reshape(-1), schedule.q_rows, schedule.out_rows, schedule.positions, kv_lengths,

@@ -180,8 +180,8 @@ def _dq(q, k, v, d_out, lse, delta, block_indices, valid, q_positions, kv_length
                 rows_spec(d_out.shape[-1]), rows_spec(), rows_spec()],
       out_specs=rows_spec(d),
       out_shape=jax.ShapeDtypeStruct((b, tp, g, heads, d), q.dtype),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["dq_num_warps"],
-                                          num_stages=cfg["dq_num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.dq_num_warps,
+                                          num_stages=cfg.dq_num_stages),
       interpret=interpret,
       name="msa_sparse_attention_bwd_dq",
   )(ids, counts, pos, kv_lengths, grouped(q), k, v, grouped(d_out), grouped(lse),
@@ -271,8 +271,8 @@ def _dkv(q, k, v, d_out, lse, delta, block_indices, valid, q_positions, kv_lengt
       out_specs=[part_spec(d), part_spec(dv_dim)],
       out_shape=(jax.ShapeDtypeStruct((max_items, block_size, d), jnp.float32),
                  jax.ShapeDtypeStruct((max_items, block_size, dv_dim), jnp.float32)),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name="msa_sparse_attention_bwd_dkv",
   )(schedule.items.reshape(-1), schedule.q_rows, schedule.positions, kv_lengths, by_row(q), k,
@@ -297,7 +297,7 @@ def _dkv(q, k, v, d_out, lse, delta, block_indices, valid, q_positions, kv_lengt
       in_specs=[whole] * 4,
       out_specs=[block_spec(d), block_spec(dv_dim)],
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["reduce_num_warps"], num_stages=1),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.reduce_num_warps, num_stages=1),
       interpret=interpret,
       name="msa_sparse_attention_bwd_reduce",
   )(first, num, dk_part, dv_part)
@@ -320,7 +320,8 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
     tiles_per_item, num_warps, num_stages, dq_num_warps, dq_num_stages, reduce_num_warps:
       launch parameters; None takes the per-card table (``msa_jax.tuning``, "sparse_bwd").
   """
-  cfg = tuning.config("sparse_bwd", tiles_per_item=tiles_per_item, num_warps=num_warps,
+  cfg = tuning.config("sparse_bwd", shape=tuning.shape(k.shape[1], q.shape[1]),
+                      tiles_per_item=tiles_per_item, num_warps=num_warps,
                       num_stages=num_stages, dq_num_warps=dq_num_warps,
                       dq_num_stages=dq_num_stages, reduce_num_warps=reduce_num_warps)
   b, t, hq, _ = q.shape
@@ -329,7 +330,7 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
   if queries_per_item is None:
     rows = (INTERPRET_TILE_ROWS if interpret else
             dkv_tile_rows(q.shape[-1], v.shape[-1], block_size, q.dtype, heads,
-                          cfg["tile_rows"], _smem_limit()))
+                          cfg.tile_rows, _smem_limit()))
     queries_per_item = max(1, rows // heads)
   if not interpret:
     # Triton's dots need >= 16 rows; smaller ones silently go wrong in bf16.
@@ -343,5 +344,5 @@ def sparse_attention_bwd(q, k, v, block_indices, q_positions, kv_lengths, out, l
           x.kv_lengths)
   dq = _dq(*args, block_size=block_size, scale=scale, cfg=cfg, interpret=interpret)
   dk, dv = _dkv(*args, block_size=block_size, scale=scale, queries_per_item=queries_per_item,
-                tiles_per_item=cfg["tiles_per_item"], cfg=cfg, interpret=interpret)
+                tiles_per_item=cfg.tiles_per_item, cfg=cfg, interpret=interpret)
   return dq, dk[:, :s_len], dv[:, :s_len]

@@ -191,7 +191,10 @@ def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_le
               block_size, scale, counts=None, num_splits=None, num_warps=None,
               num_stages=None, interpret=False):
   """Padded partials: out f32 [splits,B,T,G,rows,Dv], lse f32 [splits,B,T,G,rows]."""
-  cfg = tuning.config("decode", num_warps=num_warps, num_stages=num_stages)
+  pages_per_row = (k_pages.shape[0] // q.shape[0] if page_table is None else
+                   page_table.shape[1])
+  cfg = tuning.config("decode", shape=tuning.shape(pages_per_row * block_size, q.shape[1]),
+                      num_warps=num_warps, num_stages=num_stages)
   b, t, hq, d = q.shape
   num_pages, _, g, dv = v_pages.shape
   heads = hq // g
@@ -233,8 +236,8 @@ def _partials(q, k_pages, v_pages, page_table, block_indices, q_positions, kv_le
       ],
       out_shape=(jax.ShapeDtypeStruct((num_splits, b, t, g, rows, dv), jnp.float32),
                  jax.ShapeDtypeStruct((num_splits, b, t, g, rows), jnp.float32)),
-      compiler_params=pltr.CompilerParams(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
+      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages),
       interpret=interpret,
       name="msa_paged_sparse_decode",
   )(ids, counts, q_positions, kv_lengths, table, q, k_pages, v_pages)

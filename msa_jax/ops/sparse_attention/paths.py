@@ -103,11 +103,11 @@ def _queries_per_item(heads_per_group: int, interpret) -> int:
   return max(1, rows // heads_per_group)
 
 
-def gpu_sparse_kernel(q, k, v, block_size: int):
+def gpu_sparse_kernel(q, k, v, block_size: int, shape: dict | None = None):
   """The GPU KV-outer kernel module for these inputs: the Mosaic GPU one where the card's
-  tuning table picks it and it supports the shapes, else the Triton one."""
+  tuning table (at ``shape``) picks it and it supports the shapes, else the Triton one."""
   from msa_jax.ops.sparse_attention import gpu_mosaic, gpu_triton
-  if tuning.config("sparse")["kernel"] == "mosaic":  # Hopper TMA + wgmma, where it applies
+  if tuning.config("sparse", shape=shape).kernel == "mosaic":  # Hopper TMA + wgmma
     if gpu_mosaic.supports(q, k, v, block_size):
       return gpu_mosaic
   return gpu_triton
@@ -120,11 +120,13 @@ def _gpu_kv_outer(q, source, block_indices, q_positions, *, block_size, scale, i
   from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_kernel
   b, t, hq, _ = q.shape
   g, kv_lengths = source.k.shape[2], source.lengths
+  shape = tuning.shape(source.k.shape[1], t)  # the call's, for every table lookup below
+  cfg = tuning.config("sparse", shape=shape)
   k, v, nb = _padded(source, block_size)
   valid = reference.valid_block_mask(block_indices, nb)
-  kernel = gpu_sparse_kernel(q, k, v, block_size)
+  kernel = gpu_sparse_kernel(q, k, v, block_size, shape)
   per_tile, per_item = kernel.work_item_size(
-      hq // g, tile_rows=INTERPRET_TILE_ROWS if interpret else None)
+      hq // g, tile_rows=INTERPRET_TILE_ROWS if interpret else None, shape=shape)
   guarded = kernel is gpu_mosaic  # its P @ V takes V as loaded: clean it first
   if guarded:
     v, bad_prefix = kernel.guard_values(v, kv_lengths)
@@ -136,18 +138,18 @@ def _gpu_kv_outer(q, source, block_indices, q_positions, *, block_size, scale, i
     partial_out, partial_lse = kernel.sparse_attention_partials(
         q[:, lo:hi], k, v, schedule, kv_lengths, block_size=block_size, scale=scale,
         topk=ids.shape[3], queries_per_tile=per_tile, tiles_per_item=per_item // per_tile,
-        interpret=interpret)
+        shape=shape, interpret=interpret)
     return sched.combine(partial_out, partial_lse, live[:, lo:hi], q.dtype)
 
   def kv_outer_all(live=valid):
     # Long query ranges in pieces (``query_chunk``): smaller partial buffers (k rows per
     # query), at some speed (on the H200 one piece is fastest, so its table has None).
-    piece = tuning.config("sparse").get("query_chunk") or t
+    piece = cfg.query_chunk or t
     outs = [kv_outer(lo, min(lo + piece, t), live) for lo in range(0, t, piece)]
     return (outs[0] if len(outs) == 1 else
             tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
 
-  union_max = tuning.config("sparse").get("union_max") or 0
+  union_max = cfg.union_max or 0
   if guarded and union_max and union_kernel.supports(q, k, v, block_size):
     # Query-outer over tiles of neighbouring queries when they share their blocks (small
     # tile unions, as with a trained indexer's selections): each tile's blocks loaded once,
@@ -156,7 +158,7 @@ def _gpu_kv_outer(q, source, block_indices, q_positions, *, block_size, scale, i
     union = lambda u: union_kernel.sparse_attention(
         q, k, v, block_indices, valid, q_positions, kv_lengths, block_size=block_size,
         scale=scale, unions=u, interpret=interpret)
-    if tuning.config("sparse").get("union_mix"):
+    if cfg.union_mix:
       out, lse = _union_per_tile(unions, union_max, union, kv_outer_all, valid, hq // g)
     else:  # per call, by the tiles' mean union
       out, lse = lax.cond(union_kernel.mean_union(unions) <= union_max,
