@@ -40,7 +40,7 @@ Supported (``supports``): bf16/f16 index inputs (wgmma), Di a multiple of 64 up 
 block size a multiple of 64 up to 256, topk up to 16 (registers); FP8 (``supports_fp8``) Di
 a multiple of 128. Anything else: the Triton kernels (``index_topk.py``).
 
-Validation on CPU (``tests/test_index_mgpu.py``): the Mosaic GPU interpreter runs the
+Validation on CPU (``tests/ops/index_topk/test_gpu_mosaic.py``): the Mosaic GPU interpreter runs the
 producer and compute warpgroups as threads with barrier-phase and race checks and NaN-filled
 memory, against the reference selection; ``jax.export`` for CUDA checks the lowering at M3
 shapes.

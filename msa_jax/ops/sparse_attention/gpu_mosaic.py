@@ -57,7 +57,7 @@ same chunk; ``benchmarks/NOTES.md`` has the measurements, including the variants
 removed: K/V reuse across consecutive items of a block, ping-pong scheduling of the two
 compute warpgroups, always masking).
 
-Validation on CPU, ``tests/test_sparse_mgpu.py``:
+Validation on CPU, ``tests/ops/sparse_attention/test_gpu_mosaic.py``:
 * Mosaic GPU interpret mode, jax 0.10.2 (here) and 0.11.2 (the GPU machine's; run from a
   Python 3.12 venv): the producer and compute warpgroups run as concurrent threads, TMA loads
   are simulated and arrive on their barrier, barrier phases are checked (a phase a thread did

@@ -96,7 +96,7 @@ def test_mosaic_union_forward_matches_oracle(name, stages):
   races checked, NaN-filled memory) or compiled on a GPU: selections with -1 slots and
   repeats, ragged lengths, a partial last tile."""
   from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
-  from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
+  from tests.ops.sparse_attention.test_gpu_mosaic import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES[name]
   inputs = C.make_inputs(case, jnp.bfloat16, seed=5)
   ids = C.random_selection(case, inputs, seed=5, holes=True)
@@ -142,7 +142,7 @@ def test_api_chooses_union_or_kv_outer_by_mean_union(monkeypatch, union_max):
   from msa_jax.ops.sparse_attention import gpu_mosaic as mgpu
   from msa_jax.ops.sparse_attention import gpu_mosaic_union as union_mgpu
   from msa_jax import tuning
-  from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
+  from tests.ops.sparse_attention.test_gpu_mosaic import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES["prefill_gqa16"]
   inputs = C.make_inputs(case, jnp.bfloat16, seed=6)
   ids = C.random_selection(case, inputs, seed=6)
@@ -216,7 +216,7 @@ def test_api_per_tile_mix_matches_oracle():
   tiles alternate shared and scattered blocks: every query matches the oracle."""
   import msa_jax
   from msa_jax import tuning
-  from tests.test_sparse_mgpu import CASES as MGPU_CASES, interpreted
+  from tests.ops.sparse_attention.test_gpu_mosaic import CASES as MGPU_CASES, interpreted
   case = MGPU_CASES["prefill_gqa16"]  # 8-query tiles, 4 blocks
   inputs = C.make_inputs(case, jnp.bfloat16, seed=7)
   ids = np.array(C.random_selection(case, inputs, seed=7))

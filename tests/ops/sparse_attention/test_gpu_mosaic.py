@@ -46,7 +46,7 @@ CASES = {
 }
 
 
-# On a GPU (``JAX_PLATFORMS=cuda pytest -m "" -n 0 tests/test_sparse_mgpu.py``: all tests, one
+# On a GPU (``JAX_PLATFORMS=cuda pytest -m "" -n 0 tests/ops/sparse_attention/test_gpu_mosaic.py``: all tests, one
 # process, as workers would each claim the GPU's memory) the same tests run the
 # compiled kernel instead of the interpreter.
 ON_GPU = jax.default_backend() == "gpu"

@@ -14,6 +14,7 @@ from msa_jax.ops.sparse_attention import gpu_triton_bwd as bwd
 from msa_jax import tuning
 from tests import backward_checks as B
 from tests import cases as C
+from tests import ROOT
 
 
 def test_indexer_kl_loss_unselected_keys_get_exact_zero():
@@ -34,7 +35,7 @@ def test_indexer_kl_loss_unselected_keys_get_exact_zero():
 
 
 def _smem_records():
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  path = os.path.join(ROOT,
                       "benchmarks", "results", "nvidia_h200", "smem.jsonl")
   with open(path) as f:
     return [json.loads(line) for line in f]

@@ -14,12 +14,12 @@ from flax import nnx
 
 import models
 from models import data, losses, sharding, training
+from models import evaluation
+from models.cli import evaluate
+from models.cli import finetune
+from tests import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
-from models import evaluation  # noqa: E402
-from models.cli import evaluate  # noqa: E402
-from models.cli import finetune  # noqa: E402
 
 # Two layers (full attention, then MSA), dense MLPs: Bk = 16, k = 2, so at 128 tokens each
 # query of the MSA layer attends to 2 of up to 8 blocks.

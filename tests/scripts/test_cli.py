@@ -11,6 +11,7 @@ import tomllib
 import pytest
 
 from models import cli
+from tests import ROOT
 
 
 def test_help_shows_every_meaningful_default_once():
@@ -76,7 +77,7 @@ def test_every_command_documents_every_option_and_default(name, monkeypatch):
 
 def test_console_commands_exist():
   """Each console command of pyproject.toml names a ``run`` that exists."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = ROOT
   with open(os.path.join(root, "pyproject.toml"), "rb") as f:
     scripts = tomllib.load(f)["project"]["scripts"]
   assert {"msa-generate", "msa-finetune", "msa-evaluate", "msa-convert",
@@ -90,7 +91,7 @@ def test_console_commands_exist():
 def test_installed_wheel_generates(tmp_path):
   """A built wheel, installed (not editable) into a fresh folder, runs ``msa-generate`` end
   to end from outside the checkout: presets and entry points ship with it."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = ROOT
   run = lambda *args, **kw: subprocess.run(args, capture_output=True, text=True, **kw)
   source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
   source.mkdir()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from models import checkpoint
+from tests import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
 LONG = ",".join(str(i % 200 + 3) for i in range(45))  # past k*Bk = 32: selection active
 

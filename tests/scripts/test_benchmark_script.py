@@ -4,8 +4,8 @@ import json
 import os
 import subprocess
 import sys
+from tests import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_smoke(tmp_path):

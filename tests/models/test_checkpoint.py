@@ -15,6 +15,7 @@ import models
 from models import checkpoint
 from models import config as config_lib
 from models import sharding
+from tests import ROOT
 
 TINY_JSON = json.load(open(os.path.join(config_lib.CONFIG_DIR, "tiny.json")))
 TOKENS = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 256)  # selection active
@@ -176,7 +177,7 @@ def test_sharded_load(tiny, folder):
 def test_orbax_round_trip_bit_exact_and_resharded(tmp_path):
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = ROOT
   script = os.path.join(root, "scripts", "convert.py")
   src, orbax_dir, back = tmp_path / "hf", tmp_path / "orbax", tmp_path / "hf2"
   checkpoint.write_random(str(src), seed=3)  # bf16 storage, fp32 router
@@ -213,7 +214,7 @@ def test_orbax_round_trip_bit_exact_and_resharded(tmp_path):
 def _convert(*args):
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = ROOT
   return subprocess.run([sys.executable, os.path.join(root, "scripts", "convert.py"), *args],
                         capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))

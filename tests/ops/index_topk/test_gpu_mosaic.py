@@ -15,7 +15,7 @@ from msa_jax.ops.index_topk import gpu_mosaic as kernel
 from msa_jax import tuning
 from tests import cases as C
 from tests import oracle
-from tests.test_sparse_mgpu import gpu_interpret, interpreted, InterpretGPUParams
+from tests.ops.sparse_attention.test_gpu_mosaic import gpu_interpret, interpreted, InterpretGPUParams
 
 pytestmark = pytest.mark.skipif(
     (gpu_interpret is None or InterpretGPUParams is None) and jax.default_backend() != "gpu",

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from tests import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _python_blocks():
