@@ -7,12 +7,14 @@ Public API (``docs/msa.md``):
 * ``sparse_attention``: exact attention over selected KV blocks (KV-outer Pallas kernels).
 * ``msa_attention``: both, composed.
 * ``indexer_kl_loss``: the KL loss that trains the index branch.
-* ``paged_index_topk``, ``paged_sparse_decode``, ``paged_msa_decode``: decode (1 to
-  ``MAX_DECODE_QUERIES`` = 16 query tokens per sequence) on paged KV / index-key caches;
-  ``msa_jax.paged`` holds the cache (``PagedCache``, ``write``/``append``) and the host-side
-  ``PageAllocator``.
-* ``full_attention``, ``paged_full_attention``: dense attention with the same visibility rule
-  in bounded memory (the full-attention layers of MiniMax-M3), contiguous or paged.
+* ``full_attention``: dense attention with the same visibility rule in bounded memory (the
+  full-attention layers of MiniMax-M3).
+
+Every op but ``indexer_kl_loss`` reads contiguous keys ``[B, S, ...]`` or a paged cache
+(``page_table=``, pages ``[P, Bk, ...]``; ``msa_jax.paged`` holds one layer's cache,
+``PagedCache``, ``write``/``append``, and the host-side ``PageAllocator``).
+``paged_index_topk``, ``paged_sparse_decode``, ``paged_msa_decode`` and
+``paged_full_attention`` are the earlier releases' names for them with ``page_table=``.
 """
 
 from msa_jax.checks import IMPLEMENTATIONS
@@ -33,5 +35,6 @@ from msa_jax.paged_api import paged_sparse_decode
 __version__ = "0.1.0"
 
 __all__ = ["IMPLEMENTATIONS", "MAX_DECODE_QUERIES", "full_attention", "paged_full_attention",
-           "index_topk", "indexer_kl_loss", "msa_attention", "sparse_attention", "paged", "PageAllocator", "PagedCache", "paged_index_topk",
-           "paged_msa_decode", "paged_sparse_decode", "__version__"]
+           "index_topk", "indexer_kl_loss", "msa_attention", "sparse_attention", "paged",
+           "PageAllocator", "PagedCache", "paged_index_topk", "paged_msa_decode",
+           "paged_sparse_decode", "__version__"]

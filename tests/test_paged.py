@@ -1,4 +1,4 @@
-"""Paged caches (msa_jax.paged) and paged decode (msa_jax.paged_api) against the contiguous path.
+"""Paged caches (msa_jax.paged) and the ops over pages (page_table=) against the contiguous path.
 
 Pages are handed out out of order, lengths are ragged and not multiples of Bk, and every page
 (or page slot) that holds no live token is poisoned (NaN keys/values, huge index keys), so a

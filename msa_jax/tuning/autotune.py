@@ -30,9 +30,9 @@ from msa_jax import tuning
 from msa_jax.profiling import block, timed
 from msa_jax.workloads import Workload
 
-# The sweeps of a full run. "index": selection "mosaic" (index_topk_mgpu.py) reads only
+# The sweeps of a full run. "index": selection "mosaic" (ops/index_topk/gpu_mosaic.py) reads only
 # mosaic_stages, the others only the Triton keys. "sparse": kernel Triton or Mosaic GPU
-# (sparse_attention_mgpu.py: tile_rows per compute warpgroup, tiles_per_item = compute
+# (ops/sparse_attention/gpu_mosaic.py: tile_rows per compute warpgroup, tiles_per_item = compute
 # warpgroups; items_per_program, num_warps, num_stages are Triton's only; kv_stages and
 # q_stages, the Mosaic kernel's rings, can be swept through a custom grid). "sparse_path": the
 # whole sparse path (schedule, kernel, combine) on the last ``path_chunk`` queries, in pieces of

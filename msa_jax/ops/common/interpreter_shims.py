@@ -2,7 +2,7 @@
 
 They patch private ``jax._src`` interpreter callbacks, so they live here, away from the
 kernels, and are installed only when a kernel runs interpreted
-(``mosaic_common.interpret_params``).
+(``ops.common.mosaic_gpu.interpret_params``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def limit(device=None) -> int:
 
 
 def dkv_bytes(rows: int, d: int, dv: int, block_size: int, itemsize: int) -> int:
-  """Shared memory of the backward's dK/dV kernel (``sparse_attention_bwd._dkv_kernel``) for
+  """Shared memory of the backward's dK/dV kernel (``ops/sparse_attention/gpu_triton_bwd._dkv_kernel``) for
   a tile of ``rows`` query rows against a ``block_size``-key block.
 
   Triton stages the operands of its four dots: q and dO twice (``rows x (D + Dv)`` each way),

@@ -245,11 +245,11 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, num_s
   if block_scaled:
     if not (q_idx.dtype == k_idx.dtype == jnp.float8_e4m3fn
             and supports_fp8(q_idx, block_size, topk)):
-      raise ValueError(f"index_topk_mgpu FP8 scoring needs float8_e4m3fn q_idx/k_idx with "
+      raise ValueError(f"the Mosaic GPU index kernel's FP8 scoring needs float8_e4m3fn q_idx/k_idx with "
                        f"index_dim a multiple of 128; got {q_idx.dtype} {q_idx.shape}, "
                        f"{k_idx.dtype}, block_size {block_size}, topk {topk}")
   elif not supports(q_idx, k_idx, block_size, topk):
-    raise ValueError(f"index_topk_mgpu does not support q_idx {q_idx.shape} {q_idx.dtype}, "
+    raise ValueError(f"the Mosaic GPU index kernel does not support q_idx {q_idx.shape} {q_idx.dtype}, "
                      f"k_idx {k_idx.shape} {k_idx.dtype}, block_size {block_size}, "
                      f"topk {topk}")
   key = "mosaic_fp8_stages" if block_scaled else "mosaic_stages"

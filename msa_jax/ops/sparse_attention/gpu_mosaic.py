@@ -391,7 +391,7 @@ def sparse_attention_partials(q, k, v, schedule: sched.Schedule, kv_lengths, *, 
   rows = queries_per_tile * heads
   stages, kv_stages = cfg.num_stages, cfg.kv_stages
   if not supports(q, k, v, block_size):
-    raise ValueError(f"sparse_attention_mgpu does not support q {q.shape} {q.dtype}, "
+    raise ValueError(f"the Mosaic GPU sparse kernel does not support q {q.shape} {q.dtype}, "
                      f"k {k.shape}, v {v.shape}, block_size {block_size}")
   if rows % WGMMA_ROWS or tiles_per_item not in (1, 2) or stages < 2 or kv_stages < 2:
     raise ValueError(f"need tile rows ({rows}) a multiple of {WGMMA_ROWS}, tiles_per_item "

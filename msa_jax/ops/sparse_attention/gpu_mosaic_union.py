@@ -1,6 +1,6 @@
 """Union-tile block-sparse attention forward for Hopper (Pallas Mosaic GPU: TMA + wgmma).
 
-The same work as ``sparse_attention_union.py`` (Triton): query-outer over tiles of
+The same work as ``gpu_triton_union.py`` (Triton): query-outer over tiles of
 consecutive queries of one (batch, group), each walking the union of its queries' selected
 blocks (``tile_unions``, in XLA) with an online softmax, writing the final output and LSE (no
 partials, no combine). Here as a FlashAttention-3-style warp-specialised kernel:
@@ -24,7 +24,7 @@ partials, no combine). Here as a FlashAttention-3-style warp-specialised kernel:
 
 Values: as the KV-outer Mosaic kernel, ``P V`` reads V straight from the TMA loads, so the
 caller zeroes value rows past the lengths and non-finite ones and poisons the outputs that
-see one (``sparse_attention_mgpu.guard_values`` / ``poison``).
+see one (``gpu_mosaic.guard_values`` / ``poison``).
 
 Supported (``supports``): bf16/f16, D == Dv a multiple of 64 up to 128, block size a
 multiple of 64 up to 256, 64 divisible by the heads per group (8, 16, 32 or 64) and at most
@@ -160,7 +160,7 @@ def _kernel(ids_ref, counts_ref, members_ref, last_ref, q_ref, k_ref, v_ref, o_r
 
 
 def tile_unions(block_indices, valid, heads: int):
-  """``sparse_attention_union.tile_unions`` for this kernel's tiles (``heads`` per group)."""
+  """``gpu_triton_union.tile_unions`` for this kernel's tiles (``heads`` per group)."""
   return union_common.tile_unions(block_indices, valid, queries_per_tile(heads))
 
 
@@ -173,7 +173,7 @@ def mean_union(unions) -> jax.Array:
 def sparse_attention(q, k, v, block_indices, valid, q_positions, kv_lengths, *, block_size,
                      scale, num_stages=2, unions=None, interpret=False):
   """Exact attention of ``q [B,T,Hq,D]`` over its selected blocks of ``k``/``v`` (padded to
-  whole blocks; values already guarded by ``sparse_attention_mgpu.guard_values``), one CTA
+  whole blocks; values already guarded by ``gpu_mosaic.guard_values``), one CTA
   per tile of ``queries_per_tile(heads)`` positions and group. ``unions``: ``tile_unions``'
   result if already computed. Returns ``out [B,T,Hq,Dv]`` and float32 ``lse [B,T,Hq]`` (-inf
   for queries without a visible selected key)."""
@@ -181,7 +181,7 @@ def sparse_attention(q, k, v, block_indices, valid, q_positions, kv_lengths, *, 
   g, dv = k.shape[2], v.shape[-1]
   heads = hq // g
   if not supports(q, k, v, block_size):
-    raise ValueError(f"sparse_attention_union_mgpu does not support q {q.shape} {q.dtype}, "
+    raise ValueError(f"the Mosaic GPU union kernel does not support q {q.shape} {q.dtype}, "
                      f"k {k.shape}, v {v.shape}, block_size {block_size}")
   if num_stages < 2:
     raise ValueError(f"num_stages must be >= 2; got {num_stages}")

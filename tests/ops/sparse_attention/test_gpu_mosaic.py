@@ -5,7 +5,7 @@ TMA copies and barriers (raising on a barrier phase a thread missed), fills fres
 NaN and detects data races with vector clocks. A deadlock would hang it, so each run has a
 watchdog. The Pallas -> Mosaic GPU lowering is checked by exporting for CUDA on CPU. On a GPU
 (``JAX_PLATFORMS=cuda``) the same tests run the compiled kernel. The module docstring of
-``sparse_attention_mgpu`` says what none of this covers (Mosaic's passes, ptxas, speed).
+``ops/sparse_attention/gpu_mosaic.py`` says what none of this covers (Mosaic's passes, ptxas, speed).
 """
 
 import contextlib
