@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import struct
 from collections.abc import Iterator
 
 import jax
@@ -30,12 +32,8 @@ from models.transformer import MiniMaxM3, create_model
 
 log = logging.getLogger(__name__)
 
-# safetensors' NumPy backend looks fp8 up on numpy itself; ml_dtypes provides the type.
-if not hasattr(np, "float8_e4m3fn"):
-  np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
-
-from safetensors import safe_open  # noqa: E402  (after the fp8 shim)
-from safetensors.numpy import save_file  # noqa: E402
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 PREFIX = "language_model."
 SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.",
@@ -160,6 +158,22 @@ def require_finite(name: str, value, where: str):
 # ----------------------------------------------------------------------------- reading
 
 
+def _read_fp8(path: str, name: str) -> np.ndarray:
+  """An F8_E4M3 tensor of a safetensors file, mapped from disk. safetensors' NumPy reader
+  looks the type up as ``numpy.float8_e4m3fn``, which NumPy lacks (ml_dtypes has it), so the
+  bytes are read at the offsets the file's header gives (the format: an 8-byte little-endian
+  header length, the JSON header, then the data)."""
+  with open(path, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    info = json.loads(f.read(header_len))[name]
+  start, end = info["data_offsets"]
+  shape = tuple(info["shape"])
+  if end - start != math.prod(shape):
+    raise CheckpointError(f"{path}: tensor {name!r}: {end - start} bytes for shape {shape}")
+  return np.memmap(path, dtype=ml_dtypes.float8_e4m3fn, mode="r", offset=8 + header_len + start,
+                   shape=shape)
+
+
 class _Tensors:
   """Lazy access to the tensors of a HF folder (sharded with an index, or one file)."""
 
@@ -220,7 +234,7 @@ class _Tensors:
       if dtype not in SUPPORTED_DTYPES and not (dtype == "U8" and name.endswith("_scale_inv")):
         raise CheckpointError(f"{self.where(name)}: tensor {raw!r} has unsupported dtype "
                               f"{dtype} (expected one of {sorted(SUPPORTED_DTYPES)})")
-      x = handle.get_tensor(raw)
+      x = _read_fp8(self.where(name), raw) if dtype == "F8_E4M3" else handle.get_tensor(raw)
     except CheckpointError:
       raise
     except Exception as e:

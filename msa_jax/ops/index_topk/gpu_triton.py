@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from jax.experimental.pallas import triton as pltr
 
 from msa_jax import checks
 from msa_jax import tuning
+from msa_jax.ops.index_topk import config as index_config
 
 
 def config_key(q_len: int) -> str:
@@ -233,34 +235,31 @@ def fused_topk(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk, block
                blocks_per_tile=None, num_warps=None, num_stages=None, interpret=False):
   """The selection, int32 ``[B,T,G,topk]`` (-1 padded), from one kernel: scoring, block
   max-pool and a running top-k per row tile (no block scores or candidates in HBM)."""
-  cfg = tuning.config(config_key(q_idx.shape[1]),
-                      shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]), block_rows=block_rows,
-                      blocks_per_tile=blocks_per_tile, num_warps=num_warps,
-                      num_stages=num_stages)
-  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg)
-  b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
+  x, k_idx = _layout(q_idx, k_idx, q_positions, block_size, False, block_rows=block_rows,
+                     blocks_per_tile=blocks_per_tile, num_warps=num_warps,
+                     num_stages=num_stages)
   kk = max(2, pl.next_power_of_2(topk))
-  n_row_tiles = q_rows.shape[1] // block_rows
+  n_row_tiles = x.q_rows.shape[1] // x.block_rows
   # Later rows see more keys (causal): launch them first so the longest programs start early.
   row_tile = lambda bi, ri: (bi, n_row_tiles - 1 - ri)
-  kernel = functools.partial(_fused_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
+  kernel = functools.partial(_fused_topk_kernel, block_size=block_size, blocks_per_tile=x.bpt)
   ids = pl.pallas_call(
       kernel,
-      grid=(b, n_row_tiles),
+      grid=(x.b, n_row_tiles),
       in_specs=[
-          pl.BlockSpec((None, block_rows), row_tile),
+          pl.BlockSpec((None, x.block_rows), row_tile),
           pl.BlockSpec(),  # kv_lengths: the whole array, read as scalars
-          pl.BlockSpec((None, block_rows, q_rows.shape[2]), lambda bi, ri: (*row_tile(bi, ri), 0)),
+          pl.BlockSpec((None, x.block_rows, x.q_rows.shape[2]),
+                       lambda bi, ri: (*row_tile(bi, ri), 0)),
           pl.BlockSpec(),  # index keys: the whole array, tiles sliced in the kernel
       ],
-      out_specs=pl.BlockSpec((None, block_rows, kk), lambda bi, ri: (*row_tile(bi, ri), 0)),
-      out_shape=jax.ShapeDtypeStruct((b, q_rows.shape[1], kk), jnp.int32),
-      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages),
+      out_specs=pl.BlockSpec((None, x.block_rows, kk), lambda bi, ri: (*row_tile(bi, ri), 0)),
+      out_shape=jax.ShapeDtypeStruct((x.b, x.q_rows.shape[1], kk), jnp.int32),
+      compiler_params=x.compiler_params,
       interpret=interpret,
       name="msa_index_fused_topk",
-  )(row_pos, kv_lengths, q_rows, k_idx)
-  return ids[:, :rows].reshape(b, t, g, kk)[..., :topk]
+  )(x.row_pos, kv_lengths, x.q_rows, k_idx)
+  return x.rows_out(ids)[..., :topk]
 
 
 def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
@@ -273,28 +272,24 @@ def tile_candidates(q_idx, k_idx, q_positions, kv_lengths, *, block_size, topk,
   selection is the top ``topk`` of these (``reference.exact_top_k`` keeps the tie order), so
   the full block-score matrix is never written.
   """
-  cfg = tuning.config(config_key(q_idx.shape[1]),
-                      shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]), block_rows=block_rows,
-                      blocks_per_tile=blocks_per_tile, num_warps=num_warps,
-                      num_stages=num_stages)
-  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret)
-  b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
-  kk = min(pl.next_power_of_2(topk), bpt)
-  kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
-  out_spec = pl.BlockSpec((None, block_rows, kk), lambda bi, ri, ki: (bi, ri, ki))
-  shape = (b, q_rows.shape[1], n_tiles * kk)
+  x, k_idx = _layout(q_idx, k_idx, q_positions, block_size, interpret, block_rows=block_rows,
+                     blocks_per_tile=blocks_per_tile, num_warps=num_warps,
+                     num_stages=num_stages)
+  kk = min(pl.next_power_of_2(topk), x.bpt)
+  kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=x.bpt)
+  out_spec = pl.BlockSpec((None, x.block_rows, kk), lambda bi, ri, ki: (bi, ri, ki))
+  shape = (x.b, x.q_rows.shape[1], x.n_tiles * kk)
   vals, ids = pl.pallas_call(
       kernel,
-      grid=(b, q_rows.shape[1] // block_rows, n_tiles),
-      in_specs=_in_specs(block_rows, bpt * block_size, q_rows.shape[2]),
+      grid=x.grid,
+      in_specs=_in_specs(x, block_size),
       out_specs=[out_spec, out_spec],
       out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32)],
-      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages),
+      compiler_params=x.compiler_params,
       interpret=interpret,
       name="msa_index_tile_topk",
-  )(row_pos, kv_lengths, q_rows, k_idx)
-  return (vals[:, :rows].reshape(b, t, g, -1), ids[:, :rows].reshape(b, t, g, -1))
+  )(x.row_pos, kv_lengths, x.q_rows, k_idx)
+  return x.rows_out(vals), x.rows_out(ids)
 
 
 def spread_blocks_per_tile(blocks_per_tile: int, num_blocks: int, row_programs: int,
@@ -307,32 +302,69 @@ def spread_blocks_per_tile(blocks_per_tile: int, num_blocks: int, row_programs: 
   return blocks_per_tile
 
 
-def _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret=False):
-  """Rows = (query, group) pairs, padded to the row tile; keys padded to whole key tiles."""
+class Layout(NamedTuple):
+  """An index kernel's launch: rows = (query, group) pairs padded to the row tile, key blocks
+  in tiles of ``bpt`` (the paged kernels' tiles are of pages)."""
+  cfg: index_config.Config
+  b: int
+  t: int
+  g: int
+  nb: int  # key blocks (pages) per sequence
+  n_tiles: int  # key tiles
+  bpt: int  # blocks per key tile
+  block_rows: int
+  rows: int  # t * g, before padding
+  q_rows: jax.Array  # [B, rows padded, Di]
+  row_pos: jax.Array  # [B, rows padded], -1 on padding rows
+
+  @property
+  def compiler_params(self):
+    return pltr.CompilerParams(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+
+  @property
+  def grid(self):
+    """(batch, row tile, key tile): the grid of the kernels that write per key tile."""
+    return self.b, self.q_rows.shape[1] // self.block_rows, self.n_tiles
+
+  def rows_out(self, x):
+    """A kernel output ``[B, rows padded, n]`` as ``[B, T, G, n]``."""
+    return x[:, :self.rows].reshape(self.b, self.t, self.g, -1)
+
+
+def layout(q_idx, q_positions, num_blocks, cfg, spread) -> Layout:
+  """The rows and key tiles of an index kernel over ``num_blocks`` blocks per sequence;
+  ``spread``: fewer blocks per tile where the grid would be small (compiled decode)."""
   b, t, g, di = q_idx.shape
-  s_len = k_idx.shape[1]
-  nb = -(-s_len // block_size)
   rows = t * g
   block_rows = min(cfg.block_rows, max(16, pl.next_power_of_2(rows)))
   rows_pad = -(-rows // block_rows) * block_rows
-  bpt = min(cfg.blocks_per_tile, pl.next_power_of_2(nb))
-  if not interpret:
-    bpt = spread_blocks_per_tile(bpt, nb, b * rows_pad // block_rows,
-                                 cfg.min_programs)
-  n_tiles = -(-nb // bpt)
-  k_idx = jnp.pad(k_idx, ((0, 0), (0, n_tiles * bpt * block_size - s_len), (0, 0)))
+  bpt = min(cfg.blocks_per_tile, pl.next_power_of_2(num_blocks))
+  if spread:
+    bpt = spread_blocks_per_tile(bpt, num_blocks, b * rows_pad // block_rows, cfg.min_programs)
   q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
   row_pos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, rows_pad - rows)),
                     constant_values=-1)
-  return b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx
+  return Layout(cfg, b, t, g, num_blocks, -(-num_blocks // bpt), bpt, block_rows, rows,
+                q_rows, row_pos)
 
 
-def _in_specs(block_rows, tile_keys, di):
+def _layout(q_idx, k_idx, q_positions, block_size, interpret, **launch):
+  """(layout, index keys padded to whole key tiles) of a contiguous index kernel; ``launch``
+  parameters left as None come from the per-card table (``msa_jax.tuning``)."""
+  t, s_len = q_idx.shape[1], k_idx.shape[1]
+  cfg = tuning.config(config_key(t), shape=tuning.shape(s_len, t), **launch)
+  x = layout(q_idx, q_positions, -(-s_len // block_size), cfg, spread=not interpret)
+  keys = x.n_tiles * x.bpt * block_size
+  return x, jnp.pad(k_idx, ((0, 0), (0, keys - s_len), (0, 0)))
+
+
+def _in_specs(x: Layout, block_size):
+  di = x.q_rows.shape[2]
   return [
-      pl.BlockSpec((None, block_rows), lambda bi, ri, ki: (bi, ri)),
+      pl.BlockSpec((None, x.block_rows), lambda bi, ri, ki: (bi, ri)),
       pl.BlockSpec(),  # kv_lengths: the whole array, read as scalars
-      pl.BlockSpec((None, block_rows, di), lambda bi, ri, ki: (bi, ri, 0)),
-      pl.BlockSpec((None, tile_keys, di), lambda bi, ri, ki: (bi, ki, 0)),
+      pl.BlockSpec((None, x.block_rows, di), lambda bi, ri, ki: (bi, ri, 0)),
+      pl.BlockSpec((None, x.bpt * block_size, di), lambda bi, ri, ki: (bi, ki, 0)),
   ]
 
 
@@ -342,22 +374,18 @@ def block_scores(q_idx, k_idx, q_positions, kv_lengths, *, block_size, block_row
 
   Launch parameters left as None come from the per-card table (``msa_jax.tuning``).
   """
-  cfg = tuning.config(config_key(q_idx.shape[1]),
-                      shape=tuning.shape(k_idx.shape[1], q_idx.shape[1]), block_rows=block_rows,
-                      blocks_per_tile=blocks_per_tile, num_warps=num_warps,
-                      num_stages=num_stages)
-  geo = _geometry(q_idx, k_idx, q_positions, block_size, cfg, interpret)
-  b, t, g, nb, n_tiles, bpt, block_rows, rows, q_rows, row_pos, k_idx = geo
-  kernel = functools.partial(_scores_kernel, block_size=block_size, blocks_per_tile=bpt)
+  x, k_idx = _layout(q_idx, k_idx, q_positions, block_size, interpret, block_rows=block_rows,
+                     blocks_per_tile=blocks_per_tile, num_warps=num_warps,
+                     num_stages=num_stages)
+  kernel = functools.partial(_scores_kernel, block_size=block_size, blocks_per_tile=x.bpt)
   scores = pl.pallas_call(
       kernel,
-      grid=(b, q_rows.shape[1] // block_rows, n_tiles),
-      in_specs=_in_specs(block_rows, bpt * block_size, q_rows.shape[2]),
-      out_specs=pl.BlockSpec((None, block_rows, bpt), lambda bi, ri, ki: (bi, ri, ki)),
-      out_shape=jax.ShapeDtypeStruct((b, q_rows.shape[1], n_tiles * bpt), jnp.float32),
-      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages),
+      grid=x.grid,
+      in_specs=_in_specs(x, block_size),
+      out_specs=pl.BlockSpec((None, x.block_rows, x.bpt), lambda bi, ri, ki: (bi, ri, ki)),
+      out_shape=jax.ShapeDtypeStruct((x.b, x.q_rows.shape[1], x.n_tiles * x.bpt), jnp.float32),
+      compiler_params=x.compiler_params,
       interpret=interpret,
       name="msa_index_block_scores",
-  )(row_pos, kv_lengths, q_rows, k_idx)
-  return scores[:, :rows, :nb].reshape(b, t, g, nb)
+  )(x.row_pos, kv_lengths, x.q_rows, k_idx)
+  return x.rows_out(scores[..., :x.nb])

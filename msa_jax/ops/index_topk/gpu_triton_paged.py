@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
 
 from msa_jax.ops.index_topk import gpu_triton as contiguous
 from msa_jax import tuning
@@ -122,67 +121,49 @@ def _fused_kernel(pos_ref, kv_len_ref, table_ref, q_ref, pages_ref, id_ref, *, b
   id_ref[...] = jnp.where(vals == -jnp.inf, -1, ids)
 
 
-def _geometry(q_idx, page_table, q_positions, num_pages, cfg, spread=False):
-  """``spread``: fewer pages per tile where the grid would be small (``index_topk``)."""
-  b, t, g, di = q_idx.shape
-  max_pages = page_table.shape[1]
-  rows = t * g
-  block_rows = min(cfg.block_rows, max(16, pl.next_power_of_2(rows)))
-  rows_pad = -(-rows // block_rows) * block_rows
-  bpt = min(cfg.blocks_per_tile, pl.next_power_of_2(max_pages))
-  if spread:
-    bpt = contiguous.spread_blocks_per_tile(bpt, max_pages, b * rows_pad // block_rows,
-                                            cfg.min_programs)
-  n_tiles = -(-max_pages // bpt)
-  # Every entry a page id: unassigned (-1) and padding entries read page 0, masked by length.
+def _layout(q_idx, page_table, q_positions, num_pages, cfg, spread=False):
+  """(layout, page table padded to whole tiles) of a paged index kernel. Every entry of the
+  table is a page id: unassigned (-1) and padding entries read page 0, masked by length."""
+  x = contiguous.layout(q_idx, q_positions, page_table.shape[1], cfg, spread)
   table = jnp.pad(jnp.clip(page_table, 0, num_pages - 1),
-                  ((0, 0), (0, n_tiles * bpt - max_pages)))
-  q_rows = jnp.pad(q_idx.reshape(b, rows, di), ((0, 0), (0, rows_pad - rows), (0, 0)))
-  row_pos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, rows_pad - rows)),
-                    constant_values=-1)
-  return dict(b=b, t=t, g=g, bpt=bpt, n_tiles=n_tiles, block_rows=block_rows, rows=rows,
-              rows_pad=rows_pad, table=table, q_rows=q_rows, row_pos=row_pos)
+                  ((0, 0), (0, x.n_tiles * x.bpt - x.nb)))
+  return x, table
 
 
-def _call(kernel, geo, cfg, grid, row_tile, out_specs, out_shape, name, interpret, index_pages,
+def _call(kernel, x, table, grid, row_tile, out_specs, out_shape, name, interpret, index_pages,
           kv_lengths):
-  di = geo["q_rows"].shape[2]
+  di = x.q_rows.shape[2]
   return pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[
-          pl.BlockSpec((None, geo["block_rows"]), row_tile),
+          pl.BlockSpec((None, x.block_rows), row_tile),
           pl.BlockSpec(),  # kv_lengths, read as scalars
           pl.BlockSpec(),  # page table, read as scalars
-          pl.BlockSpec((None, geo["block_rows"], di), lambda *i: (*row_tile(*i), 0)),
+          pl.BlockSpec((None, x.block_rows, di), lambda *i: (*row_tile(*i), 0)),
           pl.BlockSpec(),  # index pages: the whole pool, pages picked in the kernel
       ],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages),
+      compiler_params=x.compiler_params,
       interpret=interpret,
       name=name,
-  )(geo["row_pos"], kv_lengths, geo["table"], geo["q_rows"], index_pages)
+  )(x.row_pos, kv_lengths, table, x.q_rows, index_pages)
 
 
 def paged_block_scores(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
                        interpret=False, **params):
   """Block-max scores ``[B,T,G,max_pages]`` (fp32; -inf where a block has no visible key)."""
   cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
-  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
-                  spread=not interpret)
-  kernel = functools.partial(_scores_kernel, block_size=block_size,
-                             blocks_per_tile=geo["bpt"])
-  br, bpt = geo["block_rows"], geo["bpt"]
-  scores = _call(kernel, geo, cfg, (geo["b"], geo["rows_pad"] // br, geo["n_tiles"]),
-                 lambda bi, ri, ki: (bi, ri),
-                 pl.BlockSpec((None, br, bpt), lambda bi, ri, ki: (bi, ri, ki)),
-                 jax.ShapeDtypeStruct((geo["b"], geo["rows_pad"], geo["n_tiles"] * bpt),
-                                      jnp.float32),
+  x, table = _layout(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
+                     spread=not interpret)
+  kernel = functools.partial(_scores_kernel, block_size=block_size, blocks_per_tile=x.bpt)
+  rows_pad = x.q_rows.shape[1]
+  scores = _call(kernel, x, table, x.grid, lambda bi, ri, ki: (bi, ri),
+                 pl.BlockSpec((None, x.block_rows, x.bpt), lambda bi, ri, ki: (bi, ri, ki)),
+                 jax.ShapeDtypeStruct((x.b, rows_pad, x.n_tiles * x.bpt), jnp.float32),
                  "msa_paged_index_block_scores", interpret, index_pages, kv_lengths)
-  max_pages = page_table.shape[1]
-  return scores[:, :geo["rows"], :max_pages].reshape(geo["b"], geo["t"], geo["g"], max_pages)
+  return x.rows_out(scores[..., :x.nb])
 
 
 def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_lengths, *,
@@ -191,35 +172,32 @@ def paged_tile_candidates(q_idx, index_pages, page_table, q_positions, kv_length
   ``[B,T,G,n_tiles*kk]``, tile by tile; the selection is their top ``topk``
   (``index_topk.merge_candidates``)."""
   cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
-  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
-                  spread=not interpret)
-  br, bpt = geo["block_rows"], geo["bpt"]
-  kk = min(pl.next_power_of_2(topk), bpt)
-  kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=bpt)
-  spec = pl.BlockSpec((None, br, kk), lambda bi, ri, ki: (bi, ri, ki))
-  shape = (geo["b"], geo["rows_pad"], geo["n_tiles"] * kk)
-  vals, ids = _call(kernel, geo, cfg, (geo["b"], geo["rows_pad"] // br, geo["n_tiles"]),
-                    lambda bi, ri, ki: (bi, ri), [spec, spec],
+  x, table = _layout(q_idx, page_table, q_positions, index_pages.shape[0], cfg,
+                     spread=not interpret)
+  kk = min(pl.next_power_of_2(topk), x.bpt)
+  kernel = functools.partial(_tile_topk_kernel, block_size=block_size, blocks_per_tile=x.bpt)
+  spec = pl.BlockSpec((None, x.block_rows, kk), lambda bi, ri, ki: (bi, ri, ki))
+  shape = (x.b, x.q_rows.shape[1], x.n_tiles * kk)
+  vals, ids = _call(kernel, x, table, x.grid, lambda bi, ri, ki: (bi, ri), [spec, spec],
                     [jax.ShapeDtypeStruct(shape, jnp.float32),
                      jax.ShapeDtypeStruct(shape, jnp.int32)],
                     "msa_paged_index_tile_topk", interpret, index_pages, kv_lengths)
-  out = lambda x: x[:, :geo["rows"]].reshape(geo["b"], geo["t"], geo["g"], -1)
-  return out(vals), out(ids)
+  return x.rows_out(vals), x.rows_out(ids)
 
 
 def paged_fused_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
                      topk, interpret=False, **params):
   """The selection ``[B,T,G,topk]`` (-1 padded) from one kernel with a running top-k."""
   cfg = tuning.config(CONFIG, shape=_shape(q_idx, page_table, block_size), **params)
-  geo = _geometry(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
-  br = geo["block_rows"]
+  x, table = _layout(q_idx, page_table, q_positions, index_pages.shape[0], cfg)
   kk = max(2, pl.next_power_of_2(topk))
-  kernel = functools.partial(_fused_kernel, block_size=block_size, blocks_per_tile=geo["bpt"])
-  ids = _call(kernel, geo, cfg, (geo["b"], geo["rows_pad"] // br), lambda bi, ri: (bi, ri),
-              pl.BlockSpec((None, br, kk), lambda bi, ri: (bi, ri, 0)),
-              jax.ShapeDtypeStruct((geo["b"], geo["rows_pad"], kk), jnp.int32),
+  kernel = functools.partial(_fused_kernel, block_size=block_size, blocks_per_tile=x.bpt)
+  rows_pad = x.q_rows.shape[1]
+  ids = _call(kernel, x, table, (x.b, rows_pad // x.block_rows), lambda bi, ri: (bi, ri),
+              pl.BlockSpec((None, x.block_rows, kk), lambda bi, ri: (bi, ri, 0)),
+              jax.ShapeDtypeStruct((x.b, rows_pad, kk), jnp.int32),
               "msa_paged_index_fused_topk", interpret, index_pages, kv_lengths)
-  return ids[:, :geo["rows"]].reshape(geo["b"], geo["t"], geo["g"], kk)[..., :topk]
+  return x.rows_out(ids)[..., :topk]
 
 
 def paged_index_topk(q_idx, index_pages, page_table, q_positions, kv_lengths, *, block_size,
