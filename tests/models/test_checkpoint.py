@@ -15,7 +15,7 @@ import models
 from models import checkpoint
 from models import config as config_lib
 from models import sharding
-from tests import ROOT
+from tests import call_main
 
 TINY_JSON = json.load(open(os.path.join(config_lib.CONFIG_DIR, "tiny.json")))
 TOKENS = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 256)  # selection active
@@ -175,18 +175,11 @@ def test_sharded_load(tiny, folder):
 
 
 def test_orbax_round_trip_bit_exact_and_resharded(tmp_path):
-  import subprocess
-  import sys
-  root = ROOT
-  script = os.path.join(root, "scripts", "convert.py")
   src, orbax_dir, back = tmp_path / "hf", tmp_path / "orbax", tmp_path / "hf2"
   checkpoint.write_random(str(src), seed=3)  # bf16 storage, fp32 router
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
   for args in (["hf-to-orbax", str(src), str(orbax_dir), "--mesh", "tensor=2,expert=2"],
                ["orbax-to-hf", str(orbax_dir), str(back), "--mesh", "data=2"]):
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = _convert(*args)  # the test process has 8 (fake) devices
     assert proc.returncode == 0, proc.stderr[-3000:]
   from safetensors import safe_open
   def tensors(folder):
@@ -212,12 +205,8 @@ def test_orbax_round_trip_bit_exact_and_resharded(tmp_path):
 
 
 def _convert(*args):
-  import subprocess
-  import sys
-  root = ROOT
-  return subprocess.run([sys.executable, os.path.join(root, "scripts", "convert.py"), *args],
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  from models.cli import convert
+  return call_main(convert.main, list(args))
 
 
 def test_convert_refuses_a_nonempty_destination_untouched(folder, tmp_path):

@@ -1,26 +1,41 @@
-"""scripts/generate.py end to end (subprocess), greedy tokens checked against the model."""
+"""The generate command: greedy tokens checked against the model, static and continuous
+batching, prompts, sampling flags and errors. Most tests call ``models.cli.generate.main`` in
+this process (on one device); a few run ``scripts/generate.py`` end to end (subprocess)."""
 
 import json
 import os
 import subprocess
 import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from models import checkpoint
-from tests import ROOT
+from models.cli import generate
+from tests import ROOT, call_main
 
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
 LONG = ",".join(str(i % 200 + 3) for i in range(45))  # past k*Bk = 32: selection active
 
 
+def _main(args, stdin: str = ""):
+  """``generate.main(args)`` in this process. The test process has several (fake) devices:
+  the mesh is pinned to one unless ``args`` name one."""
+  if "--mesh" not in args:
+    args = [*args, "--mesh", "tensor=1"]
+  return call_main(generate.main, args, stdin)
+
+
 def _run(args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        env=env, timeout=600)
+  """A run that must succeed: in this process, or as a subprocess with ``devices`` fake
+  devices."""
+  if devices == 1:
+    proc = _main(args)
+  else:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -38,9 +53,13 @@ def test_help():
 
 
 def test_default_tiny_end_to_end_greedy_matches_model(tmp_path):
+  """The script as a user runs it (subprocess, default mesh over its one device)."""
   out = tmp_path / "out.json"
-  proc = _run(["--prompt-ids", "5,17,42", "--prompt-ids", LONG, "--max-new-tokens", "4",
-               "--output-json", str(out)])
+  proc = subprocess.run([sys.executable, SCRIPT, "--prompt-ids", "5,17,42", "--prompt-ids",
+                         LONG, "--max-new-tokens", "4", "--output-json", str(out)],
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tok/s" in proc.stdout.splitlines()[-1]
   result = json.loads(out.read_text())
   assert [len(g) for g in result["generated_ids"]] == [4, 4]
@@ -65,8 +84,7 @@ def test_sharded_same_tokens_as_unsharded(ckpt, tmp_path):
 
 
 def test_bad_prompt_ids(ckpt):
-  proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, "--prompt-ids", "1,x"],
-                        capture_output=True, text=True, timeout=300)
+  proc = _main(["--checkpoint", ckpt, "--prompt-ids", "1,x"])
   assert proc.returncode != 0 and "comma-separated integers" in proc.stderr
 
 
@@ -94,9 +112,7 @@ def test_continuous_batching_same_tokens_as_static_batch(ckpt, tmp_path):
   assert chunked["generated_ids"] == static["generated_ids"]
   assert chunked["includes_compilation"] is False
   assert chunked["steps"] > served["steps"]  # the chunks are steps of their own
-  proc = subprocess.run([sys.executable, SCRIPT] + args + ["--max-batch", "2",
-                                                           "--prefill-chunk", "24"],
-                        capture_output=True, text=True, timeout=300)
+  proc = _main(args + ["--max-batch", "2", "--prefill-chunk", "24"])
   assert proc.returncode != 0 and "multiple of the block size 16" in proc.stderr
 
 
@@ -153,9 +169,7 @@ def test_prompts_from_files_and_stdin(ckpt, tmp_path):
     (["--prompt-ids-file", "-", "--prompt-file", "-"], "standard input can be read only once"),
 ])
 def test_bad_prompt_files(ckpt, args, message):
-  proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, *args],
-                        input="1 2", capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = _main(["--checkpoint", ckpt, *args], stdin="1 2")
   assert proc.returncode != 0 and message in proc.stderr
 
 
@@ -175,7 +189,7 @@ def test_random_weights_without_files(tmp_path):
     (["--top-p", "-0.5"], "top_p must lie in [0, 1]"),
     (["--top-p", "1.5"], "top_p must lie in [0, 1]"),
     (["--mesh", "tensor=0"], "axis sizes must be >= 1"),
-    (["--mesh", "data=2"], "needs 2 devices"),
+    (["--mesh", "data=16"], "needs 16 devices"),
     (["--checkpoint", __file__], "is a file"),
     (["--checkpoint", "/nonexistent/folder"], "does not exist"),
     (["--chat"], "has no chat template"),
@@ -184,9 +198,7 @@ def test_random_weights_without_files(tmp_path):
 def test_bad_arguments_exit_with_a_message(ckpt, args, message):
   if "--checkpoint" not in args:
     args = ["--checkpoint", ckpt] + args
-  proc = subprocess.run([sys.executable, SCRIPT, *args, "--prompt-ids", "1,2"],
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  proc = _main([*args, "--prompt-ids", "1,2"])
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
 
@@ -196,10 +208,8 @@ def test_prompt_past_max_position_embeddings_is_refused(tmp_path):
   config["max_position_embeddings"] = 32
   path = tmp_path / "short.json"
   path.write_text(json.dumps(config))
-  proc = subprocess.run([sys.executable, SCRIPT, "--random-weights", str(path),
-                         "--prompt-ids", ",".join(["5"] * 30), "--max-new-tokens", "4"],
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = _main(["--random-weights", str(path), "--prompt-ids", ",".join(["5"] * 30),
+                "--max-new-tokens", "4"])
   assert proc.returncode != 0 and "max_position_embeddings (32" in proc.stderr
 
 
@@ -225,10 +235,8 @@ def test_sampling_edges_and_stop_id_on_the_static_path(ckpt, tmp_path):
 
 
 def test_every_request_refused_exits_nonzero(ckpt):
-  proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, "--prompt-ids", LONG,
-                         "--max-batch", "1", "--num-pages", "1", "--quiet"],
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = _main(["--checkpoint", ckpt, "--prompt-ids", LONG, "--max-batch", "1",
+                "--num-pages", "1", "--quiet"])
   assert proc.returncode != 0
   assert "request 0 refused" in proc.stderr and "no request could be served" in proc.stderr
   assert "served 0 requests (1 refused)" in proc.stdout
@@ -279,9 +287,7 @@ def test_chat_prompts_go_through_the_template(ckpt, tmp_path):
   rendered = '^[sys]be brief<user>"hi"\n<assistant>'
   assert json.loads(out.read_text())["prompt_ids"] == [list(rendered.encode())]
   assert f"prompt 0: {rendered!r}" in proc.stdout
-  bad = subprocess.run([sys.executable, SCRIPT, "--checkpoint", str(folder), "--chat",
-                        "--prompt-ids", "1,2"], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  bad = _main(["--checkpoint", str(folder), "--chat", "--prompt-ids", "1,2"])
   assert bad.returncode != 0 and "not to ids" in bad.stderr, bad.stderr[-2000:]
 
 
