@@ -17,6 +17,7 @@ dense or MSA per call, and the per-layer indexer KL loss (selected or whole-caus
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 import msa_jax
 from models import cache as cache_lib
 from models import losses
+from models import sharding as sharding_lib
 from models.layers import Linear, RMSNorm, rope
 
 
@@ -97,7 +99,51 @@ class Attention(nnx.Module):
               interpret, page_table=None):
     """Attention of q [B,T,Hq,D] over caches holding kv_lengths tokens: contiguous, or pages
     listed by ``page_table`` (msa_jax reads pages in place for decode and gathers them for
-    longer chunks)."""
+    longer chunks); per device on a mesh (``_on_devices``)."""
+    attend = functools.partial(self._attend_local, implementation=implementation,
+                               interpret=interpret)
+    return self._on_devices(attend, ("q",), q=q, k=k, v=v, iq=iq, index_keys=index_keys,
+                            positions=positions, kv_lengths=kv_lengths,
+                            page_table=page_table)
+
+  def _on_devices(self, fn, outs, **args):
+    """``fn(**args)`` (arrays, or None) per device of the active mesh (inside
+    ``sharding.activation_sharding``), in a ``shard_map``: the KV groups (and their query
+    and index heads) split over ``tensor``, the rows over the batch axes (not with a paged
+    cache, whose pages are shared by the rows), so each device runs the kernels on its own
+    heads (XLA cannot partition a Pallas call, and would gather its inputs to one device).
+    ``outs`` names each output's layout like an argument's ("q", "ids"); "mean": a scalar
+    averaged over the devices (equal shares of the queries). Without a mesh: ``fn(**args)``."""
+    mesh = sharding_lib.active_mesh()
+    if mesh is None or mesh.size == 1:
+      return fn(**args)
+    P = jax.sharding.PartitionSpec
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and self.config.num_kv_heads % tensor == 0 else None
+    rows = (None if args.get("page_table") is not None else
+            sharding_lib.fitted_spec(args["q"].shape[:1], ("batch",), mesh)[0])
+    per_head = P(rows, None, heads, None)
+    specs = dict(q=per_head, k=per_head, v=per_head, iq=per_head, ids=per_head,
+                 index_keys=P(rows, None, None), positions=P(rows, None), kv_lengths=P(rows),
+                 page_table=P(rows, None), mean=P())
+    split = tuple(a for a in ((rows,) if isinstance(rows, str) else tuple(rows or ()))
+                  + ((heads,) if heads else ()))
+    given = {name: x for name, x in args.items() if x is not None}
+
+    def local(given):
+      out = fn(**{**args, **given})
+      single = len(outs) == 1
+      out = (out,) if single else out
+      out = tuple(jax.lax.pmean(x, split) if name == "mean" and split else x
+                  for name, x in zip(outs, out))
+      return out[0] if single else out
+
+    out_specs = specs[outs[0]] if len(outs) == 1 else tuple(specs[name] for name in outs)
+    return jax.shard_map(local, mesh=mesh, in_specs=({n: specs[n] for n in given},),
+                         out_specs=out_specs, check_vma=False)(given)
+
+  def _attend_local(self, q, k, v, iq, index_keys, positions, kv_lengths, page_table, *,
+                    implementation, interpret):
     c = self.config
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if self.sparse:
@@ -173,9 +219,13 @@ class Attention(nnx.Module):
     if self.sparse and (attention == "msa" or indexer_loss is not None or capture):
       iq, ik = self.project_index(h, positions)
     if self.sparse and attention == "msa":
-      out, ids = msa_jax.msa_attention(
-          q, k, v, iq, ik.astype(q.dtype), topk=c.index_topk_blocks, return_indices=True,
-          implementation=implementation, interpret=interpret, **select_kw)
+      attend = lambda q, k, v, iq, index_keys, positions, kv_lengths: msa_jax.msa_attention(
+          q, k, v, iq, index_keys.astype(q.dtype), topk=c.index_topk_blocks,
+          return_indices=True, implementation=implementation, interpret=interpret,
+          block_size=c.index_block_size, q_positions=positions, kv_lengths=kv_lengths,
+          score_dtype=c.index_score_dtype)
+      out, ids = self._on_devices(attend, ("q", "ids"), q=q, k=k, v=v, iq=iq, index_keys=ik,
+                                  positions=positions, kv_lengths=kv_lengths)
     else:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                          implementation=dense_implementation)
@@ -184,8 +234,11 @@ class Attention(nnx.Module):
                                  topk=c.index_topk_blocks, implementation=implementation,
                                  interpret=interpret, **select_kw)
     if self.sparse and indexer_loss == "selected":
-      kl = msa_jax.indexer_kl_loss(q, k, iq, ik, ids, implementation=implementation,
-                                   interpret=interpret, **index_kw)
+      loss = lambda q, k, iq, index_keys, ids, positions, kv_lengths: msa_jax.indexer_kl_loss(
+          q, k, iq, index_keys, ids, implementation=implementation, interpret=interpret,
+          block_size=c.index_block_size, q_positions=positions, kv_lengths=kv_lengths)
+      kl = self._on_devices(loss, ("mean",), q=q, k=k, iq=iq, index_keys=ik, ids=ids,
+                            positions=positions, kv_lengths=kv_lengths)
     elif self.sparse and indexer_loss in ("causal", "causal_block"):
       # The MSA paper's warm-up (arXiv 2606.13392): KL against the full causal
       # main-branch distribution, not only the selected blocks, while attention is dense

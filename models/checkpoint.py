@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from models import config as config_lib
+from models import mxfp8
 from models import sharding as sharding_lib
 from models.transformer import MiniMaxM3, create_model
 
@@ -38,7 +39,7 @@ from safetensors.numpy import save_file
 PREFIX = "language_model."
 SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.",
                     "model.mtp.", "mtp.")
-MXFP8_BLOCK = 32
+MXFP8_BLOCK = mxfp8.BLOCK
 SUPPORTED_DTYPES = {"BF16", "F16", "F32", "F8_E4M3"}
 
 
@@ -249,18 +250,30 @@ class _Tensors:
       return dequantize_mxfp8(x, scale, name=f"{self.where(name)}: {raw}")
     return x.astype(np.float32) if x.dtype != np.uint8 else x
 
+  def get_mxfp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor ``[out, in]`` as MXFP8 (values, scales ``[out, ceil(in/32)]``): as stored
+    when the checkpoint holds it so, else rounded to it."""
+    if self.files.get(name + "_scale_inv") is not None:
+      handle = self._handle(self.files[name])
+      if handle.get_slice(self.raw_names[name]).get_dtype() == "F8_E4M3":
+        values = _read_fp8(self.where(name), self.raw_names[name])
+        scales = self.get(name + "_scale_inv")
+        mxfp8.dequantize(values.T, scales.T, np.float32)  # checks the scales' shape
+        return values, scales
+    values, scales = mxfp8.quantize(self.get(name).T)
+    return values.T, scales.T
+
   def close(self):
     self._open.clear()
 
 
 def dequantize_mxfp8(weight: np.ndarray, scale: np.ndarray, name: str = "tensor"):
-  """``w[o, i] = fp8[o, i] * 2^(scale[o, i // 32] - 127)`` as float32."""
-  out, cols = weight.shape
-  if scale.dtype != np.uint8 or scale.shape != (out, -(-cols // MXFP8_BLOCK)):
-    raise CheckpointError(f"{name}: MXFP8 scale must be uint8 [{out}, "
-                          f"{-(-cols // MXFP8_BLOCK)}]; got {scale.dtype} {scale.shape}")
-  factor = np.exp2(scale.astype(np.float32) - 127.0)
-  return weight.astype(np.float32) * np.repeat(factor, MXFP8_BLOCK, axis=1)[:, :cols]
+  """``w[o, i] = fp8[o, i] * 2^(scale[o, i // 32] - 127)`` as float32 (the checkpoint's
+  ``[out, in]`` layout)."""
+  try:
+    return mxfp8.dequantize(weight.T, scale.T, np.float32).T
+  except ValueError as e:
+    raise CheckpointError(f"{name}: {e} (stored transposed: [out, in])") from None
 
 
 def _assemble(tensors: _Tensors, sources, expected_shape, path) -> np.ndarray:
@@ -282,6 +295,24 @@ def _assemble(tensors: _Tensors, sources, expected_shape, path) -> np.ndarray:
                           f"shape {list(hf_shape)}, the config implies "
                           f"{list(expected_shape[::-1] if sources[0][1] == 'linear' else expected_shape)}")
   return value
+
+
+def _assemble_mxfp8(tensors: _Tensors, sources, expected_shape, path):
+  """The stacked experts of ``sources`` as MXFP8 (values [E, in, out], scales [E, in/32, out])."""
+  parts = [tensors.get_mxfp8(name) for name, _ in sources]
+  values = np.stack([v.T for v, _ in parts])
+  if values.shape != tuple(expected_shape):
+    raise CheckpointError(f"{tensors.where(sources[0][0])}: experts of {path} have shape "
+                          f"{list(values.shape)}, the config implies {list(expected_shape)}")
+  return values, np.stack([s.T for _, s in parts])
+
+
+def _place(host: np.ndarray, sharding):
+  """A host array on the devices: in ``sharding`` (each device reads its slice), or on the
+  default device."""
+  if sharding is None:
+    return jnp.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _progress(items, total, desc):
@@ -321,15 +352,17 @@ def _abstract_model(config, *, mesh, rules, dtype, param_dtype, implementation, 
 
 def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
             implementation: str | None = "xla", interpret=False, progress: bool = True,
-            check_finite: bool = True):
+            check_finite: bool = True, expert_weights: str = "dense"):
   """Build a ``MiniMaxM3`` from a HF folder (config.json + safetensors).
 
   Parameters are placed on ``mesh`` by the sharding rules (one device when ``mesh`` is None).
   ``param_dtype`` defaults to ``dtype``; the router stays float32. With ``check_finite``
-  (default) a tensor holding NaN or Inf is refused, naming it.
+  (default) a tensor holding NaN or Inf is refused, naming it. ``expert_weights="mxfp8"``
+  keeps the routed experts' weights in MXFP8 on the devices (``models.mxfp8``): as stored
+  by an MXFP8 checkpoint, rounded to it from any other.
   """
   folder = os.fspath(folder)
-  config = _config(folder)
+  config = _config(folder).replace(expert_weights=expert_weights)
   param_dtype = param_dtype or dtype
   graphdef, flat, flat_shardings = _abstract_model(
       config, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
@@ -340,20 +373,20 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
   items = _progress(sources.items(), len(sources), "loading") if progress else sources.items()
   for path, srcs in items:
     var = flat[path]
+    if var.dtype == mxfp8.VALUE_DTYPE:
+      scale_path = path[:-1] + (path[-1] + "_scale",)
+      values, scales = _assemble_mxfp8(tensors, srcs, var.shape, path)
+      for p, host in ((path, values), (scale_path, scales)):
+        flat[p] = flat[p].replace(_place(host, flat_shardings.get(p)))
+      used.update(name for name, _ in srcs)
+      continue
     value = _assemble(tensors, srcs, var.shape, path)
     if check_finite:
       require_finite(tensors.raw_names[srcs[0][0]]
                      + (f" (or one of the {len(srcs) - 1} other experts stacked with it)"
                         if len(srcs) > 1 else ""), value, tensors.where(srcs[0][0]))
     used.update(name for name, _ in srcs)
-    target = var.dtype
-    host = value.astype(target)
-    sharding = flat_shardings.get(path)
-    if sharding is not None:
-      array = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
-    else:
-      array = jnp.asarray(host)
-    flat[path] = var.replace(array)
+    flat[path] = var.replace(_place(value.astype(var.dtype), flat_shardings.get(path)))
   used.update(n + "_scale_inv" for n in list(used))
   skipped = [n for n in tensors.files if n.startswith(SKIPPED_PREFIXES)]
   unexpected = sorted(n for n in tensors.files if n not in used and n not in skipped)
@@ -368,7 +401,8 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
 
 
 def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
-                implementation: str | None = "xla", interpret=False, seed: int = 0):
+                implementation: str | None = "xla", interpret=False, seed: int = 0,
+                expert_weights: str = "dense"):
   """A model of ``config`` with random weights made directly on the devices (no files).
 
   Each parameter is drawn on its own, in its dtype and already in its sharding on ``mesh``
@@ -376,10 +410,13 @@ def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype
   the weights: a full-size config can be tried without its checkpoint. Matrices are normal
   with std 1/sqrt(fan in) (the embedding 0.02), norms and biases zero, as ``MiniMaxM3``
   initialises them; the draws differ from ``MiniMaxM3(config, rngs=nnx.Rngs(seed))``'s.
+  ``expert_weights="mxfp8"``: the routed experts' draws rounded to MXFP8, as ``load_hf``
+  keeps them.
   """
   if isinstance(config, (str, os.PathLike)):
     config = (config_lib.from_hf_config(config) if str(config).endswith(".json")
               or os.path.isdir(config) else config_lib.preset(config))
+  config = config.replace(expert_weights=expert_weights)
   param_dtype = param_dtype or dtype
   graphdef, flat, flat_shardings = _abstract_model(
       config, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
@@ -388,19 +425,30 @@ def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype
   draws = {}
   for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
     shape, dtype_ = tuple(var.shape), jnp.dtype(var.dtype)
+    if path[-1].endswith("_scale"):
+      continue  # drawn with its MXFP8 weight
     if len(shape) < 2:
       std = 0.0
     elif path == ("embed_tokens",):
       std = 0.02
     else:
       std = 1.0 / np.sqrt(shape[-2])
-    sh = flat_shardings.get(path)
+    scale_path = path[:-1] + (path[-1] + "_scale",)
+    quantized = dtype_ == mxfp8.VALUE_DTYPE
+    sh = (flat_shardings.get(path), flat_shardings.get(scale_path)) if quantized else (
+        flat_shardings.get(path))
     fn = draws.get((shape, dtype_, std, sh))
     if fn is None:
-      make = lambda k, shape=shape, dtype_=dtype_, std=std: (
-          jax.random.normal(k, shape, dtype_) * jnp.asarray(std, dtype_))
+      def make(k, shape=shape, dtype_=dtype_, std=std, quantized=quantized):
+        if quantized:
+          return mxfp8.quantize(jax.random.normal(k, shape, jnp.float32) * std)
+        return jax.random.normal(k, shape, dtype_) * jnp.asarray(std, dtype_)
       fn = draws[(shape, dtype_, std, sh)] = jax.jit(make, out_shardings=sh)
-    flat[path] = var.replace(fn(jax.random.fold_in(key, i)))
+    drawn = fn(jax.random.fold_in(key, i))
+    if quantized:
+      flat[path], flat[scale_path] = var.replace(drawn[0]), flat[scale_path].replace(drawn[1])
+    else:
+      flat[path] = var.replace(drawn)
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -408,17 +456,10 @@ def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype
 
 
 def quantize_mxfp8(w: np.ndarray):
-  """Per 32 input columns: a power-of-two scale (E8M0) so the block fits float8_e4m3fn."""
-  out, cols = w.shape
-  blocks = -(-cols // MXFP8_BLOCK)
-  padded = np.zeros((out, blocks * MXFP8_BLOCK), np.float32)
-  padded[:, :cols] = w
-  amax = np.abs(padded.reshape(out, blocks, MXFP8_BLOCK)).max(-1)
-  exponent = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 448.0)), 0)
-  exponent = np.clip(exponent, -127, 127)
-  scaled = padded / np.repeat(np.exp2(exponent), MXFP8_BLOCK, axis=1)
-  fp8 = scaled[:, :cols].astype(ml_dtypes.float8_e4m3fn)
-  return fp8, (exponent + 127).astype(np.uint8)
+  """Per 32 input columns of ``w [out, in]``: a power-of-two scale (E8M0) so the block fits
+  float8_e4m3fn (``models.mxfp8.quantize`` in the checkpoint's layout)."""
+  values, scales = mxfp8.quantize(np.asarray(w, np.float32).T)
+  return np.ascontiguousarray(values.T), np.ascontiguousarray(scales.T)
 
 
 def hf_tensors(model: MiniMaxM3, *, dtype=ml_dtypes.bfloat16) -> Iterator[tuple[str, np.ndarray]]:
@@ -426,7 +467,11 @@ def hf_tensors(model: MiniMaxM3, *, dtype=ml_dtypes.bfloat16) -> Iterator[tuple[
   config = model.config
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for path, srcs in param_sources(config).items():
-    value = np.asarray(jnp.asarray(flat[path][...], jnp.float32))
+    value = flat[path][...]
+    scales = flat.get(path[:-1] + (path[-1] + "_scale",))
+    if scales is not None:  # MXFP8 experts (expert_weights="mxfp8")
+      value = mxfp8.dequantize(value, scales[...], jnp.float32)
+    value = np.asarray(jnp.asarray(value, jnp.float32))
     router = path[-1] in ("gate", "e_score_correction_bias")
     out_dtype = np.float32 if router else dtype
     if srcs[0][1] == "experts":
@@ -446,7 +491,8 @@ def save_hf(model: MiniMaxM3, folder: str, hf_config: dict, *, num_shards: int =
   ``model.config``). With ``mxfp8`` every Linear weight except the router is stored as
   float8_e4m3fn + uint8 ``weight_scale_inv``, like MiniMax-M3-MXFP8.
   """
-  if config_lib.from_hf_config(hf_config) != model.config:
+  stored = model.config.replace(expert_weights="dense", index_score_dtype=None)  # not stored
+  if config_lib.from_hf_config(hf_config) != stored:
     raise ValueError("hf_config does not describe this model's config")
   with _AtomicFolder(folder) as tmp:
     _write_hf(model, tmp, hf_config, num_shards=num_shards, mxfp8=mxfp8, dtype=dtype)
@@ -563,4 +609,8 @@ def load(folder: str, **kwargs):
         f"model.safetensors.index.json (or model.safetensors), an Orbax one config.json with "
         f"a {ORBAX_STATE!r} folder; found {present or 'nothing'}")
   kwargs.pop("progress", None)
+  if kwargs.pop("expert_weights", "dense") != "dense":
+    raise CheckpointError(f"{folder}: MXFP8 experts (expert_weights='mxfp8') load from a "
+                          "Hugging Face folder; this is an Orbax checkpoint (scripts/convert.py "
+                          "orbax-to-hf makes one)")
   return load_orbax(folder, **kwargs)

@@ -49,6 +49,9 @@ class ModelConfig:
   # Precision of the index scores (inference knob, not in checkpoints): None (the index
   # projections' dtype) or "float8_e4m3fn" (msa_jax.index_topk's score_dtype).
   index_score_dtype: str | None = None
+  # The routed experts' weights on the device (inference knob, not in checkpoints): "dense"
+  # (param_dtype) or "mxfp8" (8-bit values and E8M0 scales, models.mxfp8).
+  expert_weights: str = "dense"
   tie_word_embeddings: bool = False
   # The longest sequence (prompt + generated) the checkpoint was made for; None: unknown.
   max_position_embeddings: int | None = None
@@ -87,6 +90,8 @@ class ModelConfig:
     if self.index_score_dtype not in (None, "float8_e4m3fn"):
       raise ValueError(f"index_score_dtype must be None or 'float8_e4m3fn'; got "
                        f"{self.index_score_dtype!r}")
+    if self.expert_weights not in ("dense", "mxfp8"):
+      raise ValueError(f"expert_weights must be 'dense' or 'mxfp8'; got {self.expert_weights!r}")
     if any(self.moe_layers):
       if self.num_experts < 1 or not 1 <= self.num_experts_per_tok <= self.num_experts:
         raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "

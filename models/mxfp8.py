@@ -12,6 +12,7 @@ checkpoint writer uses (the block's largest magnitude maps to at most E4M3's 448
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -46,16 +47,22 @@ def quantize(w) -> tuple:
   grouped = padded.reshape(*lead, blocks, BLOCK, n)
   amax = xp.max(xp.abs(grouped), axis=-2)
   exponent = xp.where(amax > 0, xp.ceil(xp.log2(xp.maximum(amax, 1e-30) / E4M3_MAX)), 0.0)
-  exponent = xp.clip(exponent, -BIAS, 127)
-  values = grouped / xp.exp2(exponent)[..., None, :]
+  scales = (xp.clip(exponent, -BIAS, 127) + BIAS).astype(SCALE_DTYPE)
+  values = grouped / factors(scales)[..., None, :]
   values = values.reshape(*lead, blocks * BLOCK, n)[..., :k, :].astype(VALUE_DTYPE)
-  return values, (exponent + BIAS).astype(SCALE_DTYPE)
+  return values, scales
 
 
 def factors(scales):
-  """E8M0 scales as float32 powers of two."""
+  """E8M0 scales as float32 powers of two ``2^(scale - 127)``, built from their bits (exact,
+  where ``exp2`` on some backends is not): the scale is float32's exponent field; 0 is
+  2^-127, float32's largest subnormal power of two."""
   xp = _xp(scales)
-  return xp.exp2(scales.astype(xp.float32) - BIAS)
+  bits = scales.astype(xp.int32)
+  bits = xp.where(bits > 0, bits << 23, 1 << 22)
+  if xp is np:
+    return bits.view(np.float32)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def dequantize(values, scales, dtype=jnp.bfloat16):

@@ -160,6 +160,17 @@ def activation_sharding(mesh, rules: Mapping = RULES):
     _active.update(previous)
 
 
+def active_mesh() -> jax.sharding.Mesh | None:
+  """The mesh of the enclosing ``activation_sharding`` block (None outside one)."""
+  return _active.get("mesh")
+
+
+def fitted_spec(shape, logical_axes, mesh, rules: Mapping | None = None) -> P:
+  """The PartitionSpec of an array of ``shape`` by logical names (the active rules by
+  default), without the mesh axes that do not divide their dimension."""
+  return _fits(shape, spec(logical_axes, mesh, rules or _active.get("rules") or RULES), mesh)
+
+
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
   """``with_sharding_constraint`` by logical names; a no-op outside ``activation_sharding``."""
   mesh = _active.get("mesh")

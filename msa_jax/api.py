@@ -89,6 +89,8 @@ def index_topk(q_idx, k_idx, *, block_size=128, topk=16, q_positions=None, kv_le
                                               page_table, b, t, block_size)
   if checks.is_empty(b, t):
     return jnp.full((b, t, q_idx.shape[2], topk), -1, jnp.int32)
+  # Integer ids: no gradient, and none traced through the kernels (their JVP is undefined).
+  q_idx, k_idx = jax.lax.stop_gradient((q_idx, k_idx))
   source = KV(k_idx=k_idx, page_table=page_table, lengths=kv_lengths)
   return dispatch.path("index_topk", impl, t)(q_idx, source, q_positions, block_size=block_size,
                                                topk=topk, score_dtype=score_dtype,
@@ -185,9 +187,10 @@ def msa_attention(q, k, v, q_idx, k_idx, *, block_size=128, topk=16, scale=None,
     out, ids, lse = _empty(q, v, g, topk)
   else:
     source = KV(k=k, v=v, k_idx=k_idx, page_table=page_table, lengths=kv_lengths)
+    selecting = source._replace(k_idx=jax.lax.stop_gradient(k_idx))  # no gradient: ids
     ids = dispatch.path("index_topk", impl, t)(
-        jax.lax.stop_gradient(q_idx), source, q_positions, block_size=block_size, topk=topk,
-        score_dtype=score_dtype, interpret=interpret)
+        jax.lax.stop_gradient(q_idx), selecting, q_positions, block_size=block_size,
+        topk=topk, score_dtype=score_dtype, interpret=interpret)
     out, lse = dispatch.path("sparse_attention", impl, t)(
         q, source, ids, q_positions, block_size=block_size, scale=scale, interpret=interpret)
   result = (out,) + ((ids,) if return_indices else ()) + ((lse,) if return_lse else ())

@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
   parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                       help="default: bfloat16 on GPUs and TPUs, float32 on CPUs")
+  parser.add_argument("--weights", default="dense", choices=["dense", "mxfp8"],
+                      help="the routed experts' weights on the devices: dense (in --dtype) or "
+                           "mxfp8 (8-bit values and a scale per 32 inputs, as MiniMax-M3-MXFP8 "
+                           "stores them; rounded to it from other checkpoints), dequantised "
+                           "inside the expert matmuls")
   parser.add_argument("--mesh", default=None,
                       help="e.g. data=1,tensor=4,expert=2 (default: all devices on tensor)")
   parser.add_argument("--implementation", default=None,
@@ -339,14 +344,16 @@ def _load_model(args, folder, prompts):
   if args.random_weights is not None:
     try:
       model = checkpoint.random_init(args.random_weights, mesh=mesh, dtype=dtype,
-                                     implementation=args.implementation, seed=args.seed)
+                                     implementation=args.implementation, seed=args.seed,
+                                     expert_weights=args.weights)
     except (ValueError, OSError) as e:
       raise SystemExit(f"--random-weights {args.random_weights}: {e}")
     folder = f"random:{args.random_weights}"
   else:
     try:
       model = checkpoint.load(folder, mesh=mesh, dtype=dtype,
-                              implementation=args.implementation, progress=not args.quiet)
+                              implementation=args.implementation, progress=not args.quiet,
+                              expert_weights=args.weights)
     except checkpoint.CheckpointError as e:
       raise SystemExit(f"--checkpoint: {e}")
   args.stop_ids = (args.stop_id if args.stop_id is not None else
@@ -375,7 +382,8 @@ def _serve_queue(model, prompts, args, mesh, tokenizer, folder):
   with sharding.activation_sharding(mesh):
     generated, records, timings = serve(model, prompts, args, mesh, tokenizer)
   result = {"prompt_ids": prompts, "generated_ids": generated, "requests": records,
-            "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype, **timings}
+            "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype,
+            "weights": args.weights, **timings}
   result["generated_text"] = show_results(prompts, generated, tokenizer)
   rate = lambda x: "n/a" if x is None else f"{x:.1f} tok/s"
   peak = max(_peak_memory(), default=-1)
@@ -448,6 +456,7 @@ def generate_static(model, prompts, tokenizer, args, mesh, folder):
       "prefill_chunk": gen.prefill_chunk, "decode_block": gen.decode_block,
       "peak_bytes": int(peak), "peak_bytes_per_device": peaks,
       "mesh": dict(mesh.shape), "checkpoint": folder, "dtype": args.dtype,
+      "weights": args.weights,
   }
   result["generated_text"] = show_results(prompts, generated, tokenizer)
   if args.output_json:

@@ -332,3 +332,20 @@ def test_chat_template_renders_as_transformers_does(tmp_path):
       messages, tokenize=False, add_generation_prompt=True)
   got = data.render_chat(data.chat_template(str(tmp_path)), messages, folder=str(tmp_path))
   assert got == want
+
+
+def test_mxfp8_resident_weights_give_the_same_tokens(tmp_path):
+  """--weights mxfp8 keeps an MXFP8 checkpoint's experts 8-bit on the device (static and
+  continuous batching): the tokens of the dequantised model."""
+  folder = checkpoint.write_random(str(tmp_path / "mx"), mxfp8=True, dtype="float32")
+  base = ["--checkpoint", folder, "--prompt-ids", LONG, "--prompt-ids", "9,8,7",
+          "--max-new-tokens", "4", "--quiet"]
+  runs = {}
+  for name, extra in (("dense", []), ("mxfp8", ["--weights", "mxfp8"]),
+                      ("served", ["--weights", "mxfp8", "--max-batch", "2"])):
+    out = tmp_path / f"{name}.json"
+    _run(base + extra + ["--output-json", str(out)])
+    runs[name] = json.loads(out.read_text())
+  assert runs["mxfp8"]["weights"] == "mxfp8"
+  assert runs["mxfp8"]["generated_ids"] == runs["dense"]["generated_ids"]
+  assert runs["served"]["generated_ids"] == runs["dense"]["generated_ids"]

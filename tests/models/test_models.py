@@ -306,3 +306,34 @@ def test_kernels_plug_in_by_implementation(impl, tiny_model):
   tokens = _tokens(1, 40, seed=11)
   np.testing.assert_allclose(np.asarray(model.forward(tokens)),
                              np.asarray(tiny_model.forward(tokens)), atol=2e-4)
+
+
+def test_attention_kernels_run_per_device_on_a_mesh():
+  """With the Pallas kernels on a data x tensor mesh, attention runs in a shard_map (each
+  device its rows and KV groups, the kernels inside it): the unsharded logits; training's
+  forward too, its indexer KL averaged over the devices, and the gradients."""
+  model = models.MiniMaxM3(TINY, rngs=nnx.Rngs(0), implementation="pallas_gpu",
+                           interpret=True)
+  tokens = _tokens(2, 40, seed=4)
+  want = model.forward(tokens)
+
+  def loss(m, t):
+    logits, aux = m.train_forward(t, attention="msa", indexer_loss="selected")
+    return jnp.mean(logits ** 2) + jnp.sum(aux["kl"]), (logits, aux["kl"])
+
+  grad = nnx.value_and_grad(loss, has_aux=True)
+  (want_loss, (_, want_kl)), want_grads = grad(model, tokens)
+  mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+  sharding.shard_model(model, mesh)
+  with sharding.activation_sharding(mesh):
+    jaxpr = str(jax.make_jaxpr(lambda t: model.forward(t))(tokens))
+    got = nnx.jit(lambda m, t: m.forward(t))(model, tokens)
+    (got_loss, (_, got_kl)), got_grads = nnx.jit(grad)(model, tokens)
+  assert "pallas_call" in jaxpr[jaxpr.index("shard_map"):]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(got_kl), np.asarray(want_kl), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+  flat_want = dict(nnx.to_flat_state(want_grads))
+  for path, g in nnx.to_flat_state(got_grads):
+    np.testing.assert_allclose(np.asarray(g[...]), np.asarray(flat_want[path][...]),
+                               atol=1e-4, rtol=1e-3, err_msg=str(path))
