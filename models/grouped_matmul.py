@@ -163,9 +163,9 @@ def tiled(x, w, group_sizes, *, scales=None, tile_rows=16, block_n=None, block_k
   if block_n is None:  # enough programs to fill the GPU (two waves of 132 SMs)
     block_n = 128 if num_tiles * n // 128 >= 264 else 64
     block_n = next((b for b in (block_n, 64, 32, 16) if n % b == 0), None)
-  # The kernel slices w whole with int32 offsets: a stack of 2^31 elements or more (M3's 128
-  # experts on one device) would overflow them. With experts sharded (expert parallelism)
-  # each device's stack is far below it.
+  # The kernel slices w whole, with int32 offsets: a stack of 2^31 elements or more can
+  # overflow them (M3's 128 experts on one device hit an illegal address). With experts
+  # sharded (expert parallelism) each device's stack is far below it.
   if block_k is None or block_n is None or w.size >= 2**31:  # what the tiles cannot cover
     if scales is not None:
       w = mxfp8.dequantize(w, scales, x.dtype)
