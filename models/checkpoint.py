@@ -159,20 +159,12 @@ def require_finite(name: str, value, where: str):
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_fp8(path: str, name: str) -> np.ndarray:
-  """An F8_E4M3 tensor of a safetensors file, mapped from disk. safetensors' NumPy reader
-  looks the type up as ``numpy.float8_e4m3fn``, which NumPy lacks (ml_dtypes has it), so the
-  bytes are read at the offsets the file's header gives (the format: an 8-byte little-endian
-  header length, the JSON header, then the data)."""
+def _header(path: str) -> tuple[dict, int]:
+  """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its
+  data starts. The format: an 8-byte little-endian header length, the JSON header, the data."""
   with open(path, "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
-    info = json.loads(f.read(header_len))[name]
-  start, end = info["data_offsets"]
-  shape = tuple(info["shape"])
-  if end - start != math.prod(shape):
-    raise CheckpointError(f"{path}: tensor {name!r}: {end - start} bytes for shape {shape}")
-  return np.memmap(path, dtype=ml_dtypes.float8_e4m3fn, mode="r", offset=8 + header_len + start,
-                   shape=shape)
+    return json.loads(f.read(header_len)), 8 + header_len
 
 
 class _Tensors:
@@ -196,6 +188,7 @@ class _Tensors:
       self.files[name[len(PREFIX):] if name.startswith(PREFIX) else name] = file
     self.raw_names = {(n[len(PREFIX):] if n.startswith(PREFIX) else n): n for n in weight_map}
     self._open: dict[str, object] = {}
+    self._headers: dict[str, tuple[dict, int]] = {}
 
   @staticmethod
   def _keys(path):
@@ -235,7 +228,7 @@ class _Tensors:
       if dtype not in SUPPORTED_DTYPES and not (dtype == "U8" and name.endswith("_scale_inv")):
         raise CheckpointError(f"{self.where(name)}: tensor {raw!r} has unsupported dtype "
                               f"{dtype} (expected one of {sorted(SUPPORTED_DTYPES)})")
-      x = _read_fp8(self.where(name), raw) if dtype == "F8_E4M3" else handle.get_tensor(raw)
+      x = self._fp8(name) if dtype == "F8_E4M3" else handle.get_tensor(raw)
     except CheckpointError:
       raise
     except Exception as e:
@@ -250,18 +243,39 @@ class _Tensors:
       return dequantize_mxfp8(x, scale, name=f"{self.where(name)}: {raw}")
     return x.astype(np.float32) if x.dtype != np.uint8 else x
 
-  def get_mxfp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+  def _fp8(self, name: str) -> np.ndarray:
+    """An F8_E4M3 tensor, mapped from disk. safetensors' NumPy reader looks the type up as
+    ``numpy.float8_e4m3fn``, which NumPy lacks (ml_dtypes has it), so the bytes are read at
+    the offsets the file's header gives (each file's header read once)."""
+    path, raw = self.where(name), self.raw_names[name]
+    if path not in self._headers:
+      self._headers[path] = _header(path)
+    header, data_start = self._headers[path]
+    start, end = header[raw]["data_offsets"]
+    shape = tuple(header[raw]["shape"])
+    if end - start != math.prod(shape):
+      raise CheckpointError(f"{path}: tensor {raw!r}: {end - start} bytes for shape {shape}")
+    return np.memmap(path, dtype=ml_dtypes.float8_e4m3fn, mode="r", offset=data_start + start,
+                     shape=shape)
+
+  def get_mxfp8(self, name: str, check_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The tensor ``[out, in]`` as MXFP8 (values, scales ``[out, ceil(in/32)]``): as stored
-    when the checkpoint holds it so, else rounded to it."""
-    if self.files.get(name + "_scale_inv") is not None:
-      handle = self._handle(self.files[name])
-      if handle.get_slice(self.raw_names[name]).get_dtype() == "F8_E4M3":
-        values = _read_fp8(self.where(name), self.raw_names[name])
-        scales = self.get(name + "_scale_inv")
-        mxfp8.dequantize(values.T, scales.T, np.float32)  # checks the scales' shape
-        return values, scales
-    values, scales = mxfp8.quantize(self.get(name).T)
-    return values.T, scales.T
+    when the checkpoint holds it so (checked against its scales and, with ``check_finite``,
+    for NaN/Inf), else rounded to it."""
+    stored = (name + "_scale_inv" in self.files and self._handle(self.files[name]).get_slice(
+        self.raw_names[name]).get_dtype() == "F8_E4M3")
+    if not stored:
+      value = self.get(name)
+      if check_finite:
+        require_finite(self.raw_names[name], value, self.where(name))
+      values, scales = mxfp8.quantize(value.T)
+      return values.T, scales.T
+    values, scales = self._fp8(name), self.get(name + "_scale_inv")
+    where = f"{self.where(name)}: {self.raw_names[name]}"
+    weight = dequantize_mxfp8(values, scales, name=where)  # checks the scales' shape
+    if check_finite:
+      require_finite(self.raw_names[name], weight, self.where(name))
+    return values, scales
 
   def close(self):
     self._open.clear()
@@ -297,9 +311,9 @@ def _assemble(tensors: _Tensors, sources, expected_shape, path) -> np.ndarray:
   return value
 
 
-def _assemble_mxfp8(tensors: _Tensors, sources, expected_shape, path):
+def _assemble_mxfp8(tensors: _Tensors, sources, expected_shape, path, check_finite):
   """The stacked experts of ``sources`` as MXFP8 (values [E, in, out], scales [E, in/32, out])."""
-  parts = [tensors.get_mxfp8(name) for name, _ in sources]
+  parts = [tensors.get_mxfp8(name, check_finite) for name, _ in sources]
   values = np.stack([v.T for v, _ in parts])
   if values.shape != tuple(expected_shape):
     raise CheckpointError(f"{tensors.where(sources[0][0])}: experts of {path} have shape "
@@ -375,7 +389,7 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
     var = flat[path]
     if var.dtype == mxfp8.VALUE_DTYPE:
       scale_path = path[:-1] + (path[-1] + "_scale",)
-      values, scales = _assemble_mxfp8(tensors, srcs, var.shape, path)
+      values, scales = _assemble_mxfp8(tensors, srcs, var.shape, path, check_finite)
       for p, host in ((path, values), (scale_path, scales)):
         flat[p] = flat[p].replace(_place(host, flat_shardings.get(p)))
       used.update(name for name, _ in srcs)
@@ -402,7 +416,7 @@ def load_hf(folder: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtyp
 
 def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=None,
                 implementation: str | None = "xla", interpret=False, seed: int = 0,
-                expert_weights: str = "dense"):
+                expert_weights: str | None = None):
   """A model of ``config`` with random weights made directly on the devices (no files).
 
   Each parameter is drawn on its own, in its dtype and already in its sharding on ``mesh``
@@ -411,12 +425,13 @@ def random_init(config, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype
   with std 1/sqrt(fan in) (the embedding 0.02), norms and biases zero, as ``MiniMaxM3``
   initialises them; the draws differ from ``MiniMaxM3(config, rngs=nnx.Rngs(seed))``'s.
   ``expert_weights="mxfp8"``: the routed experts' draws rounded to MXFP8, as ``load_hf``
-  keeps them.
+  keeps them (None: as ``config`` says).
   """
   if isinstance(config, (str, os.PathLike)):
     config = (config_lib.from_hf_config(config) if str(config).endswith(".json")
               or os.path.isdir(config) else config_lib.preset(config))
-  config = config.replace(expert_weights=expert_weights)
+  if expert_weights is not None:
+    config = config.replace(expert_weights=expert_weights)
   param_dtype = param_dtype or dtype
   graphdef, flat, flat_shardings = _abstract_model(
       config, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,

@@ -132,9 +132,11 @@ def routed_experts(x, ids, weights, experts, *, config, first_expert=0, implemen
   c = config
   n, k = ids.shape
   e_local = experts["w1"].shape[0]
+  partial = e_local < c.num_experts  # static: some experts live on other devices
   local = ids - first_expert
-  mine = (local >= 0) & (local < e_local)
-  flat = jnp.where(mine, local, e_local).reshape(-1)  # others sort last, past every group
+  mine = (local >= 0) & (local < e_local) if partial else None
+  # Choices of other devices' experts sort last, past every group.
+  flat = (jnp.where(mine, local, e_local) if partial else ids).reshape(-1)
   order = jnp.argsort(flat, stable=True)
   tokens = x[order // k]  # tokens grouped by expert
   group_sizes = jnp.bincount(flat, length=e_local + 1)[:e_local].astype(jnp.int32)
@@ -152,8 +154,9 @@ def routed_experts(x, ids, weights, experts, *, config, first_expert=0, implemen
                    limit=c.swiglu_limit)
   out_sorted = gmm(act, "w2")
   out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(n, k, -1)
-  weights = jnp.where(mine, weights, 0.0)  # rows of other devices' experts: 0, never NaN * 0
-  out = jnp.where(mine[..., None], out.astype(jnp.float32), 0.0)
+  out = out.astype(jnp.float32)
+  if partial:  # rows of other devices' experts were never computed: 0, never garbage * 0
+    out = jnp.where(mine[..., None], out, 0.0)
   return jnp.sum(out * weights[..., None], axis=1).astype(x.dtype)
 
 

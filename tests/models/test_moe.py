@@ -86,6 +86,26 @@ def test_mxfp8_experts_stay_8_bit_and_give_the_dequantised_models_tokens(mxfp8_f
     checkpoint.load(_orbax(dense, mxfp8_folder), expert_weights="mxfp8")
 
 
+@pytest.mark.parametrize("weights", ["dense", "mxfp8"])
+def test_a_non_finite_mxfp8_expert_is_reported(mxfp8_folder, tmp_path, weights):
+  """A scale of 255 (E8M0's NaN) in one expert: named on load, dense or kept 8-bit."""
+  import glob
+  import shutil
+  work = tmp_path / "poisoned"
+  shutil.copytree(mxfp8_folder, work)
+  name = "language_model.model.layers.1.block_sparse_moe.experts.2.w3.weight_scale_inv"
+  for path in glob.glob(str(work / "*.safetensors")):
+    header, data_start = checkpoint._header(path)
+    if name in header:
+      with open(path, "r+b") as f:  # the scale's first byte, in place
+        f.seek(data_start + header[name]["data_offsets"][0])
+        f.write(bytes([255]))
+  expert = r"layers.1.block_sparse_moe.experts.\d.w3.weight.* NaN or Inf"
+  with pytest.raises(checkpoint.CheckpointError, match=expert):
+    checkpoint.load_hf(str(work), progress=False, expert_weights=weights)
+  checkpoint.load_hf(str(work), progress=False, expert_weights=weights, check_finite=False)
+
+
 def _orbax(model, folder):
   import os
   out = os.path.join(os.path.dirname(folder), "orbax")
